@@ -1,0 +1,71 @@
+"""`hyperlora generate`, `hyperlora info`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import typer
+
+from generator.config import GeneratorConfig, build_generator, load_spec
+from generator.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
+
+logger = logging.getLogger(__name__)
+
+BaseOpt = typer.Option(DEFAULT_BASE_MODEL, "--base-model", help="Embedded default or a local HF model directory.")
+EmbOpt = typer.Option(DEFAULT_EMBEDDER, "--embedder", help="Embedded default or a local sentence-transformers dir.")
+CkptOpt = typer.Option(None, "--checkpoint", help="Generator checkpoint dir (default: the shipped one).")
+GenOpt = typer.Option("t2l", "--generator", help="Which generator: t2l (Text-to-LoRA).")
+DevOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
+
+
+def warn_untrained(gen) -> None:
+    if not gen.trained:
+        typer.secho("WARNING: no trained checkpoint found: using a FRESHLY INITIALISED hypernetwork. Its adapters "
+                    "are well-formed but carry no task knowledge. Train one with `hyperlora train hypernet`.",
+                    fg=typer.colors.RED, bold=True, err=True)
+
+
+def generate(
+    description: str = typer.Argument(..., help="What the adapter should make the model do, in one sentence."),
+    out: Path = typer.Option(Path("adapter"), "--out", "-o", help="Directory to write the PEFT adapter to."),
+    checkpoint: str | None = CkptOpt, generator: str = GenOpt, base_model: str = BaseOpt, embedder: str = EmbOpt,
+    device: str = DevOpt,
+) -> None:
+    """Generate a LoRA adapter from a task description and write it as a PEFT directory."""
+    from generator.peft_io import save_peft
+
+    try:
+        cfg = GeneratorConfig(base_model, embedder, generator, checkpoint, device)
+        gen = build_generator(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from e
+    warn_untrained(gen)
+    t0 = time.perf_counter()
+    try:
+        (adapter,) = gen.generate([description])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="DESCRIPTION") from e
+    ms = 1e3 * (time.perf_counter() - t0)
+    save_peft(adapter, out)
+    typer.echo(f"generated a rank-{adapter.rank} LoRA on {', '.join(adapter.target_modules)} "
+               f"({adapter.num_params():,} params) in {ms:.1f} ms -> {out}")
+
+
+def info(checkpoint: str | None = CkptOpt, generator: str = GenOpt, base_model: str = BaseOpt,
+         embedder: str = EmbOpt) -> None:
+    """Show the base model, target modules, adapter size and the generator's parameter count."""
+    cfg = GeneratorConfig(base_model, embedder, generator, checkpoint)
+    spec = load_spec(base_model)
+    gen = build_generator(cfg, spec)
+    params = sum(p.numel() for p in gen.net.parameters()) if hasattr(gen, "net") else 0
+    targets = list(gen.net.cfg.target_modules) if hasattr(gen, "net") else []
+    n_lora = spec.lora_params(targets, gen.rank)
+    typer.echo(f"base model:      {spec.name} ({spec.n_layers} layers)")
+    for m in targets:
+        typer.echo(f"  target {m:<9} d_in={spec.shapes[m][0]} d_out={spec.shapes[m][1]}")
+    typer.echo(f"adapter:         rank {gen.rank}, alpha {gen.alpha}, {n_lora:,} params ({n_lora * 4 / 2**20:.2f} MiB fp32)")
+    typer.echo(f"embedder:        {gen.encoder.name} ({gen.encoder.dim}-d)")
+    typer.echo(f"generator:       {gen.name} variant {getattr(gen.net.cfg, 'variant', '?')}, {params:,} params, "
+               f"{'trained' if gen.trained else 'UNTRAINED (fresh init)'}")

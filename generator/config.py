@@ -1,0 +1,54 @@
+"""The generator component's one config, and building what it names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from generator.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, resolve_base_model
+from generator.spec import ModelSpec
+
+
+@dataclass
+class GeneratorConfig:
+    """Which base model, embedder and generator checkpoint to use, and where to run them."""
+
+    base_model: str = DEFAULT_BASE_MODEL  # embedded default, or a local HF causal-LM directory
+    embedder: str = DEFAULT_EMBEDDER  # embedded default, or a local sentence-transformers directory
+    generator: str = "t2l"  # registered generator name (see generator.generate.GENERATORS)
+    checkpoint: str | None = None  # checkpoint directory; None: the shipped one for the default base model
+    device: str = "cpu"  # torch device for the embedder and generator
+
+    def __post_init__(self) -> None:
+        from generator.generate import GENERATORS
+
+        if self.generator not in GENERATORS:
+            raise ValueError(f"unknown generator {self.generator!r}; choose from {sorted(GENERATORS)}")
+        if self.checkpoint is not None and not Path(self.checkpoint).is_dir():
+            raise FileNotFoundError(f"checkpoint directory {self.checkpoint!r} does not exist")
+        torch.device(self.device)  # raises on a malformed device string
+
+
+def load_spec(base_model: str = DEFAULT_BASE_MODEL) -> ModelSpec:
+    """The base model's spec from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    path = resolve_base_model(base_model)
+    name = DEFAULT_BASE_MODEL if path.parent.name == "models" and path.name in DEFAULT_BASE_MODEL else str(base_model)
+    return ModelSpec.from_hf_config(AutoConfig.from_pretrained(path), name)
+
+
+def build_generator(cfg: GeneratorConfig, spec: ModelSpec | None = None):
+    """The generator `cfg` names, its encoder loaded; a fresh one (loudly flagged) when no checkpoint exists."""
+    from generator.encoder import TaskEncoder
+    from generator.generate import GENERATORS, default_checkpoint
+
+    spec = spec or load_spec(cfg.base_model)
+    encoder = TaskEncoder.load(cfg.embedder, cfg.device)
+    cls = GENERATORS[cfg.generator]
+    ckpt = cfg.checkpoint or (default_checkpoint(cfg.generator) if cfg.base_model == DEFAULT_BASE_MODEL else None)
+    if ckpt is None:
+        return cls.fresh(spec, encoder, cfg.device)
+    return cls.from_checkpoint(ckpt, encoder, spec, cfg.device)

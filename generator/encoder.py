@@ -1,0 +1,69 @@
+"""The task encoder: sentences -> unit-norm embeddings with a sentence-transformers model."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from generator.models import DEFAULT_EMBEDDER, load_embedder
+
+logger = logging.getLogger(__name__)
+
+
+def check_texts(texts: Sequence[str], what: str = "description") -> list[str]:
+    """Refuse an empty batch and empty or whitespace-only strings, naming the offender."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if len(texts) == 0:
+        raise ValueError(f"no {what} given: pass at least one non-empty {what}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{what} #{i} is {type(t).__name__}, expected a string")
+        if not t.strip():
+            raise ValueError(f"{what} #{i} is empty or whitespace: give a sentence that says what the task is")
+    return [t.strip() for t in texts]
+
+
+class TaskEncoder:
+    """Embeds task descriptions (or inputs) into the vectors a hypernetwork or retriever is conditioned on."""
+
+    def __init__(self, model, name: str = DEFAULT_EMBEDDER) -> None:
+        self.model = model
+        self.name = name
+
+    @classmethod
+    def load(cls, name_or_path: str = DEFAULT_EMBEDDER, device: torch.device | str = "cpu") -> TaskEncoder:
+        return cls(load_embedder(name_or_path, device), name_or_path)
+
+    @property
+    def dim(self) -> int:
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(get_dim())
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.model.max_seq_length)
+
+    def _warn_truncated(self, texts: list[str]) -> None:
+        lengths = [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        over = [i for i, n in enumerate(lengths) if n > self.max_tokens]
+        if over:
+            msg = (f"{len(over)} text(s) exceed the embedder's {self.max_tokens}-token window and were truncated "
+                   f"(#{over[:5]}, longest {max(lengths)} tokens)")
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            logger.warning(msg)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], what: str = "description", batch_size: int = 64) -> torch.Tensor:
+        """`texts` -> `(N, dim)` float32, L2-normalised."""
+        texts = check_texts(texts, what)
+        self._warn_truncated(texts)
+        t0 = time.perf_counter()
+        emb = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                                show_progress_bar=False)
+        logger.debug("embedded %d %s(s) in %.1f ms", len(texts), what, 1e3 * (time.perf_counter() - t0))
+        return emb.float()

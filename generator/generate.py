@@ -1,0 +1,113 @@
+"""Adapter generators behind one interface, chosen by name: descriptions in, LoRA adapters out.
+
+`t2l` (Text-to-LoRA) lives here; other generators (CVAE, semantic-guided) register beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from generator.encoder import TaskEncoder
+from generator.hypernet.checkpoint import load_checkpoint
+from generator.hypernet.config import HypernetConfig
+from generator.hypernet.model import Hypernet, build_hypernet
+from generator.lora import LoraAdapter
+from generator.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+GENERATORS: dict[str, type[AdapterGenerator]] = {}
+SHIPPED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
+
+
+def register_generator(name: str):
+    def deco(cls):
+        GENERATORS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def default_checkpoint(kind: str = "t2l") -> Path | None:
+    """The checkpoint shipped in the package for the default base model, if there is one."""
+    path = SHIPPED_CHECKPOINTS / f"smollm2-{kind}"
+    return path if path.is_dir() else None
+
+
+class AdapterGenerator(ABC):
+    """Makes LoRA adapters from task descriptions, many in one call."""
+
+    name = ""
+    trained = True  # False for a freshly initialised generator: its adapters carry no task knowledge
+
+    def __init__(self, encoder: TaskEncoder, spec: ModelSpec) -> None:
+        self.encoder = encoder
+        self.spec = spec
+
+    @abstractmethod
+    def factors(self, task_emb: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """`(N, embed_dim)` -> stacked A `{m: (N, L, r, d_in)}` and B `{m: (N, L, d_out, r)}`."""
+
+    @property
+    @abstractmethod
+    def rank(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def alpha(self) -> float: ...
+
+    @torch.no_grad()
+    def generate(self, descriptions: Sequence[str]) -> list[LoraAdapter]:
+        t0 = time.perf_counter()
+        emb = self.encoder.encode(descriptions)  # (N, embed_dim)
+        a, b = self.factors(emb)
+        out = [
+            LoraAdapter(self.spec.name, self.rank, self.alpha, {m: t[i] for m, t in a.items()},
+                        {m: t[i] for m, t in b.items()}, metadata={"description": d, "generator": self.name})
+            for i, d in enumerate(descriptions)
+        ]
+        logger.info("generated %d adapter(s) with %s in %.1f ms", len(out), self.name, 1e3 * (time.perf_counter() - t0))
+        return out
+
+
+@register_generator("t2l")
+class T2LGenerator(AdapterGenerator):
+    """Text-to-LoRA: a hypernetwork maps the description's embedding to every A and B at once."""
+
+    def __init__(self, net: Hypernet, encoder: TaskEncoder, trained: bool = True) -> None:
+        super().__init__(encoder, net.cfg.spec)
+        if encoder.dim != net.cfg.embed_dim:
+            raise ValueError(f"the hypernetwork expects {net.cfg.embed_dim}-d task embeddings ({net.cfg.embedder}) "
+                             f"but the encoder {encoder.name} gives {encoder.dim}-d ones")
+        self.net = net.eval()
+        self.trained = trained
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, encoder: TaskEncoder, spec: ModelSpec | None = None,
+                        device: torch.device | str = "cpu") -> T2LGenerator:
+        return cls(load_checkpoint(path, spec, device), encoder)
+
+    @classmethod
+    def fresh(cls, spec: ModelSpec, encoder: TaskEncoder, device: torch.device | str = "cpu",
+              **cfg_fields) -> T2LGenerator:
+        torch.manual_seed(0)
+        cfg = HypernetConfig(spec=spec, embed_dim=encoder.dim, embedder=encoder.name, **cfg_fields)
+        return cls(build_hypernet(cfg).to(device), encoder, trained=False)
+
+    @property
+    def rank(self) -> int:
+        return self.net.cfg.rank
+
+    @property
+    def alpha(self) -> float:
+        return self.net.cfg.alpha
+
+    def factors(self, task_emb):
+        device = next(self.net.parameters()).device
+        return self.net(task_emb.to(device))

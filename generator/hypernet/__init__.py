@@ -1,0 +1,1 @@
+"""Text-to-LoRA hypernetworks (L, M, S), their config and checkpoints."""
