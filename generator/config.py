@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from generator.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, resolve_base_model
+from generator.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, base_model_name, resolve_base_model
 from generator.spec import ModelSpec
 
 
@@ -36,8 +36,9 @@ def load_spec(base_model: str = DEFAULT_BASE_MODEL) -> ModelSpec:
     from transformers import AutoConfig
 
     path = resolve_base_model(base_model)
-    name = DEFAULT_BASE_MODEL if path.parent.name == "models" and path.name in DEFAULT_BASE_MODEL else str(base_model)
-    return ModelSpec.from_hf_config(AutoConfig.from_pretrained(path), name)
+    ggufs = sorted(path.glob("*.gguf")) if not (path / "config.json").exists() else []
+    extra = {"gguf_file": ggufs[0].name} if ggufs else {}
+    return ModelSpec.from_hf_config(AutoConfig.from_pretrained(path, **extra), base_model_name(base_model))
 
 
 def build_generator(cfg: GeneratorConfig, spec: ModelSpec | None = None):

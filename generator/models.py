@@ -98,12 +98,22 @@ def load_base_model(name_or_path: str = DEFAULT_BASE_MODEL, device: torch.device
 
     path = resolve_base_model(name_or_path)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    ggufs = sorted(path.glob("*.gguf")) if not (path / "config.json").exists() else []
+    extra = {"gguf_file": ggufs[0].name} if ggufs else {}  # a directory holding a single GGUF file
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     logger.info("loaded base model %s in %.2f s", name_or_path, time.perf_counter() - t0)
     return model, tokenizer
+
+
+def base_model_name(name_or_path: str) -> str:
+    """The id written into adapters' base_model_name_or_path: the default's hub id for its cache or GGUF."""
+    path = Path(name_or_path)
+    if _is_default(name_or_path, DEFAULT_BASE_MODEL) or (path / _GGUF_FILE).exists():
+        return DEFAULT_BASE_MODEL
+    return name_or_path
 
 
 def resolve_embedder(name_or_path: str = DEFAULT_EMBEDDER) -> Path:

@@ -1,0 +1,76 @@
+"""One typed config per training job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from generator.models import DEFAULT_BASE_MODEL
+from generator.spec import DEFAULT_TARGETS, check_targets
+
+
+def _positive(obj, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) <= 0:
+            raise ValueError(f"{n} must be > 0, got {getattr(obj, n)}")
+
+
+@dataclass
+class TrainConfig:
+    """Shared by every job: the base model, the data and where to run."""
+
+    base_model: str = DEFAULT_BASE_MODEL  # embedded default, a local HF dir, or a dir holding one .gguf
+    data: str | None = None  # SNI data dir (manifest.json + tasks/); None: ../shared/data/sni
+    device: str = "cpu"  # torch device
+    dtype: Literal["float32", "bfloat16"] = "float32"  # base model weights; LoRA factors stay float32
+    seed: int = 0
+    max_prompt_tokens: int = 256  # prompts are cut from the left to this
+    max_answer_tokens: int = 64  # answers are cut to this (stop token included)
+    limit_tasks: int | None = None  # use only the first N tasks of a split (smoke runs)
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_prompt_tokens", "max_answer_tokens")
+
+
+@dataclass
+class LoraTrainConfig:
+    """Per-task LoRAs (`train lora-library`) and the multi-task baseline (`train multitask-lora`)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    steps: int = 100  # optimizer steps per adapter
+    lr: float = 3e-4
+    per_task: int = 8  # examples of each task in a step (library) / total batch (multitask)
+    tasks_per_batch: int = 146  # how many tasks' LoRAs train together in one batched forward
+    snapshots: int = 4  # last checkpoints kept per task (the CVAE's per-task distribution)
+    snapshot_every: int = 5  # steps between those checkpoints
+
+    def __post_init__(self) -> None:
+        self.target_modules = check_targets(list(self.target_modules))
+        _positive(self, "rank", "steps", "lr", "per_task", "tasks_per_batch", "snapshots", "snapshot_every")
+
+
+@dataclass
+class HypernetTrainConfig:
+    """Text-to-LoRA training, by reconstruction of the library or end to end (SFT)."""
+
+    mode: Literal["recon", "sft"] = "sft"
+    variant: Literal["L", "M", "S"] = "M"
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    hidden_dim: int = 512
+    n_blocks: int = 2
+    steps: int = 1000
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    tasks_per_step: int = 32  # tasks (each with a sampled description) per step
+    per_task: int = 4  # examples per task per step (sft)
+    warmup: int = 50
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("recon", "sft"):
+            raise ValueError(f"mode must be 'recon' or 'sft', got {self.mode!r}")
+        self.target_modules = check_targets(list(self.target_modules))
+        _positive(self, "rank", "steps", "lr", "tasks_per_step", "per_task")

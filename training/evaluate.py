@@ -1,0 +1,170 @@
+"""`eval quality`, generation half: each method's greedy answers on held-out instances -> predictions.json.
+
+Methods are registered classes. Dev tasks (never trained on) compare the base model, the base model
+with the definition, 2-shot in-context learning, the multi-task LoRA and generated adapters (from a
+description and from the definition); a sample of train tasks compares oracle library LoRAs with their
+T2L reconstructions. Scoring (training/report.py) runs where rouge-score is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from generator.apply import AdapterBank
+from generator.inference import chat_prompt, generate_text
+from generator.lora import LoraAdapter
+from generator.peft_io import load_peft
+from training.data import DEFAULT_DATA, Task, load_split
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """What `eval quality` generates."""
+
+    max_new_tokens: int = 48  # answers are short (median 6 characters)
+    batch_size: int = 64  # prompts per generate call
+    max_per_task: int | None = None  # cap test instances per task (smoke runs)
+    train_sample: int = 16  # train tasks for oracle-vs-reconstruction
+    hypernets: dict[str, str] = field(default_factory=dict)  # row name -> T2L checkpoint dir, e.g. {"t2l-sft": ...}
+    generators: dict[str, str] = field(default_factory=dict)  # row name -> "kind:checkpoint" of other generators
+    multitask: str | None = None  # multi-task LoRA PEFT dir
+    library: str | None = None  # LoRA library dir (oracle rows)
+
+
+@dataclass
+class Row:
+    """One method on one task set: prompts plus, per prompt, an adapter (or None)."""
+
+    method: str
+    split: str  # "dev" or "train"
+    task: str
+    inputs: list[str]
+    references: list[list[str]]
+    prompts: list[str]
+    adapter: LoraAdapter | None
+
+
+def input_prompt(tok, task: Task, x: str) -> str:
+    return chat_prompt(tok, x)
+
+
+def definition_prompt(tok, task: Task, x: str) -> str:
+    return chat_prompt(tok, f"{task.definition}\n\n{x}")
+
+
+def icl_prompt(tok, task: Task, x: str) -> str:
+    shots = task.positive_examples[:2]
+    turns = [(f"{task.definition}\n\n{s.input}" if i == 0 else s.input, s.outputs[0]) for i, s in enumerate(shots)]
+    if not turns:
+        return definition_prompt(tok, task, x)
+    return chat_prompt(tok, x, shots=turns)
+
+
+def make_row(method, split, task, tok, prompt_fn, adapter, max_per_task) -> Row:
+    test = task.test[:max_per_task] if max_per_task else task.test
+    return Row(method, split, task.name, [e.input for e in test], [e.outputs for e in test],
+               [prompt_fn(tok, task, e.input) for e in test], adapter)
+
+
+def run_rows(rows: Sequence[Row], model, tok, injector, spec, ecfg: EvalConfig, device) -> list[dict]:
+    """Generate every row's answers, batching across rows; each prompt uses its row's adapter."""
+    items = [(r, i) for r in rows for i in range(len(r.prompts))]
+    adapters = [r.adapter for r in rows if r.adapter is not None]
+    slot = {id(a): k for k, a in enumerate(adapters)}
+    bank = AdapterBank.from_adapters(adapters, spec, device, next(model.parameters()).dtype) if adapters else None
+    preds: dict[tuple[int, int], str] = {}
+    for start in tqdm(range(0, len(items), ecfg.batch_size), desc="generating", mininterval=2.0):
+        chunk = items[start: start + ecfg.batch_size]
+        groups: dict[bool, list] = {True: [], False: []}
+        for r, i in chunk:
+            groups[r.adapter is not None].append((r, i))
+        for with_adapter, group in groups.items():
+            if not group:
+                continue
+            lora = None
+            if with_adapter:
+                index = torch.tensor([slot[id(r.adapter)] for r, _ in group])
+                lora = bank.gather(index)
+            outs = generate_text(model, tok, [r.prompts[i] for r, i in group], injector, lora, ecfg.max_new_tokens)
+            for (r, i), o in zip(group, outs, strict=False):
+                preds[(id(r), i)] = o
+    return [{"method": r.method, "split": r.split, "task": r.task, "input": r.inputs[i],
+             "prediction": preds[(id(r), i)], "references": r.references[i]}
+            for r in rows for i in range(len(r.prompts))]
+
+
+def generated_adapters(kind_ckpt: str, spec, emb: torch.Tensor, device) -> list[LoraAdapter]:
+    """Adapters from a generator checkpoint for the task embeddings `emb` `(N, dim)`."""
+    from generator.generate import GENERATORS
+
+    kind, _, ckpt = kind_ckpt.partition(":")
+    gen = GENERATORS[kind].from_checkpoint(ckpt, None, spec, device)
+    with torch.no_grad():
+        a, b = gen.factors(emb.to(device))
+    return [LoraAdapter(spec.name, gen.rank, gen.alpha, {m: t[i].float().cpu() for m, t in a.items()},
+                        {m: t[i].float().cpu() for m, t in b.items()}) for i in range(emb.shape[0])]
+
+
+def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: list[Task], train: list[Task],
+               device) -> list[Row]:
+    rows = []
+    mx = ecfg.max_per_task
+    for t in dev:
+        rows.append(make_row("base", "dev", t, tok, input_prompt, None, mx))
+        rows.append(make_row("base + definition", "dev", t, tok, definition_prompt, None, mx))
+        rows.append(make_row("2-shot ICL", "dev", t, tok, icl_prompt, None, mx))
+    if ecfg.multitask:
+        mt = load_peft(ecfg.multitask, spec)
+        rows += [make_row("multi-task LoRA", "dev", t, tok, input_prompt, mt, mx) for t in dev]
+    sources = {name: f"t2l:{path}" for name, path in ecfg.hypernets.items()} | dict(ecfg.generators)
+    desc = torch.stack([emb[t.name][0] for t in dev])  # (n_dev, dim): each dev task's first description
+    defn = torch.stack([emb[f"{t.name}::definition"][0] for t in dev])
+    for name, source in sources.items():
+        for suffix, e in (("", desc), (" [definition]", defn)):
+            ads = generated_adapters(source, spec, e, device)
+            rows += [make_row(name + suffix, "dev", t, tok, input_prompt, a, mx)
+                     for t, a in zip(dev, ads, strict=True)]
+    if ecfg.library and train:
+        lib = Path(ecfg.library)
+        sample = [t for t in train if (lib / t.name / "adapter_model.safetensors").is_file()][: ecfg.train_sample]
+        rows += [make_row("oracle LoRA", "train", t, tok, input_prompt, load_peft(lib / t.name, spec), mx)
+                 for t in sample]
+        rows += [make_row("base", "train", t, tok, input_prompt, None, mx) for t in sample]
+        e = torch.stack([emb[t.name][0] for t in sample])
+        for name, source in sources.items():
+            ads = generated_adapters(source, spec, e, device)
+            rows += [make_row(name, "train", t, tok, input_prompt, a, mx) for t, a in zip(sample, ads, strict=False)]
+    return rows
+
+
+def predict(cfg, ecfg: EvalConfig, out: str | Path, embeddings: str | None = None, command: str = "") -> Path:
+    """Generate all rows' answers; write predictions.json (scored by training.report)."""
+    from training.embeddings import task_embeddings
+    from training.runtime import load_frozen
+
+    data = cfg.data or DEFAULT_DATA
+    dev = load_split("dev", data, cfg.limit_tasks)
+    train = load_split("train", data, cfg.limit_tasks)
+    emb = task_embeddings(dev + train, embeddings)
+    model, tok, spec, injector = load_frozen(cfg, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"))
+    t0 = time.perf_counter()
+    rows = build_rows(ecfg, tok, spec, emb, dev, train, cfg.device)
+    records = run_rows(rows, model, tok, injector, spec, ecfg, cfg.device)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"command": command, "base_model": spec.name, "device": str(cfg.device),
+                                "dtype": cfg.dtype, "seconds": time.perf_counter() - t0,
+                                "max_new_tokens": ecfg.max_new_tokens, "records": records}, indent=1))
+    logger.info("wrote %d predictions to %s", len(records), path)
+    return path

@@ -1,0 +1,106 @@
+"""`train hypernet`: Text-to-LoRA by reconstruction of the LoRA library, or end to end (SFT).
+
+recon: regress every library adapter's A and B (L1, each module's factors normalised by the library's
+       spread) from the embedding of one of its task's descriptions, sampled per step.
+sft:   the generated adapters run inside the frozen base model on the train tasks' instances, a sampled
+       description per task; the loss is the answer tokens' cross-entropy (the T2L SFT recipe).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from generator.hypernet.checkpoint import load_checkpoint, save_checkpoint
+from generator.hypernet.config import HypernetConfig
+from generator.hypernet.model import Hypernet, build_hypernet
+from generator.peft_io import load_peft
+from training.config import HypernetTrainConfig, TrainConfig
+from training.data import DEFAULT_DATA, Batcher, load_split
+from training.embeddings import task_embeddings
+from training.loop import lora_step_loss, run_steps
+
+logger = logging.getLogger(__name__)
+
+
+def sample_descriptions(emb: dict[str, torch.Tensor], names: list[str], rng: random.Random) -> torch.Tensor:
+    """One randomly chosen description embedding per task: `(len(names), dim)`."""
+    rows = []
+    for n in names:
+        e = emb[n]
+        rows.append(e[rng.randrange(e.shape[0])])
+    return torch.stack(rows)
+
+
+def build_net(hcfg: HypernetTrainConfig, spec, embed_dim: int, init_from: str | None, device) -> Hypernet:
+    if init_from:
+        net = load_checkpoint(init_from, spec, device)
+        net.train()
+        return net
+    torch.manual_seed(0)
+    cfg = HypernetConfig(spec=spec, variant=hcfg.variant, target_modules=hcfg.target_modules, rank=hcfg.rank,
+                         alpha=hcfg.alpha, embed_dim=embed_dim, hidden_dim=hcfg.hidden_dim, n_blocks=hcfg.n_blocks)
+    return build_hypernet(cfg).to(device).train()
+
+
+def _library_targets(library: Path, names: list[str], spec, device) -> tuple[list[str], dict, dict]:
+    """Stacked library factors of the tasks present: A {m: (n, L, r, d_in)}, B {m: (n, L, d_out, r)}."""
+    present = [n for n in names if (library / n / "adapter_model.safetensors").is_file()]
+    if not present:
+        raise FileNotFoundError(f"no trained LoRA in {library} for any train task: run `hyperlora train lora-library`")
+    adapters = [load_peft(library / n, spec) for n in present]
+    a = {m: torch.stack([ad.a[m] for ad in adapters]).to(device) for m in adapters[0].target_modules}
+    b = {m: torch.stack([ad.b[m] for ad in adapters]).to(device) for m in adapters[0].target_modules}
+    return present, a, b
+
+
+def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | Path, embeddings: str | None = None,
+                   library: str | None = None, init_from: str | None = None) -> Path:
+    tasks = load_split("train", cfg.data or DEFAULT_DATA, cfg.limit_tasks)
+    emb = {k: v.to(cfg.device) for k, v in task_embeddings(tasks, embeddings).items()}
+    embed_dim = next(iter(emb.values())).shape[1]
+    rng = random.Random(cfg.seed)
+    if hcfg.mode == "recon":
+        from generator.config import load_spec
+
+        spec = load_spec(cfg.base_model)
+        names, ta, tb = _library_targets(Path(library or "runs/lora-library"), [t.name for t in tasks], spec,
+                                         cfg.device)
+        net = build_net(hcfg, spec, embed_dim, init_from, cfg.device)
+        std = {**{("A", m): t.std() for m, t in ta.items()}, **{("B", m): t.std() for m, t in tb.items()}}
+
+        def loss_fn(step):
+            idx = rng.sample(range(len(names)), min(hcfg.tasks_per_step, len(names)))
+            a, b = net(sample_descriptions(emb, [names[i] for i in idx], rng))
+            terms = [((a[m] - ta[m][idx]).abs().mean() / std[("A", m)]) for m in a]
+            terms += [((b[m] - tb[m][idx]).abs().mean() / std[("B", m)]) for m in b]
+            return torch.stack(terms).mean()
+    else:
+        from training.runtime import load_frozen
+
+        model, tok, spec, injector = load_frozen(cfg, hcfg.target_modules)
+        batcher = Batcher(tok, cfg.max_prompt_tokens, cfg.max_answer_tokens)
+        net = build_net(hcfg, spec, embed_dim, init_from, cfg.device)
+        names = [t.name for t in tasks]
+        scaling = hcfg.alpha / hcfg.rank
+
+        def loss_fn(step):
+            idx = rng.sample(range(len(tasks)), min(hcfg.tasks_per_step, len(tasks)))
+            task_emb = sample_descriptions(emb, [names[i] for i in idx], rng)
+
+            def factors(_ids):
+                return net(task_emb)
+
+            return lora_step_loss(model, injector, batcher, tasks, idx, factors, scaling, hcfg.per_task, rng,
+                                  cfg.device)
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    losses = run_steps(params, hcfg.steps, hcfg.lr, loss_fn, f"hypernet-{hcfg.mode}", warmup=hcfg.warmup,
+                       weight_decay=hcfg.weight_decay)
+    net.cfg.extra = {"mode": hcfg.mode, "steps": hcfg.steps, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+                     "train_tasks": len(tasks), "init_from": bool(init_from)}
+    net.eval()
+    return save_checkpoint(net, out_dir)

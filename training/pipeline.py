@@ -1,0 +1,104 @@
+"""The full offline pipeline in stages, runnable without the CLI's extras (the GPU machine has no typer):
+
+    python -m training.pipeline --stages library,multitask,recon,sft,predict --work DIR --device cuda ...
+
+Every stage skips what its outputs already hold, so a later call continues where an earlier one stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from training.config import HypernetTrainConfig, LoraTrainConfig, TrainConfig
+
+STAGES = ("library", "multitask", "recon", "sft", "predict")
+
+
+def run(args: argparse.Namespace) -> None:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(base_model=args.base_model, data=args.data, device=args.device, dtype=args.dtype,
+                      limit_tasks=args.limit_tasks, max_prompt_tokens=args.max_prompt_tokens)
+    emb = args.embeddings
+    timings = {}
+    for stage in args.stages.split(","):
+        if stage not in STAGES:
+            raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        t0 = time.perf_counter()
+        if stage == "library":
+            from training.lora_library import train_lora_library
+
+            train_lora_library(cfg, LoraTrainConfig(steps=args.library_steps, per_task=args.library_per_task,
+                                                    tasks_per_batch=args.tasks_per_batch, lr=args.library_lr),
+                               work / "lora-library")
+        elif stage == "multitask" and not (work / "multitask" / "meta.json").exists():
+            from training.lora_library import train_multitask
+
+            train_multitask(cfg, LoraTrainConfig(steps=args.multitask_steps, per_task=args.multitask_batch,
+                                                 lr=args.library_lr), work / "multitask")
+        elif stage in ("recon", "sft") and not (work / f"t2l-{stage}" / "hypernet.json").exists():
+            from training.hypernet_train import train_hypernet
+
+            steps = args.recon_steps if stage == "recon" else args.sft_steps
+            hcfg = HypernetTrainConfig(mode=stage, variant=args.variant, steps=steps, lr=args.hypernet_lr,
+                                       tasks_per_step=args.tasks_per_step, per_task=args.sft_per_task)
+            init = str(work / "t2l-recon") if stage == "sft" and args.sft_init_from_recon else None
+            train_hypernet(cfg, hcfg, work / f"t2l-{stage}", embeddings=emb, library=str(work / "lora-library"),
+                           init_from=init)
+        elif stage == "predict":
+            from training.evaluate import EvalConfig, predict
+
+            hypernets = {n: str(work / n) for n in ("t2l-recon", "t2l-sft") if (work / n / "hypernet.json").exists()}
+            gens = dict(g.split("=", 1) for g in args.generator) if args.generator else {}
+            ecfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch,
+                              max_per_task=args.max_per_task, train_sample=args.train_sample, hypernets=hypernets,
+                              generators=gens, multitask=str(work / "multitask"),
+                              library=str(work / "lora-library"))
+            predict(cfg, ecfg, work / "predictions.json", embeddings=emb,
+                    command="python -m training.pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        timings[stage] = round(time.perf_counter() - t0, 1)
+        print(f"stage {stage}: {timings[stage]} s", flush=True)
+    (work / f"timings-{int(time.time())}.json").write_text(json.dumps(timings))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    p.add_argument("--work", required=True, help="directory for every stage's outputs")
+    p.add_argument("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    p.add_argument("--data", default=None, help="SNI data dir (default ../shared/data/sni)")
+    p.add_argument("--embeddings", default=None, help="task embeddings file (hyperlora train embed-tasks)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--limit-tasks", type=int, default=None)
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--library-steps", type=int, default=100)
+    p.add_argument("--library-per-task", type=int, default=4)
+    p.add_argument("--library-lr", type=float, default=3e-4)
+    p.add_argument("--tasks-per-batch", type=int, default=146)
+    p.add_argument("--multitask-steps", type=int, default=300)
+    p.add_argument("--multitask-batch", type=int, default=64)
+    p.add_argument("--variant", default="M", choices=["L", "M", "S"])
+    p.add_argument("--recon-steps", type=int, default=3000)
+    p.add_argument("--sft-steps", type=int, default=1000)
+    p.add_argument("--sft-init-from-recon", action="store_true")
+    p.add_argument("--hypernet-lr", type=float, default=2e-4)
+    p.add_argument("--tasks-per-step", type=int, default=32)
+    p.add_argument("--sft-per-task", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--max-per-task", type=int, default=None)
+    p.add_argument("--train-sample", type=int, default=16)
+    p.add_argument("--generator", action="append", help="extra eval row NAME=KIND:CHECKPOINT (e.g. cvae=cvae:DIR)")
+    return p
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(parser().parse_args())
