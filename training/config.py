@@ -40,7 +40,7 @@ class LoraTrainConfig:
     alpha: float = 16.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     steps: int = 100  # optimizer steps per adapter
-    lr: float = 3e-4
+    lr: float = 1e-3
     per_task: int = 8  # examples of each task in a step (library) / total batch (multitask)
     tasks_per_batch: int = 146  # how many tasks' LoRAs train together in one batched forward
     snapshots: int = 4  # last checkpoints kept per task (the CVAE's per-task distribution)

@@ -35,6 +35,19 @@ def sample_descriptions(emb: dict[str, torch.Tensor], names: list[str], rng: ran
     return torch.stack(rows)
 
 
+def description_pool(emb: dict[str, torch.Tensor], names: list[str], device) -> dict[str, torch.Tensor]:
+    """Per task, its paraphrased descriptions and its definition: `(n_desc + 1, dim)`.
+
+    Users (and most dev tasks) describe a task the way an SNI definition does, so the definition is one of
+    the descriptions sampled in training.
+    """
+    out = {}
+    for n in names:
+        rows = [emb[n]] + ([emb[f"{n}::definition"]] if f"{n}::definition" in emb else [])
+        out[n] = torch.cat(rows).to(device)
+    return out
+
+
 def build_net(hcfg: HypernetTrainConfig, spec, embed_dim: int, init_from: str | None, device) -> Hypernet:
     if init_from:
         net = load_checkpoint(init_from, spec, device)
@@ -60,7 +73,7 @@ def _library_targets(library: Path, names: list[str], spec, device) -> tuple[lis
 def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | Path, embeddings: str | None = None,
                    library: str | None = None, init_from: str | None = None) -> Path:
     tasks = load_split("train", cfg.data or DEFAULT_DATA, cfg.limit_tasks)
-    emb = {k: v.to(cfg.device) for k, v in task_embeddings(tasks, embeddings).items()}
+    emb = description_pool(task_embeddings(tasks, embeddings), [t.name for t in tasks], cfg.device)
     embed_dim = next(iter(emb.values())).shape[1]
     rng = random.Random(cfg.seed)
     if hcfg.mode == "recon":

@@ -100,10 +100,13 @@ def write_task(out: Path, task: Task, adapter: LoraAdapter, meta: dict, snaps: l
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train_lora_library(cfg: TrainConfig, lcfg: LoraTrainConfig, out_dir: str | Path, split: str = "train") -> list[str]:
-    """Train the missing tasks' LoRAs, `tasks_per_batch` at a time; returns the task names trained now."""
+def train_lora_library(cfg: TrainConfig, lcfg: LoraTrainConfig, out_dir: str | Path, split: str = "train",
+                       only: list[str] | None = None) -> list[str]:
+    """Train the missing tasks' LoRAs (all of `split`, or `only` these), `tasks_per_batch` at a time."""
     out = Path(out_dir)
     tasks = load_split(split, cfg.data or DEFAULT_DATA, cfg.limit_tasks)
+    if only is not None:
+        tasks = [t for t in tasks if t.name in set(only)]
     todo = [t for t in tasks if not is_done(out, t.name)]
     if len(todo) < len(tasks):
         logger.warning("resuming: %d of %d tasks already trained in %s", len(tasks) - len(todo), len(tasks), out)

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> None:
             from training.hypernet_train import train_hypernet
 
             steps = args.recon_steps if stage == "recon" else args.sft_steps
-            hcfg = HypernetTrainConfig(mode=stage, variant=args.variant, steps=steps, lr=args.hypernet_lr,
+            lr = args.recon_lr if stage == "recon" else args.hypernet_lr
+            hcfg = HypernetTrainConfig(mode=stage, variant=args.variant, steps=steps, lr=lr,
                                        tasks_per_step=args.tasks_per_step, per_task=args.sft_per_task)
             init = str(work / "t2l-recon") if stage == "sft" and args.sft_init_from_recon else None
             train_hypernet(cfg, hcfg, work / f"t2l-{stage}", embeddings=emb, library=str(work / "lora-library"),
@@ -80,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--library-steps", type=int, default=100)
     p.add_argument("--library-per-task", type=int, default=4)
-    p.add_argument("--library-lr", type=float, default=3e-4)
+    p.add_argument("--library-lr", type=float, default=1e-3)
     p.add_argument("--tasks-per-batch", type=int, default=146)
     p.add_argument("--multitask-steps", type=int, default=300)
     p.add_argument("--multitask-batch", type=int, default=64)
@@ -88,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recon-steps", type=int, default=3000)
     p.add_argument("--sft-steps", type=int, default=1000)
     p.add_argument("--sft-init-from-recon", action="store_true")
-    p.add_argument("--hypernet-lr", type=float, default=2e-4)
+    p.add_argument("--hypernet-lr", type=float, default=2e-4, help="SFT learning rate")
+    p.add_argument("--recon-lr", type=float, default=1e-3)
     p.add_argument("--tasks-per-step", type=int, default=32)
     p.add_argument("--sft-per-task", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -81,8 +81,7 @@ def plot(q: dict, out: Path) -> None:
         ax.set_xlabel("ROUGE-L (mean over tasks)")
         ax.set_title({"dev": "held-out dev tasks", "train": "train tasks"}[split])
     fig.suptitle(f"hyperlora quality on {q['base_model']}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -1,0 +1,119 @@
+"""Offline jobs end to end on a tiny random Llama (CPU), plus the metric and loss code they rely on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from training.data import DEFAULT_DATA, Example, answer_loss, load_split, split_instances
+from training.metrics import exact_match, rouge_l
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_DATA / "manifest.json").exists(), reason="needs ../shared/data/sni")
+runner = CliRunner()
+
+
+def test_rouge_l_matches_known_values():
+    # LCS("the cat sat", "the cat sat on the mat") = 3 tokens: P = 1, R = 0.5, F = 2/3.
+    assert rouge_l("the cat sat", ["the cat sat on the mat"]) == pytest.approx(200 / 3)
+    assert rouge_l("positive", ["Negative", "positive"]) == pytest.approx(100.0)
+    assert rouge_l("blue", ["red"]) == 0.0
+
+
+def test_exact_match_normalises_case_and_punctuation():
+    assert exact_match("Yes.", ["yes"]) == 100.0
+    assert exact_match("yes it is", ["yes"]) == 0.0
+
+
+def test_split_is_deterministic_and_last_fifth_is_test():
+    items = [Example(str(i), [str(i)]) for i in range(50)]
+    train, test = split_instances(items)
+    assert [e.input for e in test] == [str(i) for i in range(40, 50)] and len(train) == 40
+    a, b = load_split("dev", limit=2), load_split("dev", limit=2)
+    assert [e.input for e in a[0].test] == [e.input for e in b[0].test]
+
+
+def test_answer_loss_equals_full_logits_cross_entropy(tiny_model):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (3, 9))
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:8], labels[1, 3:9], labels[2, 8] = ids[0, 5:8], ids[1, 3:9], ids[2, 8]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    logits = tiny_model(input_ids=ids).logits[:, :-1]
+    ref = torch.stack([torch.nn.functional.cross_entropy(logits[i], labels[i, 1:], ignore_index=-100)
+                       for i in range(3)]).mean()
+    assert answer_loss(tiny_model, batch).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def _invoke(args):
+    from hyperlora import app
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_lora_library_trains_then_resumes_without_retraining(work):
+    lib = work / "lora-library"
+    out = _invoke(["train", "lora-library", "--tiny", "--out", str(lib)])
+    assert "trained 3 task LoRA(s)" in out
+    tasks = sorted(p.name for p in lib.iterdir() if not p.name.startswith("."))
+    assert len(tasks) == 3
+    for t in tasks:
+        for f in ("adapter_config.json", "adapter_model.safetensors", "meta.json", "snapshots.safetensors"):
+            assert (lib / t / f).is_file()
+        assert json.loads((lib / t / "meta.json").read_text())["task"] == t
+    stamps = {t: (lib / t / "adapter_model.safetensors").stat().st_mtime_ns for t in tasks}
+    (lib / tasks[1] / "meta.json").unlink()  # as if the job had been killed before this task finished
+    out = _invoke(["train", "lora-library", "--tiny", "--out", str(lib)])
+    assert "trained 1 task LoRA(s)" in out
+    assert (lib / tasks[1] / "meta.json").is_file()
+    for t in (tasks[0], tasks[2]):
+        assert (lib / t / "adapter_model.safetensors").stat().st_mtime_ns == stamps[t]
+    assert "already done" in _invoke(["train", "lora-library", "--tiny", "--out", str(lib)])
+
+
+def test_library_adapters_load_in_peft(work):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from generator.models import hyperlora_home
+
+    lib = work / "lora-library"
+    task = sorted(p for p in lib.iterdir() if not p.name.startswith("."))[0]
+    base = AutoModelForCausalLM.from_pretrained(hyperlora_home() / "tiny-llama")
+    model = PeftModel.from_pretrained(base, task)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_multitask_and_hypernet_jobs_write_checkpoints(work):
+    _invoke(["train", "multitask-lora", "--tiny", "--out", str(work / "multitask")])
+    assert (work / "multitask" / "adapter_model.safetensors").is_file()
+    emb = str(work / "emb.safetensors")
+    for mode in ("recon", "sft"):
+        _invoke(["train", "hypernet", "--tiny", "--mode", mode, "--out", str(work / f"t2l-{mode}"),
+                 "--library", str(work / "lora-library"), "--embeddings", emb])
+        cfg = json.loads((work / f"t2l-{mode}" / "hypernet.json").read_text())
+        assert cfg["extra"]["mode"] == mode and (work / f"t2l-{mode}" / "hypernet.safetensors").is_file()
+
+
+def test_eval_quality_writes_table_plot_and_command(work):
+    out = work / "results"
+    printed = _invoke(["eval", "quality", "--tiny", "--work", str(work), "--out", str(out),
+                       "--embeddings", str(work / "emb.safetensors")])
+    q = json.loads((out / "quality.json").read_text())
+    dev = q["results"]["dev"]
+    for row in ("base", "base + definition", "2-shot ICL", "multi-task LoRA", "t2l-sft", "t2l-recon [definition]"):
+        assert dev[row]["tasks"] == 3 and 0.0 <= dev[row]["rougeL"] <= 100.0
+    assert {"oracle LoRA", "t2l-recon"} <= set(q["results"]["train"])
+    assert q["command"].startswith("hyperlora eval quality")
+    assert (out / "quality.md").read_text().startswith("Produced by: `hyperlora eval quality")
+    assert (out / "quality.png").stat().st_size > 1000
+    assert "2-shot ICL" in printed

@@ -1,0 +1,207 @@
+"""`hyperlora train ...` and `hyperlora eval quality|report`: the offline jobs from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from generator.models import DEFAULT_BASE_MODEL, hyperlora_home
+
+BaseOpt = typer.Option(DEFAULT_BASE_MODEL, "--base-model", help="Embedded default, a local HF dir, or a dir with "
+                                                               "one .gguf.")
+DataOpt = typer.Option(None, "--data", help="SNI data dir (manifest.json + tasks/). Default: ../shared/data/sni.")
+DevOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
+DtypeOpt = typer.Option("float32", "--dtype", help="Base model weights: float32 or bfloat16 (GPU).")
+LimitOpt = typer.Option(None, "--limit-tasks", help="Use only the first N tasks of the split.")
+TinyOpt = typer.Option(False, "--tiny", help="A 2-layer random Llama, 3 tasks and a few steps: a CPU smoke run.")
+EmbOpt = typer.Option(None, "--embeddings", help="Task-embedding file (safetensors); computed and saved if missing.")
+
+
+def _train_cfg(base_model, data, device, dtype, limit_tasks, tiny):
+    from training.config import TrainConfig
+    from training.tiny import make_tiny_model_dir
+
+    try:
+        if tiny:
+            base_model = str(make_tiny_model_dir(hyperlora_home() / "tiny-llama"))
+            return TrainConfig(base_model=base_model, data=data, device=device, limit_tasks=limit_tasks or 3,
+                               max_prompt_tokens=64, max_answer_tokens=16)
+        return TrainConfig(base_model=base_model, data=data, device=device, dtype=dtype, limit_tasks=limit_tasks)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def _lora_cfg(tiny: bool, **fields):
+    from training.config import LoraTrainConfig
+
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if tiny:
+        fields = {"steps": 4, "per_task": 2, "tasks_per_batch": 2, "snapshots": 2, "snapshot_every": 1} | fields
+    try:
+        return LoraTrainConfig(**fields)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def lora_library(
+    out: Path = typer.Option(Path("runs/lora-library"), "--out", help="Library directory (one folder per task)."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps per task (default 100)."),
+    lr: float = typer.Option(None, "--lr", help="Learning rate (default 1e-3)."),
+    per_task: int = typer.Option(None, "--per-task", help="Examples of each task per step (default 8)."),
+    tasks_per_batch: int = typer.Option(None, "--tasks-per-batch", help="Tasks trained together in one batched "
+                                                                        "forward (default 146)."),
+    rank: int = typer.Option(None, "--rank", help="LoRA rank (default 8)."),
+    targets: str = typer.Option("q_proj,v_proj", "--targets", help="Comma-separated target modules."),
+    ray_address: str = typer.Option(None, "--ray", help="Fan out over a Ray cluster ('auto' or an address): one "
+                                                        "Ray task per chunk of tasks, 1 GPU each when the cluster "
+                                                        "has GPUs."),
+    base_model: str = BaseOpt, data: str = DataOpt, device: str = DevOpt, dtype: str = DtypeOpt,
+    limit_tasks: int = LimitOpt, tiny: bool = TinyOpt,
+) -> None:
+    """Train one LoRA per train task (skipping tasks already in OUT), many tasks per batched forward."""
+    from training.lora_library import train_lora_library
+
+    cfg = _train_cfg(base_model, data, device, dtype, limit_tasks, tiny)
+    lcfg = _lora_cfg(tiny, steps=steps, lr=lr, per_task=per_task, tasks_per_batch=tasks_per_batch, rank=rank,
+                     target_modules=tuple(targets.split(",")))
+    if ray_address:
+        from training.distributed import train_library_on_ray
+
+        done = train_library_on_ray(cfg, lcfg, out, ray_address)
+    else:
+        done = train_lora_library(cfg, lcfg, out)
+    typer.echo(f"trained {len(done)} task LoRA(s) into {out}" + ("" if done else " (all tasks were already done)"))
+
+
+def multitask_lora(
+    out: Path = typer.Option(Path("runs/multitask"), "--out", help="PEFT directory to write."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 100)."),
+    lr: float = typer.Option(None, "--lr", help="Learning rate (default 1e-3)."),
+    batch: int = typer.Option(None, "--batch", help="Examples per step, mixed over all tasks (default 8)."),
+    base_model: str = BaseOpt, data: str = DataOpt, device: str = DevOpt, dtype: str = DtypeOpt,
+    limit_tasks: int = LimitOpt, tiny: bool = TinyOpt,
+) -> None:
+    """Train the multi-task baseline: one LoRA on every train task's examples mixed."""
+    from training.lora_library import train_multitask
+
+    cfg = _train_cfg(base_model, data, device, dtype, limit_tasks, tiny)
+    path = train_multitask(cfg, _lora_cfg(tiny, steps=steps, lr=lr, per_task=batch), out)
+    typer.echo(f"wrote the multi-task LoRA to {path}")
+
+
+def hypernet(
+    mode: str = typer.Option("sft", "--mode", help="recon: fit the library's adapters; sft: train end to end "
+                                                   "through the base model."),
+    out: Path = typer.Option(None, "--out", help="Checkpoint directory (default runs/t2l-MODE)."),
+    library: str = typer.Option("runs/lora-library", "--library", help="LoRA library (recon)."),
+    variant: str = typer.Option("M", "--variant", help="Hypernetwork size: L, M or S."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 3000 recon, 1000 sft)."),
+    lr: float = typer.Option(None, "--lr", help="Learning rate (default 1e-3 recon, 2e-4 sft)."),
+    tasks_per_step: int = typer.Option(32, "--tasks-per-step", help="Tasks per step, one sampled description each."),
+    init_from: str = typer.Option(None, "--init-from", help="Start from this checkpoint (e.g. a recon one)."),
+    embeddings: str = EmbOpt, base_model: str = BaseOpt, data: str = DataOpt, device: str = DevOpt,
+    dtype: str = DtypeOpt, limit_tasks: int = LimitOpt, tiny: bool = TinyOpt,
+) -> None:
+    """Train a Text-to-LoRA hypernetwork (recon or SFT) on the train tasks."""
+    from training.config import HypernetTrainConfig
+    from training.hypernet_train import train_hypernet
+
+    cfg = _train_cfg(base_model, data, device, dtype, limit_tasks, tiny)
+    recon = mode == "recon"
+    fields = {"mode": mode, "variant": variant, "steps": steps or (3000 if recon else 1000),
+              "lr": lr or (1e-3 if recon else 2e-4), "tasks_per_step": tasks_per_step}
+    if tiny:
+        fields |= {"steps": steps or 4, "tasks_per_step": 2, "per_task": 2, "hidden_dim": 32, "warmup": 1}
+    try:
+        hcfg = HypernetTrainConfig(**fields)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    path = train_hypernet(cfg, hcfg, out or Path(f"runs/t2l-{mode}"), embeddings, library, init_from)
+    typer.echo(f"wrote the {mode} hypernetwork checkpoint to {path}")
+
+
+def embed_tasks(out: Path = typer.Option(Path("runs/embeddings.safetensors"), "--out"),
+                max_descriptions: int = typer.Option(32, "--max-descriptions"), data: str = DataOpt) -> None:
+    """Embed every task's descriptions and definition once (the GPU machine has no embedder)."""
+    from generator.encoder import TaskEncoder
+    from training.data import DEFAULT_DATA, load_split
+    from training.embeddings import embed_tasks as embed
+    from training.embeddings import save_embeddings
+
+    tasks = load_split("train", data or DEFAULT_DATA) + load_split("dev", data or DEFAULT_DATA)
+    emb = embed(tasks, TaskEncoder.load(), max_descriptions)
+    save_embeddings({k: v.half() for k, v in emb.items()}, out)
+    typer.echo(f"wrote {len(emb)} embeddings for {len(tasks)} tasks to {out}")
+
+
+def quality(
+    work: Path = typer.Option(Path("runs"), "--work", help="Where the training jobs wrote lora-library/, "
+                                                          "multitask/, t2l-recon/, t2l-sft/."),
+    out: Path = typer.Option(Path("results"), "--out", help="Where quality.{json,md,png} go."),
+    generator: list[str] = typer.Option(None, "--generator", help="Extra rows NAME=KIND:CHECKPOINT "
+                                                                  "(e.g. cvae=cvae:runs/cvae)."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    max_per_task: int = typer.Option(None, "--max-per-task", help="Cap test instances per task."),
+    train_sample: int = typer.Option(16, "--train-sample", help="Train tasks for oracle vs generated."),
+    embeddings: str = EmbOpt, base_model: str = BaseOpt, data: str = DataOpt, device: str = DevOpt,
+    dtype: str = DtypeOpt, limit_tasks: int = LimitOpt, tiny: bool = TinyOpt,
+) -> None:
+    """Evaluate baselines and generated adapters on held-out dev tasks; write results/quality.*."""
+    import shlex
+    import sys
+
+    from training.evaluate import EvalConfig, predict
+    from training.report import write_report
+
+    cfg = _train_cfg(base_model, data, device, dtype, limit_tasks, tiny)
+    hypernets = {n: str(work / n) for n in ("t2l-recon", "t2l-sft") if (work / n / "hypernet.json").exists()}
+    gens = dict(g.split("=", 1) for g in generator or [])
+    ecfg = EvalConfig(max_new_tokens=4 if tiny else max_new_tokens, batch_size=batch_size,
+                      max_per_task=max_per_task or (2 if tiny else None), train_sample=2 if tiny else train_sample,
+                      hypernets=hypernets, generators=gens,
+                      multitask=str(work / "multitask") if (work / "multitask").is_dir() else None,
+                      library=str(work / "lora-library") if (work / "lora-library").is_dir() else None)
+    command = "hyperlora eval quality " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    pred = predict(cfg, ecfg, out / "predictions.json", embeddings, command)
+    _print(write_report(pred, out))
+
+
+def report(predictions: Path = typer.Argument(..., help="predictions.json from `eval quality` or the pipeline."),
+           out: Path = typer.Option(Path("results"), "--out")) -> None:
+    """Score a predictions file (ROUGE-L, exact match) into quality.{json,md,png}."""
+    from training.report import write_report
+
+    if not predictions.is_file():
+        raise typer.BadParameter(f"{predictions} does not exist")
+    _print(write_report(predictions, out))
+
+
+def _print(q: dict) -> None:
+    for split, res in q["results"].items():
+        typer.echo(f"[{split}] method: ROUGE-L / exact match")
+        for m, r in res.items():
+            typer.echo(f"  {m:<28} {r['rougeL']:6.1f} {r['exact_match']:6.1f}  ({r['tasks']} tasks)")
+
+
+def _group(app: typer.Typer, name: str, help: str) -> typer.Typer:
+    def gname(info) -> str | None:
+        return info.name if isinstance(info.name, str) else getattr(info.typer_instance.info, "name", None)
+
+    group = next((g.typer_instance for g in app.registered_groups if gname(g) == name), None)
+    if group is None:
+        group = typer.Typer(help=help, no_args_is_help=True)
+        app.add_typer(group, name=name)
+    return group
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    train = _group(app, "train", "Offline training jobs (GPU for full runs; --tiny on the CPU).")
+    train.command("lora-library")(lora_library)
+    train.command("multitask-lora")(multitask_lora)
+    train.command("hypernet")(hypernet)
+    train.command("embed-tasks")(embed_tasks)
+    ev = _group(app, "eval", "Evaluations: print figures and write them to results/.")
+    ev.command("quality")(quality)
+    ev.command("report")(report)
