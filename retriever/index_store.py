@@ -1,0 +1,168 @@
+"""The router's index, saved with the library and verified against it on open.
+
+Each build is a content-addressed directory `index/<token>/` (token: hash of the settings and the sorted
+adapter ids) holding `index.faiss` (FAISS `write_index`), `keys.safetensors` (the key vectors and labels)
+and `index.json` (settings, ids, labels). A directory is written under a temp name and renamed into place,
+so readers in other processes only ever see complete builds. Opening with the same adapters and settings
+reads the saved index; otherwise the index is rebuilt, re-embedding only the keys of adapters it has not
+seen (vectors of the others come from the previous build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from retriever.config import RetrieverConfig
+from retriever.fsutil import fsync_tree
+from retriever.index import INDEX_TYPES, VectorIndex, build_index, choose_index_type
+from retriever.keys import assign_labels, embed_keys, keys_per_adapter
+from retriever.records import AdapterRecord
+
+logger = logging.getLogger(__name__)
+INDEX_FILE, KEYS_FILE, META_FILE = "index.faiss", "keys.safetensors", "index.json"
+KEEP_BUILDS = 3  # older build directories are pruned
+
+
+@dataclass
+class LoadedIndex:
+    index: VectorIndex
+    label_to_id: dict[int, str]  # key label -> adapter id
+    token: str
+    rebuilt: bool  # False when read from disk
+    names: dict[str, str] = field(default_factory=dict)  # adapter id -> name, filled by the router
+
+
+def key_signature(encoder_name: str, dim: int, cfg: RetrieverConfig) -> dict:
+    """Everything the key vectors depend on."""
+    return {"embedder": encoder_name, "dim": dim, "key_mode": cfg.key_mode, "key_descriptions": cfg.key_descriptions,
+            "key_samples": cfg.key_samples, "query_prefix": cfg.query_prefix}
+
+
+def index_signature(kind: str, cfg: RetrieverConfig) -> dict:
+    """Everything the built index depends on besides the keys (search-time knobs are applied on load)."""
+    sig: dict = {"type": kind}
+    if kind == "hnsw":
+        sig |= {"m": cfg.hnsw_m, "ef_construction": cfg.hnsw_ef_construction}
+    if kind == "ivf":
+        sig |= {"nlist": cfg.ivf_nlist}
+    return sig
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class IndexStore:
+    """Loads or builds the index for a set of adapter records, under `index_dir`."""
+
+    def __init__(self, index_dir: Path, encoder, cfg: RetrieverConfig) -> None:
+        self.dir, self.encoder, self.cfg = Path(index_dir), encoder, cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.keys_sig = key_signature(encoder.name, encoder.dim, cfg)
+
+    def load_or_build(self, records: Sequence[AdapterRecord]) -> LoadedIndex:
+        records = sorted(records, key=lambda r: r.id)
+        labels = assign_labels([r.id for r in records])
+        kind = choose_index_type(len(records) * keys_per_adapter(self.cfg), self.cfg)
+        meta = {"keys": self.keys_sig, "index": index_signature(kind, self.cfg), "ids": [r.id for r in records]}
+        token = _digest(meta)
+        label_to_id = {}
+        for r in records:
+            label_to_id[labels[r.id]] = label_to_id[labels[r.id] + 1] = r.id
+        loaded = self._read(token, meta, kind)
+        if loaded is not None:
+            return LoadedIndex(loaded, label_to_id, token, rebuilt=False)
+        t0 = time.perf_counter()
+        vectors, key_labels = self._keys(records, labels)
+        index = build_index(vectors, key_labels, self.cfg, kind)
+        self._write(token, meta, index, vectors, key_labels)
+        logger.info("rebuilt the %s index over %d adapters (%d keys) in %.1f ms", kind, len(records), len(key_labels),
+                    1e3 * (time.perf_counter() - t0))
+        return LoadedIndex(index, label_to_id, token, rebuilt=True)
+
+    # -- reading
+    def _read(self, token: str, meta: dict, kind: str) -> VectorIndex | None:
+        d = self.dir / token
+        if not d.is_dir():
+            return None
+        try:
+            stored = json.loads((d / META_FILE).read_text())
+            if {k: stored.get(k) for k in meta} != meta:
+                raise ValueError("settings or adapter ids differ")
+            index = INDEX_TYPES[kind].load(d / INDEX_FILE, self.encoder.dim, self.cfg)
+            if sorted(index.labels().tolist()) != sorted(stored["labels"]):
+                raise ValueError("the FAISS index's labels differ from index.json")
+            return index
+        except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+            logger.warning("index build %s does not match the library (%s); rebuilding", token, e)
+            return None
+
+    def _cached_keys(self) -> dict[int, np.ndarray]:
+        """label -> key vector from the newest earlier build with the same key settings."""
+        for d in self._builds():
+            try:
+                if json.loads((d / META_FILE).read_text()).get("keys") != self.keys_sig:
+                    continue
+                state = load_file(str(d / KEYS_FILE))
+                vectors, labels = state["vectors"].numpy(), state["labels"].numpy()
+                return dict(zip(labels.tolist(), vectors, strict=True))
+            except (OSError, ValueError, KeyError, json.JSONDecodeError):
+                continue
+        return {}
+
+    def _keys(self, records: Sequence[AdapterRecord], labels: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+        cached = self._cached_keys()
+        have = [r for r in records if labels[r.id] in cached or labels[r.id] + 1 in cached]
+        have_ids = {r.id for r in have}
+        todo = [r for r in records if r.id not in have_ids]
+        new_vectors, new_labels = embed_keys(todo, self.encoder, self.cfg, labels)
+        if todo:
+            logger.info("embedded keys of %d new adapter(s); %d reused", len(todo), len(have))
+        old_labels = [lab for r in have for lab in (labels[r.id], labels[r.id] + 1) if lab in cached]
+        vectors = np.concatenate([np.stack([cached[lab] for lab in old_labels]).reshape(-1, self.encoder.dim),
+                                  new_vectors]) if old_labels else new_vectors
+        return vectors.astype(np.float32), np.array(old_labels + new_labels.tolist(), np.int64)
+
+    # -- writing
+    def _write(self, token: str, meta: dict, index: VectorIndex, vectors: np.ndarray, labels: np.ndarray) -> None:
+        final = self.dir / token
+        tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=".tmp-"))
+        try:
+            index.save(tmp / INDEX_FILE)
+            save_file({"vectors": torch.from_numpy(vectors).contiguous(), "labels": torch.from_numpy(labels)},
+                      str(tmp / KEYS_FILE))
+            (tmp / META_FILE).write_text(json.dumps({**meta, "labels": labels.tolist()}))
+            fsync_tree(tmp)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process published the same build first: theirs is identical
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._prune(keep=token)
+
+    def _builds(self) -> list[Path]:
+        """Build directories, newest first."""
+        dirs = [d for d in self.dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        return sorted(dirs, key=lambda d: d.stat().st_mtime_ns, reverse=True)
+
+    def _prune(self, keep: str) -> None:
+        for d in self._builds()[KEEP_BUILDS:]:
+            if d.name != keep:
+                shutil.rmtree(d, ignore_errors=True)
+        for d in self.dir.glob(".tmp-*"):  # temp dirs of crashed builds, if old
+            if time.time() - d.stat().st_mtime > 3600:
+                shutil.rmtree(d, ignore_errors=True)

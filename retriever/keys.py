@@ -1,0 +1,72 @@
+"""Adapter keys: the vectors an input is matched against.
+
+LoraRetriever represents a LoRA by the mean embedding of a few of its training inputs; an adapter with no
+known inputs (e.g. one generated from a sentence) is represented by the mean embedding of its descriptions.
+`key_mode` picks which keys an adapter gets; with two keys, an adapter scores the better of the two.
+Labels are derived from the adapter id, so they are the same in every process and across rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from retriever.config import RetrieverConfig
+from retriever.records import AdapterRecord
+
+KIND_DESCRIPTION, KIND_INPUTS = 0, 1
+MAX_EMBED_CHARS = 1000  # longer texts are cut: the default embedder reads 256 tokens anyway
+
+
+def embed_text(text: str, prefix: str = "") -> str:
+    return (prefix + text)[:MAX_EMBED_CHARS]
+
+
+def key_texts(record: AdapterRecord, cfg: RetrieverConfig) -> dict[int, list[str]]:
+    """kind -> the texts whose mean embedding is that key."""
+    desc = [embed_text(d) for d in record.descriptions[: cfg.key_descriptions]]
+    samples = [embed_text(s, cfg.query_prefix) for s in record.sample_inputs[: cfg.key_samples]]
+    if cfg.key_mode == "description" or (cfg.key_mode == "inputs_else_description" and not samples):
+        return {KIND_DESCRIPTION: desc}
+    if cfg.key_mode == "both":
+        return {KIND_DESCRIPTION: desc, **({KIND_INPUTS: samples} if samples else {})}
+    return {KIND_INPUTS: samples} if samples else {}  # inputs / inputs_else_description with samples
+
+
+def keys_per_adapter(cfg: RetrieverConfig) -> int:
+    return 2 if cfg.key_mode == "both" else 1
+
+
+def base_label(adapter_id: str) -> int:
+    """A stable 61-bit label for an adapter; its keys are base + kind."""
+    return (int(hashlib.sha256(adapter_id.encode()).hexdigest()[:15], 16) << 1) & ((1 << 62) - 1)
+
+
+def assign_labels(ids: Sequence[str]) -> dict[str, int]:
+    """id -> base label, probing past the (astronomically rare) collision deterministically."""
+    out, used = {}, set()
+    for i in sorted(ids):
+        label = base_label(i)
+        while label in used:
+            label += 2
+        used.add(label)
+        out[i] = label
+    return out
+
+
+def embed_keys(records: Sequence[AdapterRecord], encoder, cfg: RetrieverConfig,
+               labels: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Every key of `records` in one batched embedding: vectors `(n_keys, dim)` unit-norm, labels `(n_keys,)`."""
+    spans, texts = [], []
+    for r in records:
+        for kind, kt in key_texts(r, cfg).items():
+            spans.append((labels[r.id] + kind, len(texts), len(texts) + len(kt)))
+            texts += kt
+    if not texts:
+        return np.zeros((0, encoder.dim), np.float32), np.zeros(0, np.int64)
+    emb = encoder.encode(texts, what="key text", batch_size=cfg.embed_batch_size).cpu().numpy()  # (n_texts, dim)
+    vectors = np.stack([emb[a:b].mean(0) for _, a, b in spans])  # (n_keys, dim)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors.astype(np.float32), np.array([lab for lab, _, _ in spans], np.int64)
