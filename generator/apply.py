@@ -50,7 +50,7 @@ class PerSampleLora:
 
 
 class AdapterBank:
-    """Adapters stacked for gathering: a[m] `(n, n_layers, R, d_in)`, b[m] `(n, n_layers, d_out, R)` with scaling folded in.
+    """Adapters stacked for gathering: a[m] `(n, n_layers, R, d_in)`, b[m] `(n, n_layers, d_out, R)`, scaling folded in.
 
     Ranks are zero-padded to the largest; targets an adapter lacks are zero.
     """
@@ -89,6 +89,8 @@ class AdapterBank:
         """index, weights: `(batch, K)` -> each sample's mixture of its K adapters (weights default to 1/K)."""
         if index.dim() == 1:
             index = index[:, None]
+        if weights is not None and weights.dim() == 1:
+            weights = weights[:, None]
         if weights is None:
             weights = torch.full(index.shape, 1.0 / index.shape[1])
         index = index.to(next(iter(self.a.values())).device)

@@ -34,8 +34,13 @@ def generate(
     device: str = DevOpt,
 ) -> None:
     """Generate a LoRA adapter from a task description and write it as a PEFT directory."""
+    from generator.encoder import check_texts
     from generator.peft_io import save_peft
 
+    try:
+        check_texts([description])  # refuse an empty description before loading any model
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="DESCRIPTION") from e
     try:
         cfg = GeneratorConfig(base_model, embedder, generator, checkpoint, device)
         gen = build_generator(cfg)
@@ -56,16 +61,21 @@ def generate(
 def info(checkpoint: str | None = CkptOpt, generator: str = GenOpt, base_model: str = BaseOpt,
          embedder: str = EmbOpt) -> None:
     """Show the base model, target modules, adapter size and the generator's parameter count."""
-    cfg = GeneratorConfig(base_model, embedder, generator, checkpoint)
-    spec = load_spec(base_model)
-    gen = build_generator(cfg, spec)
+    try:
+        cfg = GeneratorConfig(base_model, embedder, generator, checkpoint)
+        spec = load_spec(base_model)
+        gen = build_generator(cfg, spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from e
+    warn_untrained(gen)
     params = sum(p.numel() for p in gen.net.parameters()) if hasattr(gen, "net") else 0
     targets = list(gen.net.cfg.target_modules) if hasattr(gen, "net") else []
     n_lora = spec.lora_params(targets, gen.rank)
     typer.echo(f"base model:      {spec.name} ({spec.n_layers} layers)")
     for m in targets:
         typer.echo(f"  target {m:<9} d_in={spec.shapes[m][0]} d_out={spec.shapes[m][1]}")
-    typer.echo(f"adapter:         rank {gen.rank}, alpha {gen.alpha}, {n_lora:,} params ({n_lora * 4 / 2**20:.2f} MiB fp32)")
+    typer.echo(f"adapter:         rank {gen.rank}, alpha {gen.alpha}, {n_lora:,} params "
+               f"({n_lora * 4 / 2**20:.2f} MiB fp32)")
     typer.echo(f"embedder:        {gen.encoder.name} ({gen.encoder.dim}-d)")
     typer.echo(f"generator:       {gen.name} variant {getattr(gen.net.cfg, 'variant', '?')}, {params:,} params, "
                f"{'trained' if gen.trained else 'UNTRAINED (fresh init)'}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from generator.encoder import TaskEncoder
+from generator.encoder import TaskEncoder, check_texts
 from generator.hypernet.checkpoint import load_checkpoint
 from generator.hypernet.config import HypernetConfig
 from generator.hypernet.model import Hypernet, build_hypernet
@@ -64,7 +64,9 @@ class AdapterGenerator(ABC):
 
     @torch.no_grad()
     def generate(self, descriptions: Sequence[str]) -> list[LoraAdapter]:
+        """One adapter per description (a lone string is one description), in one batched pass."""
         t0 = time.perf_counter()
+        descriptions = check_texts(descriptions)
         emb = self.encoder.encode(descriptions)  # (N, embed_dim)
         a, b = self.factors(emb)
         out = [
@@ -96,9 +98,11 @@ class T2LGenerator(AdapterGenerator):
     @classmethod
     def fresh(cls, spec: ModelSpec, encoder: TaskEncoder, device: torch.device | str = "cpu",
               **cfg_fields) -> T2LGenerator:
-        torch.manual_seed(0)
         cfg = HypernetConfig(spec=spec, embed_dim=encoder.dim, embedder=encoder.name, **cfg_fields)
-        return cls(build_hypernet(cfg).to(device), encoder, trained=False)
+        with torch.random.fork_rng(devices=[]):  # the same fresh weights every time, global RNG untouched
+            torch.manual_seed(0)
+            net = build_hypernet(cfg)
+        return cls(net.to(device), encoder, trained=False)
 
     @property
     def rank(self) -> int:

@@ -34,7 +34,8 @@ class LoraAdapter:
         check_targets(list(self.a))
         for m in self.a:
             a, b = self.a[m], self.b[m]
-            if a.dim() != 3 or b.dim() != 3 or a.shape[1] != self.rank or b.shape[2] != self.rank or a.shape[0] != b.shape[0]:
+            if (a.dim() != 3 or b.dim() != 3 or a.shape[1] != self.rank or b.shape[2] != self.rank
+                    or a.shape[0] != b.shape[0]):
                 raise ValueError(
                     f"{m}: expected A (n_layers, {self.rank}, d_in) and B (n_layers, d_out, {self.rank}), "
                     f"got A {tuple(a.shape)} and B {tuple(b.shape)}"

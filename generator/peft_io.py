@@ -152,13 +152,18 @@ def load_peft(path: str | Path, spec: ModelSpec | None = None) -> LoraAdapter:
     a, b = {}, {}
     for module, layers in found.items():
         a[module], b[module] = _stack_module(module, layers, rank, n_layers, spec)
-    adapter = LoraAdapter(
-        base_model=str(cfg.get("base_model_name_or_path") or ""), rank=rank, alpha=float(cfg.get("lora_alpha", 8)),
-        a=a, b=b, use_rslora=bool(cfg.get("use_rslora", False)),
-    )
-    adapter.check_finite()
-    if spec is not None:
-        adapter.check_fits(spec)
+    try:
+        adapter = LoraAdapter(
+            base_model=str(cfg.get("base_model_name_or_path") or ""), rank=rank,
+            alpha=float(cfg.get("lora_alpha", 8)), a=a, b=b, use_rslora=bool(cfg.get("use_rslora", False)),
+        )
+        adapter.check_finite()
+        if spec is not None:
+            adapter.check_fits(spec)
+    except AdapterFormatError:
+        raise
+    except ValueError as e:  # NaN/Inf, or factors that do not fit `spec`: still a bad adapter directory
+        raise AdapterFormatError(str(e)) from e
     return adapter
 
 

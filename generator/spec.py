@@ -83,5 +83,6 @@ class ModelSpec:
             return f"{other.name} has {other.n_layers} layers, {self.name} has {self.n_layers}"
         for m in targets:
             if self.shapes.get(m) != other.shapes.get(m):
-                return f"{m} is {other.shapes.get(m)} (d_in, d_out) in {other.name} but {self.shapes.get(m)} in {self.name}"
+                return (f"{m} is {other.shapes.get(m)} (d_in, d_out) in {other.name} "
+                        f"but {self.shapes.get(m)} in {self.name}")
         return None

@@ -1,0 +1,102 @@
+"""The task encoder and descriptions that are bad input: empty, whitespace, not text, too long."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from generator.encoder import check_texts
+
+EMPTY = ["", "   ", "\n\t "]
+
+
+@pytest.mark.parametrize("text", EMPTY)
+def test_empty_description_is_refused(text):
+    with pytest.raises(ValueError, match="description #0 is empty or whitespace: give a sentence"):
+        check_texts([text])
+
+
+def test_check_texts_names_the_offender_and_strips():
+    assert check_texts(["  Summarise news.  "]) == ["Summarise news."]
+    assert check_texts("one string") == ["one string"]
+    with pytest.raises(ValueError, match="description #2 is empty"):
+        check_texts(["a", "b", " "])
+    with pytest.raises(ValueError, match="no description given"):
+        check_texts([])
+    with pytest.raises(ValueError, match="input #1 is int, expected a string"):
+        check_texts(["a", 3], what="input")
+
+
+@pytest.mark.slow
+def test_encoder_gives_unit_vectors(encoder):
+    assert encoder.dim == 384 and encoder.max_tokens == 256
+    emb = encoder.encode(["Translate to German.", "Solve maths problems.", "Translate into German."])
+    assert emb.shape == (3, 384) and emb.dtype == torch.float32
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    sims = emb @ emb.T
+    assert sims[0, 2] > sims[0, 1]  # paraphrases are closer than different tasks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", EMPTY)
+def test_encoder_refuses_empty(encoder, text):
+    with pytest.raises(ValueError, match="empty or whitespace"):
+        encoder.encode(["fine", text])
+
+
+@pytest.mark.slow
+def test_long_description_is_truncated_with_a_warning(encoder):
+    long = "Rewrite the user's paragraph in formal English, keeping every fact. " * 60  # ~900 tokens
+    with pytest.warns(UserWarning, match=r"exceed the embedder's 256-token window and were truncated"):
+        emb = encoder.encode([long, "short"])
+    assert emb.shape == (2, 384)
+    # what was embedded is the first window: text past it changes nothing
+    with pytest.warns(UserWarning, match="truncated"):
+        longer = encoder.encode([long + " Also translate everything into Japanese."])
+    assert torch.allclose(emb[0], longer[0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_short_description_gives_no_warning(encoder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder.encode(["Answer trivia questions."])
+
+
+@pytest.mark.slow
+def test_generator_refuses_bad_descriptions(encoder, tiny_spec):
+    from generator.generate import T2LGenerator
+
+    gen = T2LGenerator.fresh(tiny_spec, encoder, variant="S", hidden_dim=32)
+    with pytest.raises(ValueError, match="description #1 is empty or whitespace"):
+        gen.generate(["Summarise articles.", "  "])
+    with pytest.raises(ValueError, match="no description given"):
+        gen.generate([])
+    (one,) = gen.generate("A lone string is one description.")
+    assert one.metadata["description"] == "A lone string is one description."
+
+
+@pytest.mark.slow
+def test_generator_refuses_an_encoder_of_another_width(encoder, tiny_spec):
+    from generator.generate import T2LGenerator
+    from generator.hypernet.config import HypernetConfig
+    from generator.hypernet.model import build_hypernet
+
+    net = build_hypernet(HypernetConfig(spec=tiny_spec, embed_dim=768, embedder="some-768-d-model"))
+    with pytest.raises(ValueError, match="expects 768-d task embeddings .* gives 384-d"):
+        T2LGenerator(net, encoder)
+
+
+@pytest.mark.slow
+def test_fresh_generator_is_reproducible_and_leaves_the_global_rng_alone(encoder, tiny_spec):
+    from generator.generate import T2LGenerator
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = T2LGenerator.fresh(tiny_spec, encoder, variant="L", hidden_dim=32).generate(["Write haiku."])[0]
+    assert torch.equal(torch.rand(3), expected)
+    second = T2LGenerator.fresh(tiny_spec, encoder, variant="L", hidden_dim=32).generate(["Write haiku."])[0]
+    assert torch.equal(first.a["q_proj"], second.a["q_proj"])
