@@ -22,7 +22,8 @@ def _register_optional() -> None:
     """Subcommands of packages that may be absent in a partial install register themselves here."""
     import importlib
 
-    for mod in ("generator.bench", "retriever.commands", "training.commands", "serve.commands"):
+    for mod in ("generator.bench", "retriever.commands", "training.commands", "serve.commands",
+                "training.gen_commands"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:

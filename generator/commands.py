@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 BaseOpt = typer.Option(DEFAULT_BASE_MODEL, "--base-model", help="Embedded default or a local HF model directory.")
 EmbOpt = typer.Option(DEFAULT_EMBEDDER, "--embedder", help="Embedded default or a local sentence-transformers dir.")
 CkptOpt = typer.Option(None, "--checkpoint", help="Generator checkpoint dir (default: the shipped one).")
-GenOpt = typer.Option("t2l", "--generator", help="Which generator: t2l (Text-to-LoRA).")
+GenOpt = typer.Option("t2l", "--generator",
+                      help="Which generator: t2l (Text-to-LoRA), cvae (ICM-LoRA CVAE), sg (semantic-guided).")
 DevOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
 
 

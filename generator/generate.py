@@ -115,3 +115,7 @@ class T2LGenerator(AdapterGenerator):
     def factors(self, task_emb):
         device = next(self.net.parameters()).device
         return self.net(task_emb.to(device))
+
+
+# Generators defined in their own modules register on import (after the base class above exists).
+from generator.cvae import generators as _latent_generators  # noqa: E402,F401
