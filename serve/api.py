@@ -1,0 +1,374 @@
+"""The HTTP API: FastAPI routes over a `GatewayState`; errors always come back as JSON bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from generator.peft_io import AdapterFormatError, load_peft, save_peft
+from serve import completions
+from serve.errors import Invalid, InvalidAdapter, ServiceError, TooLarge, WrongBaseModel, as_service_error
+from serve.gateway import GatewayState, same_base_model
+from serve.metrics import REGISTRY, render_prometheus
+from serve.protocol import public_model_name
+from serve.schemas import (
+    AdapterInfo,
+    AdapterList,
+    DeletedAdapter,
+    GenerateAdaptersRequest,
+    GenerateAdaptersResponse,
+    ModelCard,
+    ModelList,
+    RouteRequest,
+    RouteResponse,
+    RouteResult,
+)
+from serve.uploads import collect_files, extract_archive, pack_dir
+
+logger = logging.getLogger(__name__)
+UPLOAD_PATH = "/v1/adapters/upload"
+
+
+def error_response(status: int, message: str, code: str, param: str | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": code, "param": param, "code": code, **extra}},
+                        status_code=status)
+
+
+def check_texts(texts: list[str], what: str, max_items: int, max_chars: int) -> list[str]:
+    """422 for empty strings, 413 for too many or too long ones."""
+    if len(texts) > max_items:
+        raise TooLarge(f"{len(texts)} {what}s given; the limit is {max_items}", param=what, limit=max_items)
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise Invalid(f"{what} #{i} is empty", param=what)
+        if len(t) > max_chars:
+            raise TooLarge(f"{what} #{i} is {len(t)} characters; the limit is {max_chars}", param=what, limit=max_chars)
+    return [t.strip() for t in texts]
+
+
+class BodyLimit:
+    """ASGI middleware: a body over the limit (declared or streamed) is answered with 413."""
+
+    def __init__(self, app, state: GatewayState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limits = self.state.cfg.limits
+        limit = limits.max_upload_bytes if scope["path"].rstrip("/") == UPLOAD_PATH else limits.max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            resp = error_response(413, f"the request body is {int(declared)} bytes; the limit is {limit}",
+                                  "too_large", "body", limit=limit)
+            return await resp(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise TooLarge(f"the request body exceeds {limit} bytes", param="body", limit=limit)
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    parts, first = [], None
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        first = first or loc or None
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts), first
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx", "url")} for e in exc.errors()]
+        message, param = _validation_message(errors)
+        body = jsonable_encoder({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                           "code": "invalid_value"}, "detail": errors})
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, str(exc.detail), code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        found = as_service_error(exc)
+        if found is not None:
+            return JSONResponse(found.body(), status_code=found.status)
+        if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+            return error_response(504, "a model deployment did not answer in time", "timeout")
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal error (logged on the server)", "internal_error")
+
+
+def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if on_startup is not None:
+            await on_startup()
+        yield
+
+    app = FastAPI(title="hyperlora", version="0.1.0", lifespan=lifespan,
+                  description="LoRA adapters from a sentence, a routed adapter library, and OpenAI-compatible "
+                              "completions with per-request adapters or mixtures.")
+    app.add_middleware(BodyLimit, state=state)
+    install_error_handlers(app)
+    latency = REGISTRY.histogram("hyperlora_http_request_seconds", "Gateway request latency.",
+                                 tag_keys=("route", "status"))
+
+    @app.middleware("http")
+    async def _timing(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        latency.observe(time.perf_counter() - t0, {"route": getattr(route, "path", "other"),
+                                                   "status": str(response.status_code)})
+        return response
+
+    _adapter_routes(app, state)
+    _upload_route(app, state)
+    _other_routes(app, state)
+    completions.add_routes(app, state)
+    return app
+
+
+def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
+    @app.post("/v1/adapters", response_model=GenerateAdaptersResponse, tags=["adapters"])
+    async def generate_adapters(body: GenerateAdaptersRequest, request: Request) -> GenerateAdaptersResponse:
+        """Generate one adapter per description; with `save`, add them to the library."""
+        lim = state.cfg.limits
+        texts = check_texts(body.texts, "description", lim.max_descriptions, lim.max_description_chars)
+        if body.save:
+            state.authorize(request)
+        adapters, ms = await state.backends.generate(texts)
+        infos = []
+        for text, adapter in zip(texts, adapters, strict=True):
+            name = body.name or text[:200]
+            if body.save:
+                record = await asyncio.to_thread(_save, state, adapter, name, text, body.sample_inputs)
+                infos.append(state.record_info(record))
+            else:
+                infos.append(remember(state, adapter, name, [text], list(body.sample_inputs)))
+        return GenerateAdaptersResponse(adapters=infos, generation_ms=round(ms, 2),
+                                        generator_trained=state.generator_trained)
+
+    @app.get("/v1/adapters", response_model=AdapterList, tags=["adapters"])
+    async def list_adapters() -> AdapterList:
+        records = await asyncio.to_thread(state.library.list)
+        return AdapterList(data=[state.record_info(r) for r in records] + state.ephemeral.infos())
+
+    @app.get("/v1/adapters/{adapter_id}", response_model=AdapterInfo, tags=["adapters"])
+    async def get_adapter(adapter_id: str) -> AdapterInfo:
+        return state.lookup(adapter_id)[0]
+
+    @app.get("/v1/adapters/{adapter_id}/download", tags=["adapters"],
+             responses={200: {"content": {"application/gzip": {}, "application/zip": {}}}})
+    async def download_adapter(adapter_id: str, format: Literal["tar.gz", "zip"] = Query("tar.gz")) -> Response:
+        """The adapter as an archive of its PEFT directory (adapter_config.json + adapter_model.safetensors)."""
+        info, _ = state.lookup(adapter_id)
+        data = await asyncio.to_thread(_archive, state, info, format)
+        media = "application/zip" if format == "zip" else "application/gzip"
+        return Response(data, media_type=media,
+                        headers={"Content-Disposition": f'attachment; filename="{info.id}.{format}"'})
+
+    @app.delete("/v1/adapters/{adapter_id}", response_model=DeletedAdapter, tags=["adapters"])
+    async def delete_adapter(adapter_id: str, request: Request) -> DeletedAdapter:
+        state.authorize(request)
+        info, _ = state.lookup(adapter_id)
+        if not info.saved:
+            state.ephemeral.remove(adapter_id)
+        else:
+            await asyncio.to_thread(state.library.remove, adapter_id)
+        logger.info("deleted adapter %s (%s)", adapter_id, "library" if info.saved else "unsaved")
+        return DeletedAdapter(id=adapter_id)
+
+
+def remember(state: GatewayState, adapter, name: str, descriptions: list[str], samples: list[str]) -> AdapterInfo:
+    """Keep an unsaved generated adapter in gateway memory and share it with LLM replicas by reference."""
+    from retriever.records import now_iso
+
+    adapter = adapter.to("cpu")
+    info = AdapterInfo(id=state.new_ephemeral_id(), name=name, descriptions=descriptions, source="generated",
+                       saved=False, base_model=state.model_name, rank=adapter.rank,
+                       target_modules=list(adapter.target_modules), created=now_iso(), sample_inputs=samples)
+    state.ephemeral.put(adapter, info, state.backends.share(adapter))
+    return info
+
+
+def _save(state: GatewayState, adapter, name: str, description: str, samples: list[str]):
+    try:
+        return state.library.add(adapter, name, [description], "generated", samples)
+    except ValueError as e:
+        raise Invalid(str(e)) from e
+
+
+def _archive(state: GatewayState, info: AdapterInfo, fmt: str) -> bytes:
+    if info.saved:
+        return pack_dir(state.library.path(info.id), info.id, fmt)
+    eph = state.ephemeral.get(info.id)
+    if eph is None:
+        raise Invalid(f"adapter {info.id} was dropped from memory")
+    tmp = Path(tempfile.mkdtemp(prefix="hyperlora-dl-"))
+    try:
+        save_peft(eph.adapter, tmp / info.id)
+        return pack_dir(tmp / info.id, info.id, fmt)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _upload_route(app: FastAPI, state: GatewayState) -> None:
+    @app.post(UPLOAD_PATH, response_model=AdapterInfo, status_code=201, tags=["adapters"],
+              openapi_extra={"requestBody": {"content": {
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "file": {"type": "string", "format": "binary", "description": ".zip/.tar/.tar.gz of a PEFT dir"},
+                      "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                      "name": {"type": "string"}, "description": {"type": "string"},
+                      "sample_inputs": {"type": "array", "items": {"type": "string"}}}}},
+                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def upload_adapter(request: Request) -> AdapterInfo:
+        """Add a user's PEFT LoRA adapter: multipart (`file` archive or `files`) or a raw archive body whose
+        name/description come as query parameters. Pickle files, NaN/Inf weights and shapes that do not fit
+        the base model are refused with 400."""
+        state.authorize(request)
+        lim = state.cfg.limits
+        tmp = Path(tempfile.mkdtemp(prefix="hyperlora-up-"))
+        try:
+            fields, files = await _read_upload(request, lim)
+            name = (fields.get("name") or ["uploaded adapter"])[0]
+            descriptions = check_texts(fields.get("description") or fields.get("descriptions") or [],
+                                       "description", lim.max_descriptions, lim.max_description_chars)
+            if not descriptions:
+                raise Invalid("give at least one `description` of what the adapter does", param="description")
+            samples = fields.get("sample_inputs") or []
+            d = tmp / "adapter"
+            if "file" in files:
+                await asyncio.to_thread(extract_archive, files["file"][0][1], d, lim.max_upload_bytes,
+                                        lim.max_upload_files)
+            else:
+                pairs = [f for v in files.values() for f in v]
+                await asyncio.to_thread(collect_files, pairs, d, lim.max_upload_bytes, lim.max_upload_files)
+            record = await asyncio.to_thread(_add_upload, state, d, name, descriptions, samples)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return state.record_info(record)
+
+
+async def _read_upload(request: Request, lim) -> tuple[dict[str, list[str]], dict[str, list[tuple[str, bytes]]]]:
+    ctype = request.headers.get("content-type", "")
+    fields: dict[str, list[str]] = {}
+    files: dict[str, list[tuple[str, bytes]]] = {}
+    if ctype.startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=lim.max_upload_files, max_fields=64,
+                                      max_part_size=lim.max_description_chars * 4 + 1024)
+        except ServiceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - python-multipart / starlette parse errors
+            raise InvalidAdapter(f"the multipart body cannot be parsed: {e}") from e
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                fields.setdefault(key, []).append(value)
+            else:
+                files.setdefault(key, []).append((value.filename or key, await value.read()))
+    else:
+        body = await request.body()
+        if not body:
+            raise Invalid("the upload is empty: send a multipart form or an archive body", param="file")
+        files["file"] = [("upload", body)]
+        for key in ("name", "description", "descriptions", "sample_inputs"):
+            vals = request.query_params.getlist(key)
+            if vals:
+                fields[key] = vals
+    if not files:
+        raise Invalid("no file in the upload: send `file` (an archive) or `files` (the PEFT files)", param="file")
+    return fields, files
+
+
+def _add_upload(state: GatewayState, d: Path, name: str, descriptions: list[str], samples: list[str]):
+    from retriever.records import check_fields
+
+    try:
+        check_fields(name, descriptions, "uploaded", samples)
+    except ValueError as e:
+        raise Invalid(str(e)) from e
+    try:
+        adapter = load_peft(d)  # JSON and safetensors only; refuses pickles; checks finiteness
+    except (AdapterFormatError, ValueError) as e:
+        raise InvalidAdapter(str(e)) from e
+    if not same_base_model(adapter.base_model, state.spec.name):
+        raise WrongBaseModel(f"the adapter was made for {public_model_name(adapter.base_model)}, but this service "
+                             f"serves {state.model_name}", param="file")
+    try:
+        adapter.check_fits(state.spec)
+    except ValueError as e:
+        raise WrongBaseModel(f"the adapter (for {public_model_name(adapter.base_model) or 'an unnamed model'}) "
+                             f"does not fit {state.model_name}: {e}", param="file") from e
+    return state.library.add(adapter, name, descriptions, "uploaded", samples)
+
+
+def _other_routes(app: FastAPI, state: GatewayState) -> None:
+    @app.post("/v1/route", response_model=RouteResponse, tags=["routing"])
+    async def route(body: RouteRequest) -> RouteResponse:
+        lim = state.cfg.limits
+        texts = check_texts(body.texts, "input", lim.max_route_inputs, lim.max_prompt_chars)
+        t0 = time.perf_counter()
+        routes = await state.backends.route(texts, body.top_k)
+        results = [RouteResult(index=i, abstain=r["abstain"], adapters=[
+            {"id": a, "name": n, "score": round(s, 6), "weight": round(w, 6)}
+            for a, n, s, w in zip(r["ids"], r["names"], r["scores"], r["weights"], strict=True)])
+            for i, r in enumerate(routes)]
+        return RouteResponse(routes=results, route_ms=round(1e3 * (time.perf_counter() - t0), 2))
+
+    @app.get("/v1/models", response_model=ModelList, tags=["models"])
+    async def models() -> ModelList:
+        records = await asyncio.to_thread(state.library.list)
+        created = int(state.started)
+        cards = [ModelCard(id=state.model_name, kind="base", created=created),
+                 ModelCard(id="auto", kind="router", created=created, name="route each request to library adapters")]
+        cards += [ModelCard(id=r.id, name=r.name, created=created) for r in records]
+        cards += [ModelCard(id=i.id, name=i.name, created=created) for i in state.ephemeral.infos()]
+        return ModelList(data=cards)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> JSONResponse:
+        try:
+            info = await asyncio.wait_for(state.backends.info(), 10.0)
+        except Exception as e:  # noqa: BLE001 - health reports any failure
+            return error_response(503, f"a model deployment is not ready: {type(e).__name__}", "unavailable")
+        return JSONResponse({"status": "ok", "base_model": state.model_name, "library_adapters": len(state.library),
+                             "unsaved_adapters": len(state.ephemeral.infos()),
+                             "uptime_s": round(time.time() - state.started, 1),
+                             "generator_trained": info["generator"]["trained"], **info})
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        """Our counters and latency histograms in Prometheus text format (one replica of each deployment)."""
+        snaps = [("gateway", REGISTRY.snapshot())] + await state.backends.snapshots()
+        return PlainTextResponse(render_prometheus(snaps), media_type="text/plain; version=0.0.4")
+

@@ -1,0 +1,241 @@
+"""OpenAI-compatible /v1/completions and /v1/chat/completions (plain and `stream=True`), where `model` is
+the base model, an adapter id or `auto`, plus our `task_description` and `adapters` extensions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serve.errors import Invalid, ServiceError, TooLarge, UnknownAdapter, UnknownModel, as_service_error
+from serve.gateway import GatewayState
+from serve.protocol import LLMRequest, LLMResult
+from serve.schemas import AdapterUse, ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class Plan:
+    """Which adapters answer one prompt."""
+
+    adapters: tuple[tuple[str, float], ...]
+    inline: dict[str, Any]
+    use: AdapterUse
+
+
+def add_routes(app: FastAPI, state: GatewayState) -> None:
+    @app.post("/v1/completions", tags=["completions"])
+    async def create_completion(body: CompletionRequest):
+        """OpenAI text completions; `prompt` may be a list (one choice per prompt, decoded in one batch)."""
+        return await _serve(state, body, chat=False)
+
+    @app.post("/v1/chat/completions", tags=["completions"])
+    async def create_chat_completion(body: ChatCompletionRequest):
+        """OpenAI chat completions with the base model's chat template."""
+        return await _serve(state, body, chat=True)
+
+
+def _check_sampling(state: GatewayState, body, max_new: int) -> None:
+    cap = state.cfg.engine.max_new_tokens
+    if max_new > cap:
+        raise Invalid(f"max_tokens={max_new} exceeds this service's limit of {cap}", param="max_tokens")
+    lim = state.cfg.limits
+    if len(body.stops) > lim.max_stop:
+        raise Invalid(f"{len(body.stops)} stop strings given; at most {lim.max_stop} are allowed", param="stop")
+    if any(not s for s in body.stops):
+        raise Invalid("stop strings must be non-empty", param="stop")
+
+
+def _prompts(state: GatewayState, body: CompletionRequest | ChatCompletionRequest, chat: bool):
+    """(prompts for the LLM, chat messages or None, texts to route by)."""
+    lim = state.cfg.limits
+    if chat:
+        if len(body.messages) > lim.max_messages:
+            raise TooLarge(f"{len(body.messages)} messages given; the limit is {lim.max_messages}",
+                           param="messages", limit=lim.max_messages)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > lim.max_prompt_chars:
+            raise TooLarge(f"the messages hold {chars} characters; the limit is {lim.max_prompt_chars}",
+                           param="messages", limit=lim.max_prompt_chars)
+        users = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+        return [None], messages, [users[-1] if users else messages[-1]["content"] or " "]
+    prompts = body.prompts
+    if len(prompts) > lim.max_prompts:
+        raise TooLarge(f"{len(prompts)} prompts given; the limit is {lim.max_prompts}", param="prompt",
+                       limit=lim.max_prompts)
+    for i, p in enumerate(prompts):
+        if len(p) > lim.max_prompt_chars:
+            raise TooLarge(f"prompt #{i} is {len(p)} characters; the limit is {lim.max_prompt_chars}",
+                           param="prompt", limit=lim.max_prompt_chars)
+        if not p.strip():
+            raise Invalid(f"prompt #{i} is empty", param="prompt")
+    return prompts, None, prompts
+
+
+async def plan_adapters(state: GatewayState, body, texts: list[str]) -> list[Plan]:
+    """Resolve `model` / `adapters` / `task_description` into each prompt's adapter mixture."""
+    from serve.api import check_texts, remember
+
+    model, n = body.model, len(texts)
+    is_base = model in state.base_names
+    if (body.task_description is not None or body.adapters is not None) and not (is_base or model == "auto"):
+        raise Invalid("with `task_description` or `adapters`, set `model` to the base model name", param="model")
+    if body.task_description is not None:
+        lim = state.cfg.limits
+        desc = check_texts([body.task_description], "task_description", 1, lim.max_description_chars)[0]
+        adapters, _ = await state.backends.generate([desc])
+        info = remember(state, adapters[0], desc[:200], [desc], [])
+        ref = state.ephemeral.get(info.id).ref
+        use = AdapterUse(adapters=[{"id": info.id, "weight": 1.0}], generated_adapter=info.id)
+        return [Plan(((info.id, 1.0),), {info.id: ref}, use)] * n
+    if body.adapters is not None:
+        if len(body.adapters) > state.cfg.limits.max_mixture:
+            raise TooLarge(f"{len(body.adapters)} adapters in the mixture; the limit is {state.cfg.limits.max_mixture}",
+                           param="adapters", limit=state.cfg.limits.max_mixture)
+        weights: dict[str, float] = {}
+        inline = {}
+        for aw in body.adapters:
+            _, ref = state.lookup(aw.id)
+            weights[aw.id] = weights.get(aw.id, 0.0) + aw.weight
+            if ref is not None:
+                inline[aw.id] = ref
+        use = AdapterUse(adapters=[{"id": k, "weight": w} for k, w in weights.items()])
+        return [Plan(tuple(weights.items()), inline, use)] * n
+    if is_base:
+        return [Plan((), {}, AdapterUse(adapters=[]))] * n
+    if model == "auto":
+        routes = await state.backends.route(texts, state.cfg.retriever_config().top_k)
+        plans = []
+        for r in routes:
+            if r["abstain"] or not r["ids"]:
+                plans.append(Plan((), {}, AdapterUse(adapters=[], routed=True, abstained=True)))
+            else:
+                mix = tuple(zip(r["ids"], r["weights"], strict=True))
+                plans.append(Plan(mix, {}, AdapterUse(adapters=[{"id": i, "weight": w} for i, w in mix], routed=True)))
+        return plans
+    try:
+        _, ref = state.lookup(model)
+    except UnknownAdapter:
+        raise UnknownModel(f"model {model[:80]!r} is neither the base model ({state.model_name}), 'auto', nor an "
+                           f"adapter id (see GET /v1/models)", param="model") from None
+    use = AdapterUse(adapters=[{"id": model, "weight": 1.0}])
+    return [Plan(((model, 1.0),), {model: ref} if ref is not None else {}, use)] * n
+
+
+async def _serve(state: GatewayState, body, chat: bool):
+    max_new = body.limit if chat else (body.max_tokens or 16)
+    _check_sampling(state, body, max_new)
+    prompts, messages, route_texts = _prompts(state, body, chat)
+    plans = await plan_adapters(state, body, route_texts)
+    reqs = [LLMRequest(prompt=p, messages=messages, adapters=plan.adapters, inline=dict(plan.inline),
+                       max_new_tokens=max_new, temperature=body.temperature or 0.0,
+                       top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=body.stops,
+                       logprobs=None if chat else body.logprobs)
+            for p, plan in zip(prompts, plans, strict=True)]
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    if body.stream:
+        return await _stream(state, reqs, plans, body, chat, rid)
+    results: list[LLMResult] = await asyncio.gather(*(state.backends.complete(r) for r in reqs))
+    usage = {"prompt_tokens": sum(r.prompt_tokens for r in results),
+             "completion_tokens": sum(r.completion_tokens for r in results)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    if chat:
+        r = results[0]
+        choices = [{"index": 0, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+                    "logprobs": None}]
+    else:
+        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                    "logprobs": _legacy_logprobs(r.logprobs) if body.logprobs is not None else None,
+                    "hyperlora": plans[i].use.model_dump()}
+                   for i, r in enumerate(results)]
+    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                         "created": int(time.time()), "model": body.model, "choices": choices, "usage": usage,
+                         "hyperlora": plans[0].use.model_dump()})
+
+
+def _legacy_logprobs(lps) -> dict[str, Any]:
+    tokens, offsets, pos = [], [], 0
+    for lp in lps or []:
+        tokens.append(lp.token)
+        offsets.append(pos)
+        pos += len(lp.token)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps or []],
+            "top_logprobs": [lp.top for lp in lps or []], "text_offset": offsets}
+
+
+async def _stream(state: GatewayState, reqs, plans, body, chat: bool, rid: str) -> StreamingResponse:
+    streams = [state.backends.stream(r) for r in reqs]
+    try:  # the first event (Accepted) comes after tokenisation: a bad prompt still gets its status code
+        accepted = await asyncio.gather(*(s.__anext__() for s in streams))
+    except BaseException:
+        for s in streams:
+            _cancel(s)
+        raise
+    created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+    def chunk(idx: int, delta, finish: str | None, extra: dict | None = None) -> str:
+        if chat:
+            choice = {"index": idx, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": idx, "text": delta, "finish_reason": finish, "logprobs": None}
+        payload = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice],
+                   **(extra or {})}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        completion_tokens = 0
+
+        async def pump(idx: int, s) -> None:
+            try:
+                async for ev in s:
+                    await queue.put((idx, ev))
+            except BaseException as e:  # noqa: BLE001 - reported to the client inside the stream
+                await queue.put((idx, e))
+            finally:
+                await queue.put((idx, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            if chat:
+                yield chunk(0, {"role": "assistant", "content": ""}, None, {"hyperlora": plans[0].use.model_dump()})
+            remaining = len(streams)
+            while remaining:
+                idx, ev = await queue.get()
+                if ev is None:
+                    remaining -= 1
+                elif isinstance(ev, BaseException):
+                    err = as_service_error(ev) or ServiceError("generation failed", None)
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                else:
+                    completion_tokens += len(ev.token_ids)
+                    if ev.text or ev.finish_reason:
+                        yield chunk(idx, {"content": ev.text} if chat else ev.text, ev.finish_reason)
+            if include_usage:
+                prompt_tokens = sum(a.prompt_tokens for a in accepted)
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}
+                payload = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],
+                           "usage": usage}
+                yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _cancel(stream) -> None:
+    cancel = getattr(stream, "cancel", None)
+    if cancel is not None:
+        cancel()

@@ -1,0 +1,303 @@
+"""The model deployments: `Generator` (the hypernetwork), `Router` (the retriever and its FAISS index) and
+`LLM` (the base model, a byte-bounded adapter cache, and batched multi-adapter decoding).
+
+Each takes the whole `ServeConfig` (as a dict, so `serve deploy` can pass it) and is bound into the
+application by `serve.app.build_app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from ray import serve
+
+from generator.lora import LoraAdapter
+from serve.config import ServeConfig
+from serve.engine import Delta, GenerationJob, load_engine
+from serve.errors import InvalidAdapter, ServiceError, UnknownAdapter, WrongBaseModel
+from serve.metrics import REGISTRY
+from serve.protocol import Accepted, LLMRequest, LLMResult, fold, public_model_name
+
+logger = logging.getLogger(__name__)
+MAX_MULTIPLEXED_ADAPTERS = 256  # ids one LLM replica advertises; memory is bounded by engine.cache_bytes
+
+
+def route_logs_to_serve() -> None:
+    """Send our packages' INFO logs to the replica's Serve log (they are silent in a bare worker otherwise)."""
+    serve_logger = logging.getLogger("ray.serve")
+    for name in ("generator", "retriever", "serve"):
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.INFO)
+        for h in serve_logger.handlers:
+            if h not in lg.handlers:
+                lg.addHandler(h)
+        lg.propagate = False
+
+
+def _configure(config: dict[str, Any] | ServeConfig) -> ServeConfig:
+    cfg = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config)
+    route_logs_to_serve()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return cfg
+
+
+def _set_batching(method, settings) -> None:
+    method.set_max_batch_size(settings.max_batch_size)
+    method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+
+@serve.deployment(name="Generator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+class Generator:
+    """Descriptions -> LoRA adapters; concurrent requests share one hypernetwork forward (`@serve.batch`)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from generator.config import build_generator, load_spec
+
+        cfg = _configure(config)
+        self.gen = build_generator(cfg.generator_config(), load_spec(cfg.base_model))
+        if not self.gen.trained:
+            logger.warning("NO TRAINED HYPERNETWORK CHECKPOINT: serving a FRESHLY INITIALISED %s generator; its "
+                           "adapters are well-formed but carry no task knowledge", self.gen.name)
+        _set_batching(self.generate, cfg.generator_batch)
+        self._seconds = REGISTRY.histogram("hyperlora_generation_seconds", "One batched hypernetwork call.")
+        self._count = REGISTRY.counter("hyperlora_generated_adapters", "Adapters generated.")
+
+    async def info(self) -> dict[str, Any]:
+        return {"generator": self.gen.name, "trained": bool(self.gen.trained), "rank": self.gen.rank,
+                "alpha": self.gen.alpha, "base_model": public_model_name(self.gen.spec.name)}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def generate(self, requests: list[list[str]]) -> list[tuple[list[LoraAdapter], float]]:
+        flat = [d for r in requests for d in r]
+        t0 = time.perf_counter()
+        adapters = await asyncio.to_thread(self.gen.generate, flat)
+        dt = time.perf_counter() - t0
+        self._seconds.observe(dt)
+        self._count.inc(len(adapters))
+        logger.info("generated %d adapter(s) for %d request(s) in one batch in %.1f ms",
+                    len(adapters), len(requests), 1e3 * dt)
+        out, i = [], 0
+        for r in requests:
+            out.append((adapters[i: i + len(r)], 1e3 * dt))
+            i += len(r)
+        return out
+
+    async def metrics(self) -> list[dict[str, Any]]:
+        return REGISTRY.snapshot()
+
+
+@serve.deployment(name="Router", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
+class Router:
+    """Inputs -> ranked library adapters with weights; re-syncs its index when the library changes."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from generator.config import load_spec
+        from generator.encoder import TaskEncoder
+        from retriever.library import AdapterLibrary
+        from retriever.router import Router as RetrieverRouter
+
+        cfg = _configure(config)
+        library = AdapterLibrary(cfg.library_root(), load_spec(cfg.base_model))
+        self.router = RetrieverRouter(library, TaskEncoder.load(cfg.embedder, cfg.device), cfg.retriever_config())
+        _set_batching(self.route, cfg.router_batch)
+        self._seconds = REGISTRY.histogram("hyperlora_route_seconds", "One batched routing call (embedding included).")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def route(self, calls: list[tuple[list[str], int]]) -> list[list[dict[str, Any]]]:
+        """Each call is (inputs, top_k); all inputs are embedded in one encoder call."""
+        t0 = time.perf_counter()
+        flat = [t for inputs, _ in calls for t in inputs]
+
+        def run() -> list[list[dict[str, Any]]]:
+            self.router.refresh()
+            queries = self.router.embed(flat)  # (n, dim)
+            out, i = [], 0
+            for inputs, k in calls:
+                out.append([r.to_dict() for r in self.router.route_vectors(queries[i: i + len(inputs)], k)])
+                i += len(inputs)
+            return out
+
+        out = await asyncio.to_thread(run)
+        dt = time.perf_counter() - t0
+        self._seconds.observe(dt)
+        logger.info("routed %d input(s) from %d request(s) in %.1f ms", len(flat), len(calls), 1e3 * dt)
+        return out
+
+    async def info(self) -> dict[str, Any]:
+        await asyncio.to_thread(self.router.refresh)
+        return {"adapters": self.router.n_adapters, "index": self.router.index_type}
+
+    async def metrics(self) -> list[dict[str, Any]]:
+        return REGISTRY.snapshot()
+
+
+@dataclasses.dataclass
+class _Queued:
+    job: GenerationJob
+    request: LLMRequest
+
+
+@dataclasses.dataclass
+class _Failed:
+    error: BaseException
+
+
+def _enqueue_unsplit(batch_method, item):
+    """Enqueue into a `@serve.batch` generator with the request's multiplexed model id cleared.
+
+    Ray Serve 2.60 splits a batch by multiplexed model id, which would put every adapter in its own
+    batch; our engine mixes adapters within one batch, so the id (set on the handle so that requests
+    reach replicas holding their adapter) must not reach the batch queue.
+    """
+    try:
+        from ray.serve import context as serve_context
+
+        current = serve_context._get_serve_request_context()
+        cleared = dataclasses.replace(current, multiplexed_model_id="")
+    except (ImportError, AttributeError, TypeError):  # a Ray without these internals: batches still work
+        return batch_method(item)
+
+    def enqueue():
+        serve_context._serve_request_context.set(cleared)
+        return batch_method(item)
+
+    return contextvars.copy_context().run(enqueue)
+
+
+async def _drain(steps) -> None:
+    async for _ in steps:
+        pass
+
+
+@serve.deployment(name="LLM", max_ongoing_requests=128, ray_actor_options={"num_cpus": 1})
+class LLM:
+    """The base model with per-sample adapters: concurrent requests are decoded as one batch."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from retriever.library import AdapterLibrary
+
+        cfg = _configure(config)
+        torch.set_num_threads(cfg.llm_threads or os.cpu_count() or 1)
+        self.engine = load_engine(cfg.base_model, cfg.engine)
+        self.library = AdapterLibrary(cfg.library_root(), self.engine.spec)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-decode")
+        self._drains: set[asyncio.Future] = set()
+        _set_batching(self._decode, cfg.llm_batch)
+        self._decode.set_max_batch_size(min(cfg.llm_batch.max_batch_size, cfg.engine.max_batch_size))
+
+    # -- adapters
+    @serve.multiplexed(max_num_models_per_replica=MAX_MULTIPLEXED_ADAPTERS)
+    async def _library_adapter(self, adapter_id: str) -> str:
+        """Load a library adapter into the engine cache; Serve then routes its traffic to this replica."""
+        await asyncio.to_thread(self._load_from_library, adapter_id)
+        return adapter_id
+
+    def _load_from_library(self, adapter_id: str) -> None:
+        from generator.peft_io import AdapterFormatError
+        from retriever.library import AdapterNotFound, InvalidAdapterId
+
+        try:
+            record = self.library.get(adapter_id)
+            adapter = self.library.load(adapter_id)
+        except (AdapterNotFound, InvalidAdapterId) as e:
+            raise UnknownAdapter(f"no adapter with id {adapter_id!r}", param="model") from e
+        except (AdapterFormatError, ValueError) as e:
+            raise InvalidAdapter(f"adapter {adapter_id!r} cannot be loaded: {e}") from e
+        if record.base_model != self.engine.spec.name:
+            raise WrongBaseModel(f"adapter {adapter_id!r} is for {public_model_name(record.base_model)}, but this "
+                                 f"service serves {public_model_name(self.engine.spec.name)}")
+        self.engine.add_adapter(adapter_id, adapter)
+
+    async def _ensure_adapters(self, req: LLMRequest) -> None:
+        for key, _ in req.adapters:
+            if key in req.inline:
+                value = req.inline[key]
+                if not isinstance(value, LoraAdapter):
+                    req.inline[key] = value = await value  # an ObjectRef from the gateway
+                if key not in self.engine.cache:
+                    await asyncio.to_thread(self.engine.add_adapter, key, value)
+            else:
+                await self._library_adapter(key)
+                if key not in self.engine.cache:  # the multiplex LRU still knew it, the byte LRU had dropped it
+                    await asyncio.to_thread(self._load_from_library, key)
+
+    def _reload_missing(self, req: LLMRequest) -> None:
+        """Right before a batch: bring back adapters evicted since the request was admitted."""
+        for key, _ in req.adapters:
+            if key not in self.engine.cache:
+                if key in req.inline:
+                    self.engine.add_adapter(key, req.inline[key])
+                else:
+                    self._load_from_library(key)
+
+    # -- generation
+    async def generate(self, req: LLMRequest) -> LLMResult:
+        return fold([ev async for ev in self._run(req)])
+
+    async def generate_stream(self, req: LLMRequest) -> AsyncGenerator[Accepted | Delta, None]:
+        async for ev in self._run(req):
+            yield ev
+
+    async def _run(self, req: LLMRequest) -> AsyncGenerator[Accepted | Delta, None]:
+        await self._ensure_adapters(req)
+        engine = self.engine
+        ids = engine.encode_chat(req.messages) if req.messages is not None else engine.encode_prompt(req.prompt or "")
+        job = GenerationJob(ids, req.adapters, req.max_new_tokens, req.temperature, req.top_p, req.seed, req.stop,
+                            req.logprobs)
+        yield Accepted(len(ids))
+        steps = _enqueue_unsplit(self._decode, _Queued(job, req))
+        async for item in steps:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+            if item.finish_reason is not None:
+                # answer now; the batch ends this request's stream one step later, consumed in the background
+                self._drains.add(task := asyncio.ensure_future(_drain(steps)))
+                task.add_done_callback(self._drains.discard)
+                return
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
+    async def _decode(self, items: list[_Queued]) -> AsyncGenerator[list[Any], None]:
+        """One engine batch for all queued requests; yields every step's per-request deltas."""
+        loop = asyncio.get_running_loop()
+        errors: dict[int, BaseException] = {}
+        for i, it in enumerate(items):
+            try:
+                await loop.run_in_executor(self._executor, self._reload_missing, it.request)
+            except ServiceError as e:
+                errors[i] = e
+        valid = [i for i in range(len(items)) if i not in errors]
+        row = {i: r for r, i in enumerate(valid)}
+        stream = self.engine.stream([items[i].job for i in valid]) if valid else iter(())
+        first = True
+        while True:
+            deltas = await loop.run_in_executor(self._executor, next, stream, None)
+            if deltas is None and not errors:
+                return
+            out: list[Any] = []
+            for i in range(len(items)):
+                if i in errors:
+                    out.append(_Failed(errors[i]) if first else StopIteration)
+                else:
+                    d = deltas[row[i]] if deltas is not None else None
+                    out.append(d if d is not None else StopIteration)
+            yield out
+            first = False
+            if deltas is None:
+                return
+
+    async def health(self) -> dict[str, Any]:
+        return {"cached_adapters": len(self.engine.cache), "cache_bytes": self.engine.cache.nbytes,
+                "device": str(self.engine.device), "dtype": self.engine.cfg.dtype}
+
+    async def metrics(self) -> list[dict[str, Any]]:
+        return REGISTRY.snapshot()

@@ -1,0 +1,72 @@
+"""What the gateway sends the LLM deployment and what comes back (plain dataclasses, no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any
+
+from serve.engine import Delta
+
+
+@dataclass
+class LLMRequest:
+    """One prompt (raw text or chat messages) with the adapters that answer it.
+
+    `adapters` are (id, weight) pairs; ids of library adapters are loaded by the LLM replica itself
+    (`@serve.multiplexed`), ids of unsaved ones come with the request in `inline`, as the adapter or a
+    Ray object reference to it, so a freshly generated adapter is served from memory.
+    """
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    adapters: tuple[tuple[str, float], ...] = ()
+    inline: dict[str, Any] = field(default_factory=dict)  # id -> LoraAdapter | ObjectRef[LoraAdapter]
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+
+    def main_adapter(self) -> str | None:
+        """The library adapter with the largest weight: the request is routed to replicas that hold it."""
+        library = [(w, k) for k, w in self.adapters if k not in self.inline]
+        return max(library)[1] if library else None
+
+
+@dataclass
+class Accepted:
+    """First event of every LLM stream: the prompt was tokenised and queued."""
+
+    prompt_tokens: int
+
+
+@dataclass
+class LLMResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[Any] | None = None
+
+
+def fold(events: list[Accepted | Delta]) -> LLMResult:
+    """A finished stream's events -> the whole completion."""
+    prompt_tokens, text, n, reason, lps = 0, [], 0, "length", []
+    for ev in events:
+        if isinstance(ev, Accepted):
+            prompt_tokens = ev.prompt_tokens
+            continue
+        text.append(ev.text)
+        n += len(ev.token_ids)
+        lps += ev.logprobs or []
+        reason = ev.finish_reason or reason
+    return LLMResult("".join(text), reason, prompt_tokens, n, lps or None)
+
+
+def public_model_name(name: str) -> str:
+    """A base-model name fit for clients: a local directory is shown by its last component only."""
+    if name.startswith(("/", "~", ".")) or "\\" in name:
+        return PurePath(name.rstrip("/")).name
+    return name

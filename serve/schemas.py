@@ -1,0 +1,223 @@
+"""Request and response bodies of the HTTP API (pydantic): OpenAI's completion shapes plus our extensions."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# ---- adapters -------------------------------------------------------------------------------------------
+
+
+class GenerateAdaptersRequest(BaseModel):
+    """`description` or `descriptions` (one adapter each); `save` adds them to the library."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str | None = Field(None, description="One sentence saying what the adapter should do.")
+    descriptions: list[str] | None = Field(None, min_length=1, description="Several, one adapter each.")
+    save: bool = Field(False, description="Add the adapters to the library (needs the API key).")
+    name: str | None = Field(None, min_length=1, max_length=200, description="Library name (default: the description).")
+    sample_inputs: list[str] = Field(default_factory=list, max_length=100,
+                                     description="A few inputs of the task, used as the adapter's routing key.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> GenerateAdaptersRequest:
+        if (self.description is None) == (self.descriptions is None):
+            raise ValueError("give exactly one of `description` (a string) or `descriptions` (a list of strings)")
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.description] if self.description is not None else list(self.descriptions or [])
+
+
+class AdapterInfo(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    name: str
+    descriptions: list[str]
+    source: str  # trained | generated | uploaded
+    saved: bool  # in the library (else only in this gateway's memory)
+    base_model: str
+    rank: int
+    target_modules: list[str]
+    created: str
+    sha256: str | None = None
+    sample_inputs: list[str] = Field(default_factory=list)
+
+
+class GenerateAdaptersResponse(BaseModel):
+    adapters: list[AdapterInfo]
+    generation_ms: float  # hypernetwork time (embedding included) for the whole request
+    generator_trained: bool  # False: a freshly initialised hypernetwork made these
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+
+
+class DeletedAdapter(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+
+
+# ---- routing --------------------------------------------------------------------------------------------
+
+
+class RouteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | None = None
+    inputs: list[str] | None = Field(None, min_length=1)
+    top_k: int = Field(3, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RouteRequest:
+        if (self.input is None) == (self.inputs is None):
+            raise ValueError("give exactly one of `input` (a string) or `inputs` (a list of strings)")
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if self.input is not None else list(self.inputs or [])
+
+
+class RoutedAdapter(BaseModel):
+    id: str
+    name: str
+    score: float  # cosine similarity of the input to the adapter's key
+    weight: float  # mixture weight (softmax over the top-k scores)
+
+
+class RouteResult(BaseModel):
+    index: int
+    adapters: list[RoutedAdapter]
+    abstain: bool  # no adapter is close enough: use the base model or generate one
+
+
+class RouteResponse(BaseModel):
+    routes: list[RouteResult]
+    route_ms: float
+
+
+# ---- completions ----------------------------------------------------------------------------------------
+
+
+class AdapterWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    weight: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both completion endpoints. Unknown OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256, description="Base model name, an adapter id, or `auto`.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False, description="Default 0: greedy.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None  # {"include_usage": true} adds a final usage chunk
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    task_description: str | None = Field(None, min_length=1, description="Generate an adapter for this and use it.")
+    adapters: list[AdapterWeight] | None = Field(None, min_length=1, description="A weighted mixture of adapters.")
+
+    @model_validator(mode="after")
+    def _extensions(self):
+        if self.task_description is not None and self.adapters is not None:
+            raise ValueError("give at most one of `task_description` and `adapters`")
+        return self
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(description="A prompt, or several (one choice each).")
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = Field(False, description="Not supported; must be false.")
+
+    @model_validator(mode="after")
+    def _no_echo(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo=true is not supported")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt is an empty list")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = Field(None, description="Not supported for chat; must be false or absent.")
+
+    @model_validator(mode="after")
+    def _no_logprobs(self) -> ChatCompletionRequest:
+        if self.logprobs:
+            raise ValueError("logprobs are supported on /v1/completions only")
+        return self
+
+    @property
+    def limit(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 256
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AdapterUse(BaseModel):
+    """Our extension on every completion: which adapters answered and why."""
+
+    adapters: list[dict[str, Any]]  # [{"id", "weight"}]; empty: the base model
+    routed: bool = False  # model="auto" chose them
+    abstained: bool = False  # model="auto" found none close enough and used the base model
+    generated_adapter: str | None = None  # id of the adapter made from task_description
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "hyperlora"
+    kind: Literal["base", "adapter", "router"] = "adapter"
+    name: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
