@@ -281,3 +281,11 @@ def test_cli_train_and_generate_with_real_embedder(library, tmp_path, encoder, t
                                   str(ckpt), "--base-model", str(base), "--out", str(tmp_path / f"ad-{kind}")])
         assert res.exit_code == 0, res.output
         assert load_peft(tmp_path / f"ad-{kind}", tiny_spec).rank == RANK
+
+
+@pytest.mark.parametrize("field,value", [("size", "huge"), ("cond_dropout", 1.0), ("steps", 0), ("beta", -1.0)])
+def test_train_config_names_a_bad_value(field, value):
+    with pytest.raises(ValueError, match=field):
+        CVAETrainConfig(**{field: value})
+    with pytest.raises(ValueError, match="top_k"):
+        SGTrainConfig(top_k=0)

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from generator.cvae.checkpoint import checkpoint_nbytes, save_cvae
-from generator.cvae.config import CVAEConfig, Size
+from generator.cvae.config import SIZES, CVAEConfig, Size
 from generator.cvae.model import LoraCVAE
 from generator.cvae.prior import ExpertBank, expert_stats, gaussian_kl
 from generator.library_data import library_nbytes
@@ -65,6 +65,8 @@ class CVAETrainConfig:
     extra: dict = field(default_factory=dict)  # free-form provenance written into the checkpoint
 
     def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"unknown size {self.size!r}; choose from {sorted(SIZES)}")
         for name in ("steps", "batch_size", "lr", "n_examples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -270,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--beta", type=float, default=None)
-    p.add_argument("--size", choices=["default", "tiny"], default=None)
+    p.add_argument("--size", choices=["default", "large", "tiny"], default=None)
     p.add_argument("--top-k", type=int, default=None, help="sg only")
     p.add_argument("--temperature", type=float, default=None, help="sg only")
     p.add_argument("--seed", type=int, default=0)

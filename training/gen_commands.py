@@ -22,6 +22,7 @@ BetaOpt = typer.Option(1e-3, "--beta", help="KL weight.")
 DevOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
 TinyOpt = typer.Option(False, "--tiny", help="Test-size model and a few steps (CPU smoke runs).")
 SeedOpt = typer.Option(0, "--seed")
+SizeOpt = typer.Option("default", "--size", help="CVAE widths: default or large (ignored with --tiny).")
 
 
 def _run(cfg) -> None:
@@ -49,13 +50,13 @@ def _config(cls, tiny: bool, steps: int | None, **fields):
 
 def cvae(library: str = LibOpt, out: str = typer.Option("runs/cvae", "--out", help="Checkpoint directory."),
          embeddings: str | None = EmbOpt, data: str | None = DataOpt, steps: int | None = StepsOpt,
-         batch_size: int = BatchOpt, lr: float = LrOpt, beta: float = BetaOpt, device: str = DevOpt,
-         tiny: bool = TinyOpt, seed: int = SeedOpt) -> None:
+         batch_size: int = BatchOpt, lr: float = LrOpt, beta: float = BetaOpt, size: str = SizeOpt,
+         device: str = DevOpt, tiny: bool = TinyOpt, seed: int = SeedOpt) -> None:
     """Train the conditional-VAE generator (ICM-LoRA) on the LoRA library's snapshots."""
     from training.cvae import CVAETrainConfig
 
     _run(_config(CVAETrainConfig, tiny, steps, library=library, out=out, embeddings=embeddings, data=data,
-                 batch_size=batch_size, lr=lr, beta=beta, device=device, seed=seed))
+                 batch_size=batch_size, lr=lr, beta=beta, size=size, device=device, seed=seed))
 
 
 def sg(library: str = LibOpt, out: str = typer.Option("runs/sg", "--out", help="Checkpoint directory."),
@@ -63,13 +64,13 @@ def sg(library: str = LibOpt, out: str = typer.Option("runs/sg", "--out", help="
        batch_size: int = BatchOpt, lr: float = LrOpt, beta: float = BetaOpt,
        top_k: int = typer.Option(5, "--top-k", help="Library experts mixed into one semantic prior."),
        temperature: float = typer.Option(0.05, "--temperature", help="Softmax temperature over cosine similarity."),
-       device: str = DevOpt, tiny: bool = TinyOpt, seed: int = SeedOpt) -> None:
+       size: str = SizeOpt, device: str = DevOpt, tiny: bool = TinyOpt, seed: int = SeedOpt) -> None:
     """Train the semantic-guided generator (SG-LoRA): the CVAE with a prior from the nearest library experts."""
     from training.cvae import SGTrainConfig
 
     _run(_config(SGTrainConfig, tiny, steps, library=library, out=out, embeddings=embeddings, data=data,
-                 batch_size=batch_size, lr=lr, beta=beta, top_k=top_k, temperature=temperature, device=device,
-                 seed=seed))
+                 batch_size=batch_size, lr=lr, beta=beta, top_k=top_k, temperature=temperature, size=size,
+                 device=device, seed=seed))
 
 
 def embed_examples(data: str = typer.Option(..., "--data", help="SNI data dir (manifest.json + tasks/)."),
