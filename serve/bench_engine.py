@@ -49,9 +49,10 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
                  "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
-def random_adapters(spec: ModelSpec, n: int, rank: int = 8, targets=("q_proj", "v_proj")) -> list[LoraAdapter]:
+def random_adapters(spec: ModelSpec, n: int, rank: int = 8, targets=("q_proj", "v_proj"),
+                    seed: int = 1234) -> list[LoraAdapter]:
     """`n` random rank-`rank` adapters shaped like the hypernetwork's output (B small but non-zero)."""
-    g = torch.Generator().manual_seed(1234)
+    g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         a = {m: torch.randn(spec.n_layers, rank, spec.shapes[m][0], generator=g) / spec.shapes[m][0] ** 0.5
@@ -66,14 +67,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], int], device: torch.device, repeats: int) -> dict:
-    """Run `fn` (returns generated tokens) once to warm up, then `repeats` times; report the median."""
-    fn()
+def _timed(fn: Callable[[int], int], device: torch.device, repeats: int, new_tokens: int) -> dict:
+    """Warm up with a 2-token run of `fn(n_tokens) -> generated tokens`, then time `repeats` full runs."""
+    fn(2)
     times, tokens = [], 0
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        tokens = fn()
+        tokens = fn(new_tokens)
         _sync(device)
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
@@ -81,14 +82,19 @@ def _timed(fn: Callable[[], int], device: torch.device, repeats: int) -> dict:
             "runs_s": [round(t, 4) for t in times]}
 
 
+def _show(name: str, r: dict) -> None:
+    print(f"{name:<34} {r['tokens_per_s']:>9.1f} tokens/s  ({r['tokens']} tokens in {r['seconds']:.3f} s)", flush=True)
+
+
 def engine_scenarios(engine: LLMEngine, prompt_ids: list[list[int]], n_adapters: int, new_tokens: int,
                      repeats: int) -> dict[str, dict]:
-    n = len(prompt_ids)
+    def run(mix: Callable[[int], tuple[tuple[str, float], ...]]) -> Callable[[int], int]:
+        def go(n_tokens: int) -> int:
+            jobs = [GenerationJob(ids, mix(i), max_new_tokens=n_tokens, ignore_stop=True)
+                    for i, ids in enumerate(prompt_ids)]
+            return sum(r.completion_tokens for r in engine.generate(jobs))
 
-    def run(mix: Callable[[int], tuple[tuple[str, float], ...]]) -> Callable[[], int]:
-        jobs = [GenerationJob(ids, mix(i), max_new_tokens=new_tokens, ignore_stop=True)
-                for i, ids in enumerate(prompt_ids)]
-        return lambda: sum(r.completion_tokens for r in engine.generate(jobs))
+        return go
 
     scenarios = {
         "engine_base": lambda i: (),
@@ -99,10 +105,30 @@ def engine_scenarios(engine: LLMEngine, prompt_ids: list[list[int]], n_adapters:
     }
     out = {}
     for name, mix in scenarios.items():
-        out[name] = _timed(run(mix), engine.device, repeats)
-        logger.info("%s: %s", name, out[name])
-        print(f"{name:<28} {out[name]['tokens_per_s']:>9.1f} tokens/s  ({out[name]['tokens']} tokens in "
-              f"{out[name]['seconds']:.3f} s, batch {n})", flush=True)
+        out[name] = _timed(run(mix), engine.device, repeats, new_tokens)
+        _show(name, out[name])
+    return out
+
+
+def scale_scenarios(engine: LLMEngine, prompt_ids: list[list[int]], batches: list[int], new_tokens: int,
+                    repeats: int) -> dict[str, dict]:
+    """Larger batches, every sample its own adapter: how far the engine's throughput scales."""
+    out = {}
+    for b in batches:
+        adapters = random_adapters(engine.spec, b, seed=b)
+        for i, ad in enumerate(adapters):
+            engine.add_adapter(f"s{b}_{i}", ad)
+        ids = (prompt_ids * (b // len(prompt_ids) + 1))[:b]
+        engine.cfg.max_batch_size = max(engine.cfg.max_batch_size, b)
+
+        def go(n_tokens: int, b=b, ids=ids) -> int:
+            jobs = [GenerationJob(x, ((f"s{b}_{i}", 1.0),), max_new_tokens=n_tokens, ignore_stop=True)
+                    for i, x in enumerate(ids)]
+            return sum(r.completion_tokens for r in engine.generate(jobs))
+
+        name = f"engine_batch{b}_{b}_adapters"
+        out[name] = _timed(go, engine.device, repeats, new_tokens)
+        _show(name, out[name])
     return out
 
 
@@ -119,44 +145,46 @@ def peft_scenarios(model, tokenizer, adapters: list[LoraAdapter], prompts: list[
     peft_model.eval()
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    gen_kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=tokenizer.pad_token_id)
+
+    def gen_kw(n: int) -> dict:
+        return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
     @torch.inference_mode()
-    def batched(adapter_names=None) -> int:
+    def batched(n: int, adapter_names=None) -> int:
         extra = {"adapter_names": adapter_names} if adapter_names else {}
-        out = peft_model.generate(**batch, **gen_kw, **extra)
+        out = peft_model.generate(**batch, **gen_kw(n), **extra)
         return (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
 
     @torch.inference_mode()
-    def switching() -> int:
+    def switching(n: int) -> int:
         total = 0
-        for i, p in enumerate(prompts[:switching_requests]):
+        for i, p in enumerate(prompts[:switching_requests if n > 2 else 2]):
             peft_model.set_adapter(f"a{i % len(adapters)}")
             enc = tokenizer([p], return_tensors="pt", add_special_tokens=False).to(device)
-            out = peft_model.generate(**enc, **gen_kw)
+            out = peft_model.generate(**enc, **gen_kw(n))
             total += out.shape[1] - enc["input_ids"].shape[1]
         return total
 
     names = [f"a{i % len(adapters)}" for i in range(len(prompts))]
     out = {}
     peft_model.set_adapter("a0")
-    for name, fn in (("peft_one_adapter", lambda: batched()),
-                     (f"peft_mixed_batch_{len(adapters)}_adapters", lambda: batched(names)),
+    for name, fn in (("peft_one_adapter", batched),
+                     (f"peft_mixed_batch_{len(adapters)}_adapters", lambda n: batched(n, names)),
                      ("peft_switching_per_request", switching)):
-        out[name] = _timed(fn, device, repeats)
-        print(f"{name:<28} {out[name]['tokens_per_s']:>9.1f} tokens/s  ({out[name]['tokens']} tokens in "
-              f"{out[name]['seconds']:.3f} s)", flush=True)
+        out[name] = _timed(fn, device, repeats, new_tokens)
+        _show(name, out[name])
     return out
 
 
 def run_benchmark(device: str = "cpu", dtype: str = "fp32", base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
                   gguf_dir: str | None = None, gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
                   batch: int = 32, n_adapters: int = 32, new_tokens: int = 32, repeats: int = 2,
-                  switching_requests: int | None = None, out: str | None = None) -> dict:
+                  switching_requests: int | None = None, out: str | None = None,
+                  scale_batches: tuple[int, ...] = ()) -> dict:
     dtype = DTYPE_ALIASES[dtype]
     dev = torch.device(device)
-    cfg = EngineConfig(max_batch_size=batch, device=device, dtype=dtype, targets=("q_proj", "v_proj"))
+    cfg = EngineConfig(max_batch_size=batch, device=device, dtype=dtype, targets=("q_proj", "v_proj"),
+                       cache_bytes=4 << 30)
     src = gguf_dir or base_model
     model, tokenizer, spec = load_model(src, gguf_file if gguf_dir else None)
     pristine = copy.deepcopy(model).to(dev, cfg.torch_dtype)  # for PEFT: the engine wraps `model`'s linears
@@ -170,6 +198,7 @@ def run_benchmark(device: str = "cpu", dtype: str = "fp32", base_model: str = "H
     print(f"engine benchmark on {device} ({_device_name(dev)}), {dtype}, batch {batch}, {new_tokens} new tokens, "
           f"{n_adapters} rank-8 q/v adapters", flush=True)
     results = engine_scenarios(engine, prompt_ids, n_adapters, new_tokens, repeats)
+    results |= scale_scenarios(engine, prompt_ids, list(scale_batches), new_tokens, repeats)
     del engine
     results |= peft_scenarios(pristine, tokenizer, [ad.to(dtype=cfg.torch_dtype) for ad in adapters], prompts,
                               new_tokens, max(1, repeats - 1), dev, switching_requests or batch)
@@ -232,11 +261,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--switching-requests", type=int, default=None,
                    help="requests in the naive switching run (default: the batch size)")
+    p.add_argument("--scale-batches", default="", help="comma-separated larger batches, each sample its own adapter")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     run_benchmark(a.device, a.dtype, a.base_model, a.gguf_dir, a.gguf_file, a.batch, a.adapters, a.new_tokens,
-                  a.repeats, a.switching_requests, a.out)
+                  a.repeats, a.switching_requests, a.out,
+                  tuple(int(b) for b in a.scale_batches.split(",") if b.strip()))
 
 
 if __name__ == "__main__":
