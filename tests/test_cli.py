@@ -155,3 +155,33 @@ def test_info_refuses_missing_checkpoint(cli, no_model_loading, tmp_path):
     result = cli("info", "--checkpoint", str(tmp_path / "nope"))
     assert result.exit_code != 0
     assert "does not exist" in flat(result.output)
+
+
+@pytest.mark.slow
+def test_bench_generate_prints_and_writes_json(cli, no_shipped_checkpoint, shared_encoder, tmp_path):
+    from generator.config import load_spec
+    from generator.generate import T2LGenerator
+
+    out = tmp_path / "bench.json"
+    result = cli("bench", "generate", "--repeats", "2", "--warmup", "0", "--batch-sizes", "1,32",
+                 "--variants", "S,M", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert sorted(report["variants"]) == ["M", "S"]
+    assert report["machine"]["torch_threads"] >= 1 and report["date"]
+    for variant in ("M", "S"):
+        entry = report["variants"][variant]
+        net = T2LGenerator.fresh(load_spec(), shared_encoder, variant=variant).net
+        params = sum(p.numel() for p in net.parameters())
+        assert entry["params"] == params and entry["source"] == "fresh" and entry["rank"] == 8
+        assert f"{variant}: {params:,} hypernet params" in result.stdout
+        assert sorted(entry["latency_ms"]) == ["1", "32"] and isinstance(entry["meets_target"], bool)
+        at32 = entry["latency_ms"]["32"]
+        assert at32["p90"] >= at32["p50"] > 0 and at32["per_adapter_p50"] == pytest.approx(at32["p50"] / 32, abs=0.01)
+    assert re.search(r"batch  32: p50 +[\d.]+ ms  p90 +[\d.]+ ms  per adapter p50 +[\d.]+ ms", result.stdout)
+
+
+def test_bench_generate_refuses_unknown_variant(cli, tmp_path):
+    result = cli("bench", "generate", "--variants", "XL", "--out", str(tmp_path / "b.json"))
+    assert result.exit_code != 0
+    assert "unknown variant(s) or batch size(s) ['XL']" in flat(result.output)

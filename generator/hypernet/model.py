@@ -80,7 +80,7 @@ class Hypernet(nn.Module):
         Module and extra axes lead so that each head reads a contiguous slice.
         """
         first = self.trunk[0]
-        parts = [self.task_encoder(task_emb), self.layer_emb.weight, self.module_emb.weight, *(e for e in extra)]
+        parts = [self.task_encoder(task_emb), self.layer_emb.weight, self.module_emb.weight, *extra]
         weights = first.weight.split([p.shape[-1] for p in parts], dim=1)
         task, layer, module, *rest = (nn.functional.linear(p, w) for p, w in zip(parts, weights, strict=True))
         k = len(rest)
