@@ -67,9 +67,20 @@ class Generator:
         if not self.gen.trained:
             logger.warning("NO TRAINED HYPERNETWORK CHECKPOINT: serving a FRESHLY INITIALISED %s generator; its "
                            "adapters are well-formed but carry no task knowledge", self.gen.name)
+        if cfg.default_library:
+            self._fill_library(cfg)
         _set_batching(self.generate, cfg.generator_batch)
         self._seconds = REGISTRY.histogram("hyperlora_generation_seconds", "One batched hypernetwork call.")
         self._count = REGISTRY.counter("hyperlora_generated_adapters", "Adapters generated.")
+
+    def _fill_library(self, cfg: ServeConfig) -> None:
+        """An empty library gets the default one (trained LoRAs if present, else adapters this generator makes)."""
+        from retriever.default import ensure_default_library
+
+        t0 = time.perf_counter()
+        library = ensure_default_library(cfg.library_root(), self.gen, spec=self.gen.spec, progress=False)
+        logger.info("library %s holds %d adapters (checked/filled in %.1f s)", library.root.name, len(library),
+                    time.perf_counter() - t0)
 
     async def info(self) -> dict[str, Any]:
         return {"generator": self.gen.name, "trained": bool(self.gen.trained), "rank": self.gen.rank,

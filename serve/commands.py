@@ -1,0 +1,173 @@
+"""`hyperlora serve` (what `make serve` runs) and `hyperlora bench serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+
+import typer
+
+from serve.config import DEFAULT_CONFIG
+
+logger = logging.getLogger(__name__)
+RESULTS = Path("results")
+APP_NAME = "hyperlora"
+
+ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve config YAML (the one `serve deploy` takes).")
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    app.command("serve")(serve_command)
+    bench_app.command("serve")(bench_serve)
+
+
+def _warn_untrained(cfg) -> None:
+    from generator.generate import default_checkpoint
+    from generator.models import DEFAULT_BASE_MODEL
+
+    shipped = default_checkpoint(cfg.generator) if cfg.base_model == DEFAULT_BASE_MODEL else None
+    if cfg.checkpoint is None and shipped is None:
+        typer.secho("WARNING: no trained hypernetwork checkpoint (generator/checkpoints/smollm2-t2l is missing): the "
+                    "service generates adapters with a FRESHLY INITIALISED hypernetwork. They are well-formed but "
+                    "carry no task knowledge. Train one with `hyperlora train hypernet` or pass --checkpoint.",
+                    fg=typer.colors.RED, bold=True, err=True)
+
+
+def start_service(cfg, wait_s: float = 900.0) -> str:
+    """Start Ray (if needed), Serve on cfg.host:cfg.port and the application; return its URL once healthy."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    url = f"http://{cfg.host}:{cfg.port}"
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=30).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"the service at {url} did not become healthy in {wait_s:.0f} s")
+        time.sleep(1.0)
+
+
+def stop_service() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def serve_command(
+    config: Path = ConfigOpt,
+    host: str | None = typer.Option(None, help="Listen address (default from the config: 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port (default from the config: 8000)."),
+    library: str | None = typer.Option(None, help="Adapter library directory (default $HYPERLORA_HOME/library)."),
+    checkpoint: str | None = typer.Option(None, help="Hypernetwork checkpoint (default: the shipped one)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Embedded default or a local HF directory."),
+) -> None:
+    """Serve the application (Gateway, Generator, Router, LLM) until Ctrl-C."""
+    from serve.config import ServeConfig
+
+    cfg = ServeConfig.from_yaml(config, host=host, port=port, library=library, checkpoint=checkpoint,
+                                base_model=base_model)
+    _warn_untrained(cfg)
+    typer.echo(f"starting hyperlora on {cfg.host}:{cfg.port} (first start converts the base model and builds the "
+               f"default library: a minute or two)...")
+    url = start_service(cfg)
+    typer.secho(f"\nhyperlora is serving at {url}  (OpenAPI docs: {url}/docs)", fg=typer.colors.GREEN, bold=True)
+    typer.echo(f"""
+  curl -s {url}/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "auto", "prompt": "Translate to French: good morning", "max_tokens": 32}}'
+  curl -s {url}/v1/adapters -H 'Content-Type: application/json' \\
+       -d '{{"description": "Answer every question like a pirate."}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  client.chat.completions.create(model="auto", messages=[{{"role": "user", "content": "hello"}}])
+
+Ctrl-C stops it.""")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopping...")
+    finally:
+        stop_service()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_serve_results(update: dict, path: Path = RESULTS / "bench_serve.json") -> Path:
+    """Merge `update` into results/bench_serve.json, with the engine figures of every device measured so far."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(update)
+    for f in sorted(RESULTS.glob("bench_engine_*.json")):
+        data.setdefault("engine", {})[f.stem.removeprefix("bench_engine_")] = json.loads(f.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def bench_serve(
+    url: str | None = typer.Option(None, help="A running service (loopback); default: start one in-process."),
+    config: Path = ConfigOpt,
+    requests: int = typer.Option(32, help="Requests per endpoint and concurrency level."),
+    concurrency: str = typer.Option("1,16", help="Comma-separated concurrency levels."),
+    max_tokens: int = typer.Option(16, help="max_tokens of each completion."),
+    engine_only: bool = typer.Option(False, "--engine-only", help="Benchmark the LLM engine alone, no HTTP."),
+    device: str = typer.Option("cpu", help="--engine-only: torch device."),
+    dtype: str = typer.Option("fp32", help="--engine-only: fp32, bf16 or fp16."),
+    gguf_dir: str | None = typer.Option(None, help="--engine-only: load the base model from a GGUF in this dir."),
+    batch: int = typer.Option(32, help="--engine-only: prompts per batch."),
+    adapters: int = typer.Option(32, help="--engine-only: distinct adapters."),
+    new_tokens: int = typer.Option(32, help="--engine-only: tokens generated per prompt."),
+    repeats: int = typer.Option(2, help="--engine-only: timed runs per scenario (median)."),
+) -> None:
+    """p50/p99 latency and throughput of the service's endpoints, or (--engine-only) the engine's decode
+    throughput with 1 vs 8 vs N distinct adapters against PEFT; writes results/bench_serve.json."""
+    if requests < 1 or requests > 1000:
+        raise typer.BadParameter("requests must be in [1, 1000]")
+    if engine_only:
+        from serve.bench_engine import run_benchmark
+
+        report = run_benchmark(device, dtype, gguf_dir=gguf_dir, batch=batch, n_adapters=adapters,
+                               new_tokens=new_tokens, repeats=repeats)
+        path = write_serve_results({})
+        typer.echo(f"engine figures ({report['setup']['device']}) merged into {path}")
+        return
+    levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    started = url is None
+    if started:
+        from serve.config import ServeConfig
+
+        cfg = ServeConfig.from_yaml(config, host="127.0.0.1", port=_free_port())
+        typer.echo("starting the service in-process on the config's models (may take a few minutes)...")
+        url = start_service(cfg)
+    elif not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+        raise typer.BadParameter("benchmarks run against loopback only: --url http://127.0.0.1:PORT")
+    try:
+        from serve.bench_http import run_http_bench
+
+        report = asyncio.run(run_http_bench(url, requests, levels, max_tokens))
+    finally:
+        if started:
+            stop_service()
+    path = write_serve_results({"http": report})
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,224 @@
+"""Service pieces that need no model and no Ray: config, uploads, auth, metrics, schemas."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+# ---- config -----------------------------------------------------------------------------------------
+
+
+def test_shipped_yaml_loads_and_builds_the_app():
+    from serve.app import build_app
+    from serve.config import DEFAULT_CONFIG, ServeConfig
+
+    cfg = ServeConfig.from_yaml(DEFAULT_CONFIG)
+    assert cfg.host == "127.0.0.1" and cfg.port == 8000
+    assert set(cfg.deployments) == {"Gateway", "Generator", "Router", "LLM"}
+    assert cfg.engine.max_batch_size == cfg.llm_batch.max_batch_size
+    app = build_app(cfg)  # binds the four deployments; starts nothing
+    assert type(app).__name__ == "Application"
+    assert build_app({"engine": {"max_batch_size": 4}}) is not None  # what `serve run` passes: the args dict
+
+
+def test_yaml_overrides_and_bad_values(tmp_path):
+    from pydantic import ValidationError
+
+    from serve.config import DEFAULT_CONFIG, ServeConfig
+
+    cfg = ServeConfig.from_yaml(DEFAULT_CONFIG, port=8123, library=str(tmp_path))
+    assert cfg.port == 8123 and cfg.library_root() == tmp_path
+    for bad in ({"engine": {"dtype": "int3"}}, {"engine": {"max_batch_size": 0}}, {"port": 0},
+                {"retriever": {"top_k": 0}}, {"retriever": {"nope": 1}}, {"deployments": {"Nope": {}}},
+                {"limits": {"max_body_bytes": 1}}, {"unknown_field": 1}):
+        with pytest.raises((ValidationError, ValueError)) as e:
+            ServeConfig.model_validate(bad)
+        assert str(e.value)
+    (tmp_path / "c.yaml").write_text("applications:\n- name: x\n  import_path: serve.app:build_app\n"
+                                     "  deployments:\n  - name: Mystery\n")
+    with pytest.raises(ValueError, match="Mystery"):
+        ServeConfig.from_yaml(tmp_path / "c.yaml")
+
+
+# ---- uploads ----------------------------------------------------------------------------------------
+
+
+def _tar(members: list[tarfile.TarInfo | tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tf.addfile(m)
+            else:
+                info = tarfile.TarInfo(m[0])
+                info.size = len(m[1])
+                tf.addfile(info, io.BytesIO(m[1]))
+    return buf.getvalue()
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for n, d in files.items():
+            zf.writestr(n, d)
+    return buf.getvalue()
+
+
+GOOD = {"x/adapter_config.json": b"{}", "x/adapter_model.safetensors": b"weights", "x/README.md": b"hi"}
+
+
+def test_extract_accepts_a_peft_dir_in_any_archive(tmp_path):
+    from serve.uploads import collect_files, extract_archive
+
+    for i, data in enumerate((_zip(GOOD), _tar(list(GOOD.items())))):
+        out = extract_archive(data, tmp_path / str(i), 1 << 20, 8)
+        assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    out = collect_files([("adapter_config.json", b"{}"), ("adapter_model.safetensors", b"w")], tmp_path / "f",
+                        1 << 20, 8)
+    assert (out / "adapter_model.safetensors").read_bytes() == b"w"
+
+
+@pytest.mark.parametrize("case", ["traversal", "absolute", "symlink", "hardlink", "pickle", "unknown", "missing",
+                                  "twice", "too_big", "too_many", "not_archive", "zip_symlink"])
+def test_extract_refuses_unsafe_or_malformed_uploads(tmp_path, case):
+    from serve.errors import InvalidAdapter, TooLarge
+    from serve.uploads import extract_archive
+
+    link = tarfile.TarInfo("x/adapter_model.safetensors")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    hard = tarfile.TarInfo("x/adapter_model.safetensors")
+    hard.type, hard.linkname = tarfile.LNKTYPE, "x/adapter_config.json"
+    zsym = zipfile.ZipInfo("x/adapter_model.safetensors")
+    zsym.external_attr = (0o120777 << 16)
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as zf:
+        zf.writestr("x/adapter_config.json", b"{}")
+        zf.writestr(zsym, b"/etc/passwd")
+    data, err = {
+        "traversal": (_tar([("../../adapter_config.json", b"{}")]), InvalidAdapter),
+        "absolute": (_zip({"/etc/adapter_config.json": b"{}"}), InvalidAdapter),
+        "symlink": (_tar([("x/adapter_config.json", b"{}"), link]), InvalidAdapter),
+        "hardlink": (_tar([("x/adapter_config.json", b"{}"), hard]), InvalidAdapter),
+        "pickle": (_zip({**GOOD, "x/adapter_model.bin": b"\x80\x04."}), InvalidAdapter),
+        "unknown": (_zip({**GOOD, "x/run.sh": b"rm -rf /"}), InvalidAdapter),
+        "missing": (_zip({"x/adapter_config.json": b"{}"}), InvalidAdapter),
+        "twice": (_zip({**GOOD, "y/adapter_config.json": b"{}"}), InvalidAdapter),
+        "too_big": (_zip({"x/adapter_config.json": b"{}", "x/adapter_model.safetensors": b"0" * 5000}), TooLarge),
+        "too_many": (_zip({f"x/.hidden{i}": b"" for i in range(20)}), TooLarge),
+        "not_archive": (b"just some bytes", InvalidAdapter),
+        "zip_symlink": (zbuf.getvalue(), InvalidAdapter),
+    }[case]
+    with pytest.raises(err) as e:
+        extract_archive(data, tmp_path / "out", 4096, 8)
+    assert str(tmp_path) not in str(e.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not Path("/tmp/adapter_config.json").exists()
+
+
+def test_pack_dir_round_trips(tmp_path):
+    from serve.uploads import extract_archive, pack_dir
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "adapter_config.json").write_text("{}")
+    (src / "adapter_model.safetensors").write_bytes(b"w")
+    (src / "metadata.json").write_text("{}")  # library bookkeeping stays out of downloads
+    for fmt in ("tar.gz", "zip"):
+        out = extract_archive(pack_dir(src, "abc", fmt), tmp_path / fmt, 1 << 20, 8)
+        assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    names = tarfile.open(fileobj=io.BytesIO(pack_dir(src, "abc"))).getnames()
+    assert names == ["abc/adapter_config.json", "abc/adapter_model.safetensors"]
+
+
+# ---- auth and names ---------------------------------------------------------------------------------
+
+
+def test_mutation_auth():
+    from serve.errors import Forbidden, Unauthorized
+    from serve.gateway import check_mutation
+
+    check_mutation({}, "127.0.0.1", None, "HYPERLORA_API_KEY")  # no key: localhost may mutate
+    check_mutation({}, "::1", None, "HYPERLORA_API_KEY")
+    with pytest.raises(Forbidden, match="HYPERLORA_API_KEY is unset"):
+        check_mutation({}, "10.1.2.3", None, "HYPERLORA_API_KEY")
+    check_mutation({"authorization": "Bearer k1"}, "10.1.2.3", "k1", "HYPERLORA_API_KEY")
+    check_mutation({"x-api-key": "k1"}, "10.1.2.3", "k1", "HYPERLORA_API_KEY")
+    for headers in ({}, {"authorization": "Bearer k2"}, {"authorization": "k1"}, {"x-api-key": ""}):
+        with pytest.raises(Unauthorized):
+            check_mutation(headers, "127.0.0.1", "k1", "HYPERLORA_API_KEY")  # a key binds localhost too
+
+
+def test_model_names():
+    from serve.gateway import same_base_model
+    from serve.protocol import public_model_name
+
+    assert public_model_name("/tmp/x/tiny-llama") == "tiny-llama"
+    assert public_model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert same_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", "/models/smollm2-135m-instruct/")
+    assert not same_base_model("meta-llama/Llama-3-8B", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert same_base_model("", "anything")
+
+
+def test_ephemeral_store_is_bounded():
+    import torch
+
+    from generator.lora import LoraAdapter
+    from serve.gateway import EphemeralStore
+    from serve.schemas import AdapterInfo
+
+    ad = LoraAdapter("m", 1, 1.0, {"q_proj": torch.zeros(1, 1, 4)}, {"q_proj": torch.zeros(1, 4, 1)})
+    store = EphemeralStore(max_bytes=ad.nbytes() * 2)
+    for i in range(3):
+        info = AdapterInfo(id=f"tmp-{i}", name="n", descriptions=["d"], source="generated", saved=False,
+                           base_model="m", rank=1, target_modules=["q_proj"], created="now")
+        store.put(ad, info, None)
+    assert [i.id for i in store.infos()] == ["tmp-1", "tmp-2"] and store.get("tmp-0") is None
+
+
+# ---- metrics and schemas ----------------------------------------------------------------------------
+
+
+def test_prometheus_rendering():
+    from serve.metrics import Registry, render_prometheus
+
+    reg = Registry()
+    h = reg.histogram("hyperlora_x_seconds", "x latency", buckets=(0.1, 1.0))
+    for v in (0.05, 0.5, 5.0):
+        h.observe(v)
+    reg.counter("hyperlora_y", "y count", ("kind",)).inc(2, {"kind": 'a"b'})
+    text = render_prometheus([("llm", reg.snapshot())])
+    assert 'hyperlora_x_seconds_bucket{component="llm",le="0.1"} 1' in text
+    assert 'hyperlora_x_seconds_bucket{component="llm",le="1"} 2' in text
+    assert 'hyperlora_x_seconds_bucket{component="llm",le="+Inf"} 3' in text
+    assert 'hyperlora_y_total{component="llm",kind="a\\"b"} 2' in text
+    import pickle
+
+    assert pickle.loads(pickle.dumps(reg)) is not None  # Ray pickles it with the deployment classes
+
+
+def test_request_schemas():
+    from pydantic import ValidationError
+
+    from serve.schemas import ChatCompletionRequest, CompletionRequest, GenerateAdaptersRequest, RouteRequest
+
+    assert GenerateAdaptersRequest(description="x").texts == ["x"]
+    assert RouteRequest(inputs=["a", "b"]).texts == ["a", "b"]
+    c = CompletionRequest(model="m", prompt=["a", "b"], stop="\n", user="ignored-openai-field")
+    assert c.prompts == ["a", "b"] and c.stops == ("\n",)
+    assert ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                 max_completion_tokens=7).limit == 7
+    for cls, kw in ((GenerateAdaptersRequest, {}), (RouteRequest, {"input": "a", "inputs": ["b"]}),
+                    (CompletionRequest, {"model": "m", "prompt": "x", "n": 2}),
+                    (CompletionRequest, {"model": "m", "prompt": "x", "echo": True}),
+                    (CompletionRequest, {"model": "m", "prompt": "x",
+                                         "adapters": [{"id": "a", "weight": float("inf")}]}),
+                    (CompletionRequest, {"model": "m", "prompt": "x", "task_description": "t",
+                                         "adapters": [{"id": "a"}]}),
+                    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                             "logprobs": True})):
+        with pytest.raises(ValidationError):
+            cls(**kw)
