@@ -29,6 +29,9 @@ from serve.protocol import Accepted, LLMRequest, LLMResult, fold, public_model_n
 
 logger = logging.getLogger(__name__)
 MAX_MULTIPLEXED_ADAPTERS = 256  # ids one LLM replica advertises; memory is bounded by engine.cache_bytes
+# @serve.batch batches admitted at once. Serve forms a batch as soon as requests arrive, not when the engine is
+# free, so batches join the running decode batch between steps (continuous batching) instead of queueing.
+LLM_CONCURRENT_BATCHES = 8
 
 
 def route_logs_to_serve() -> None:
@@ -162,6 +165,42 @@ class _Failed:
     error: BaseException
 
 
+class _Group:
+    """One @serve.batch batch inside the running decode batch: every step it yields one entry per request."""
+
+    def __init__(self, items: list[_Queued], out: asyncio.Queue) -> None:
+        self.items, self.out = items, out
+        self.live: set[int] = set()  # positions still decoding
+        self.failed: dict[int, BaseException] = {}  # positions that failed at admission, not yet reported
+        self.closed = False
+
+    def flush(self, deltas: dict[int, Delta]) -> bool:
+        """Hand out one step (only if something happened); returns True once every request is finished."""
+        if not deltas and not self.failed and self.live:
+            return False
+        step: list[Any] = []
+        for pos in range(len(self.items)):
+            if pos in deltas:
+                step.append(deltas[pos])
+                if deltas[pos].finish_reason is not None:
+                    self.live.discard(pos)
+            elif pos in self.failed:
+                step.append(_Failed(self.failed.pop(pos)))
+            else:
+                step.append(StopIteration)
+        self.out.put_nowait(step)
+        if not self.live:
+            self.out.put_nowait(None)
+            self.closed = True
+        return self.closed
+
+    def fail_all(self, error: BaseException) -> None:
+        if not self.closed:
+            self.out.put_nowait([_Failed(error)] * len(self.items))
+            self.out.put_nowait(None)
+            self.closed = True
+
+
 def _enqueue_unsplit(batch_method, item):
     """Enqueue into a `@serve.batch` generator with the request's multiplexed model id cleared.
 
@@ -189,7 +228,7 @@ async def _drain(steps) -> None:
         pass
 
 
-@serve.deployment(name="LLM", max_ongoing_requests=128, ray_actor_options={"num_cpus": 1})
+@serve.deployment(name="LLM", max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
 class LLM:
     """The base model with per-sample adapters: concurrent requests are decoded as one batch."""
 
@@ -202,6 +241,8 @@ class LLM:
         self.library = AdapterLibrary(cfg.library_root(), self.engine.spec)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-decode")
         self._drains: set[asyncio.Future] = set()
+        self._waiting: list[tuple[list[_Queued], asyncio.Queue]] = []  # @serve.batch batches not yet decoding
+        self._pump_task: asyncio.Future | None = None
         _set_batching(self._decode, cfg.llm_batch)
         self._decode.set_max_batch_size(min(cfg.llm_batch.max_batch_size, cfg.engine.max_batch_size))
 
@@ -276,35 +317,73 @@ class LLM:
                 task.add_done_callback(self._drains.discard)
                 return
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, max_concurrent_batches=LLM_CONCURRENT_BATCHES)
     async def _decode(self, items: list[_Queued]) -> AsyncGenerator[list[Any], None]:
-        """One engine batch for all queued requests; yields every step's per-request deltas."""
+        """One @serve.batch batch: handed to the engine pump, which merges it into the running decode batch;
+        yields every step's per-request deltas."""
+        out: asyncio.Queue = asyncio.Queue()
+        self._waiting.append((items, out))
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = asyncio.ensure_future(self._pump())
+        while (step := await out.get()) is not None:
+            yield step
+
+    async def _pump(self) -> None:
+        """Continuous batching: one running `DecodeBatch`; queued @serve.batch batches join it between steps."""
+        from serve.decode import DecodeBatch
+
         loop = asyncio.get_running_loop()
-        errors: dict[int, BaseException] = {}
-        for i, it in enumerate(items):
+        limit = self.engine.cfg.max_batch_size
+        batch: DecodeBatch | None = None
+        owners: dict[int, tuple[_Group, int]] = {}  # sequence index -> (its @serve.batch batch, position)
+        groups: list[_Group] = []
+        while True:
+            while self._waiting and (batch is None or (batch.can_join and batch.active + len(self._waiting[0][0])
+                                                       <= limit)):
+                group = _Group(*self._waiting.pop(0))
+                groups.append(group)
+                batch = batch or DecodeBatch(self.engine)
+                await self._admit(loop, batch, group, owners)
+            if batch is None or batch.done:
+                if batch is not None and batch.seqs:
+                    batch.log_done()
+                batch, owners = None, {}
+                groups = [g for g in groups if not g.flush({})]
+                if not self._waiting:
+                    return
+                continue
+            try:
+                deltas = await loop.run_in_executor(self._executor, batch.step)
+            except Exception as e:  # noqa: BLE001 - every request in the batch gets the error
+                for g in groups:
+                    g.fail_all(e)
+                groups, batch, owners = [], None, {}
+                continue
+            by_group: dict[int, dict[int, Delta]] = {}
+            for j, d in deltas:
+                group, pos = owners[j]
+                by_group.setdefault(id(group), {})[pos] = d
+            groups = [g for g in groups if not g.flush(by_group.get(id(g), {}))]
+
+    async def _admit(self, loop, batch, group: _Group, owners: dict[int, tuple[_Group, int]]) -> None:
+        ok = []
+        for pos, it in enumerate(group.items):
             try:
                 await loop.run_in_executor(self._executor, self._reload_missing, it.request)
+                ok.append(pos)
             except ServiceError as e:
-                errors[i] = e
-        valid = [i for i in range(len(items)) if i not in errors]
-        row = {i: r for r, i in enumerate(valid)}
-        stream = self.engine.stream([items[i].job for i in valid]) if valid else iter(())
-        first = True
-        while True:
-            deltas = await loop.run_in_executor(self._executor, next, stream, None)
-            if deltas is None and not errors:
-                return
-            out: list[Any] = []
-            for i in range(len(items)):
-                if i in errors:
-                    out.append(_Failed(errors[i]) if first else StopIteration)
-                else:
-                    d = deltas[row[i]] if deltas is not None else None
-                    out.append(d if d is not None else StopIteration)
-            yield out
-            first = False
-            if deltas is None:
-                return
+                group.failed[pos] = e
+        if not ok:
+            return
+        try:
+            seq_ids = await loop.run_in_executor(self._executor, batch.add, [group.items[p].job for p in ok])
+        except Exception as e:  # noqa: BLE001 - e.g. a prompt that leaves no room to generate
+            for p in ok:
+                group.failed[p] = e
+            return
+        for j, p in zip(seq_ids, ok, strict=True):
+            owners[j] = (group, p)
+            group.live.add(p)
 
     async def health(self) -> dict[str, Any]:
         return {"cached_adapters": len(self.engine.cache), "cache_bytes": self.engine.cache.nbytes,

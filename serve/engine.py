@@ -293,43 +293,18 @@ class LLMEngine:
     @torch.inference_mode()
     def stream(self, jobs: Sequence[GenerationJob], detokenize: bool = True) -> Iterator[list[Delta | None]]:
         """Yield, after every decode step, one `Delta` per job (None for jobs that finished earlier)."""
+        from serve.decode import DecodeBatch
+
         if not jobs:
             return
-        if len(jobs) > self.cfg.max_batch_size:
-            raise ValueError(f"{len(jobs)} jobs exceed max_batch_size={self.cfg.max_batch_size}")
-        t0 = time.perf_counter()
-        seqs = [self._new_sequence(job) for job in jobs]
-        lora = self._per_sample(jobs)
-        cache, mask, next_pos, logits = self._prefill(jobs, lora)
-        rows = list(range(len(jobs)))  # job index of each batch row
-        n_tokens = 0
-        while True:
-            tokens = self._choose(logits, [seqs[j] for j in rows])  # (rows,)
-            chosen = tokens.tolist()  # one device sync per step
+        batch = DecodeBatch(self, detokenize)
+        batch.add(jobs)  # sequence i is job i
+        while not batch.done:
             deltas: list[Delta | None] = [None] * len(jobs)
-            for r, j in enumerate(rows):
-                deltas[j] = self._advance(seqs[j], chosen[r], detokenize)
-            n_tokens += len(rows)
+            for j, d in batch.step():
+                deltas[j] = d
             yield deltas
-            keep = [r for r, j in enumerate(rows) if not seqs[j].finished]
-            if not keep:
-                break
-            if len(keep) <= (1.0 - self.cfg.compact_fraction) * len(rows):
-                idx = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(idx)
-                mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
-                lora = _select(lora, idx)
-                rows = [rows[r] for r in keep]
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (rows, T+1)
-            logits = self._forward(tokens[:, None], mask, next_pos[:, None], cache, lora)
-            next_pos = next_pos + 1
-        dt = time.perf_counter() - t0
-        n_adapters = len({k for job in jobs for k, _ in job.adapters})
-        self._batch_s.observe(dt)
-        self._batch_size.observe(len(jobs))
-        self._tokens.inc(n_tokens)
-        logger.info("generated %d tokens for %d sequences (%d distinct adapters) in %.1f ms (%.0f tokens/s)",
-                    n_tokens, len(jobs), n_adapters, 1e3 * dt, n_tokens / max(dt, 1e-9))
+        batch.log_done()
 
     def _new_sequence(self, job: GenerationJob) -> _Sequence:
         max_new = min(job.max_new_tokens, self.cfg.max_new_tokens)

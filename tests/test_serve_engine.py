@@ -173,3 +173,32 @@ def test_adapter_cache_is_lru_by_bytes(tiny):
 
     with pytest.raises(InvalidAdapter):
         AdapterCache(10, "cpu", torch.float32, Registry()).put("x", ad)
+
+
+def test_sequences_joining_mid_decode_match_one_at_a_time(tiny):
+    """Continuous batching: rows added between steps (other lengths, adapters, base rows) decode as if alone."""
+    from serve.decode import DecodeBatch
+    from serve.engine import GenerationJob
+
+    eng = _engine(tiny, max_batch_size=8)
+    spec = tiny[2]
+    eng.add_adapter("x", _adapter(spec, 21))
+    eng.add_adapter("y", _adapter(spec, 22, targets=("q_proj", "k_proj", "v_proj"), rank=2))
+    jobs = [GenerationJob(eng.encode_prompt(PROMPTS[0]), (("x", 1.0),), 6, ignore_stop=True),
+            GenerationJob(eng.encode_prompt(PROMPTS[2]), (), 9, ignore_stop=True),
+            GenerationJob(eng.encode_prompt(PROMPTS[1]), (("y", 0.5), ("x", 0.5)), 5, ignore_stop=True),
+            GenerationJob(eng.encode_prompt(PROMPTS[3]), (("y", 1.0),), 4, ignore_stop=True)]
+    alone = [eng.generate([j])[0].token_ids for j in jobs]
+    batch = DecodeBatch(eng, detokenize=False)
+    got: dict[int, list[int]] = {}
+    ids = batch.add(jobs[:1])
+    step = 0
+    while not batch.done or step < 3:
+        if step == 2:
+            ids += batch.add(jobs[1:3])  # join while job 0 is mid-way
+        if step == 4:
+            ids += batch.add(jobs[3:])
+        for j, d in batch.step():
+            got.setdefault(j, []).extend(d.token_ids)
+        step += 1
+    assert [got[i] for i in ids] == alone
