@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import socket
 import time
 from pathlib import Path
@@ -99,6 +100,11 @@ def serve_command(
   client.chat.completions.create(model="auto", messages=[{{"role": "user", "content": "hello"}}])
 
 Ctrl-C stops it.""")
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)

@@ -25,7 +25,7 @@ from serve.config import ServeConfig
 from serve.engine import Delta, GenerationJob, load_engine
 from serve.errors import InvalidAdapter, ServiceError, UnknownAdapter, WrongBaseModel
 from serve.metrics import REGISTRY
-from serve.protocol import Accepted, LLMRequest, LLMResult, fold, public_model_name
+from serve.protocol import Accepted, LLMRequest, LLMResult, fold, public_model_name, same_base_model
 
 logger = logging.getLogger(__name__)
 MAX_MULTIPLEXED_ADAPTERS = 256  # ids one LLM replica advertises; memory is bounded by engine.cache_bytes
@@ -264,7 +264,7 @@ class LLM:
             raise UnknownAdapter(f"no adapter with id {adapter_id!r}", param="model") from e
         except (AdapterFormatError, ValueError) as e:
             raise InvalidAdapter(f"adapter {adapter_id!r} cannot be loaded: {e}") from e
-        if record.base_model != self.engine.spec.name:
+        if not same_base_model(record.base_model, self.engine.spec.name):
             raise WrongBaseModel(f"adapter {adapter_id!r} is for {public_model_name(record.base_model)}, but this "
                                  f"service serves {public_model_name(self.engine.spec.name)}")
         self.engine.add_adapter(adapter_id, adapter)

@@ -23,19 +23,12 @@ from generator.spec import ModelSpec
 from serve.config import ServeConfig
 from serve.errors import Forbidden, Unauthorized, UnknownAdapter, WrongBaseModel
 from serve.metrics import REGISTRY
-from serve.protocol import Accepted, LLMRequest, LLMResult, public_model_name
+from serve.protocol import Accepted, LLMRequest, LLMResult, public_model_name, same_base_model
 from serve.schemas import AdapterInfo
 
 logger = logging.getLogger(__name__)
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
 EPHEMERAL_PREFIX = "tmp-"
-
-
-def same_base_model(a: str, b: str) -> bool:
-    """Whether two base-model names mean the same model: equal final path component, case-insensitive."""
-    if not a or not b:
-        return True  # an adapter that does not say is judged by its shapes alone
-    return PurePath(a.rstrip("/")).name.lower() == PurePath(b.rstrip("/")).name.lower()
 
 
 def check_mutation(headers: dict[str, str], client_host: str | None, api_key: str | None, env_name: str) -> None:

@@ -70,3 +70,10 @@ def public_model_name(name: str) -> str:
     if name.startswith(("/", "~", ".")) or "\\" in name:
         return PurePath(name.rstrip("/")).name
     return name
+
+
+def same_base_model(a: str, b: str) -> bool:
+    """Whether two base-model names mean the same model: equal final path component, case-insensitive."""
+    if not a or not b:
+        return True  # an adapter that does not say is judged by its shapes alone
+    return PurePath(a.rstrip("/")).name.lower() == PurePath(b.rstrip("/")).name.lower()

@@ -153,8 +153,7 @@ def test_mutation_auth():
 
 
 def test_model_names():
-    from serve.gateway import same_base_model
-    from serve.protocol import public_model_name
+    from serve.protocol import public_model_name, same_base_model
 
     assert public_model_name("/tmp/x/tiny-llama") == "tiny-llama"
     assert public_model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -222,3 +221,30 @@ def test_request_schemas():
                                              "logprobs": True})):
         with pytest.raises(ValidationError):
             cls(**kw)
+
+
+def test_lookup_refuses_an_adapter_of_another_base_model():
+    """A library shared with a service of another base model: using its adapter is a 400 naming both."""
+    from types import SimpleNamespace
+
+    from generator.spec import ModelSpec
+    from retriever.records import AdapterNotFound
+    from serve.config import ServeConfig
+    from serve.errors import UnknownAdapter, WrongBaseModel
+    from serve.gateway import EphemeralStore, GatewayState
+
+    record = SimpleNamespace(base_model="mistralai/Mistral-7B-v0.1", to_dict=lambda: {})
+
+    class Library:
+        def get(self, adapter_id):
+            if adapter_id != "abc":
+                raise AdapterNotFound(adapter_id)
+            return record
+
+    state = GatewayState(cfg=ServeConfig(), spec=ModelSpec("HuggingFaceTB/SmolLM2-135M-Instruct", 1, {}),
+                         library=Library(), backends=None, ephemeral=EphemeralStore(1 << 20))
+    with pytest.raises(WrongBaseModel) as e:
+        state.lookup("abc")
+    assert "Mistral-7B" in e.value.message and "SmolLM2-135M-Instruct" in e.value.message and e.value.status == 400
+    with pytest.raises(UnknownAdapter):
+        state.lookup("nope")
