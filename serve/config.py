@@ -84,7 +84,7 @@ class ServeConfig(BaseModel):
     generator_batch: BatchSettings = Field(default_factory=lambda: BatchSettings(max_batch_size=16))
     router_batch: BatchSettings = Field(
         default_factory=lambda: BatchSettings(max_batch_size=32, batch_wait_timeout_s=0.002))
-    llm_threads: int | None = Field(None, ge=1)  # torch threads of an LLM replica; None: every core
+    torch_threads: int | None = Field(None, ge=1)  # torch threads of each model replica; None: every core
     # -- the gateway
     ephemeral_bytes: int = Field(256 << 20, ge=1)  # unsaved generated adapters kept in gateway memory (LRU)
     api_key_env: str = "HYPERLORA_API_KEY"  # env var holding the key mutations need; unset: localhost only

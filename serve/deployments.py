@@ -50,6 +50,7 @@ def _configure(config: dict[str, Any] | ServeConfig) -> ServeConfig:
     cfg = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config)
     route_logs_to_serve()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1 in replicas
     return cfg
 
 
@@ -236,7 +237,6 @@ class LLM:
         from retriever.library import AdapterLibrary
 
         cfg = _configure(config)
-        torch.set_num_threads(cfg.llm_threads or os.cpu_count() or 1)
         self.engine = load_engine(cfg.base_model, cfg.engine)
         self.library = AdapterLibrary(cfg.library_root(), self.engine.spec)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-decode")
