@@ -74,6 +74,7 @@ class Generator:
         if cfg.default_library:
             self._fill_library(cfg)
         _set_batching(self.generate, cfg.generator_batch)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="hypernet")  # one warm thread for torch
         self._seconds = REGISTRY.histogram("hyperlora_generation_seconds", "One batched hypernetwork call.")
         self._count = REGISTRY.counter("hyperlora_generated_adapters", "Adapters generated.")
 
@@ -94,7 +95,7 @@ class Generator:
     async def generate(self, requests: list[list[str]]) -> list[tuple[list[LoraAdapter], float]]:
         flat = [d for r in requests for d in r]
         t0 = time.perf_counter()
-        adapters = await asyncio.to_thread(self.gen.generate, flat)
+        adapters = await asyncio.get_running_loop().run_in_executor(self._executor, self.gen.generate, flat)
         dt = time.perf_counter() - t0
         self._seconds.observe(dt)
         self._count.inc(len(adapters))
