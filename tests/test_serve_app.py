@@ -455,3 +455,29 @@ def test_50_concurrent_mixed_requests(client, service, lib_ids):
         else:
             _, m, p = kind
             assert body["choices"][0]["text"] == expected[(m, p)], (m, p)
+
+
+def test_replica_crash_keeps_saved_adapters(client):
+    """Kill the gateway and LLM replicas: Serve restarts them and every saved adapter is still served."""
+    import ray
+
+    saved = client.post("/v1/adapters", json={"description": "Survive a crash.", "save": True, "name": "durable"},
+                        headers=AUTH).json()["adapters"][0]["id"]
+    before = client.post("/v1/completions", json={"model": saved, "prompt": "still here?", "max_tokens": 4}).json()
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if "hyperlora" in a["name"] and ("Gateway" in a["name"] or "LLM" in a["name"])]
+    assert len(names) == 2, names
+    for a in names:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    deadline = time.time() + 180
+    while True:
+        try:
+            r = client.post("/v1/completions", json={"model": saved, "prompt": "still here?", "max_tokens": 4})
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "Serve did not bring the replicas back"
+        time.sleep(1.0)
+    assert r.json()["choices"][0]["text"] == before["choices"][0]["text"]
+    assert client.get(f"/v1/adapters/{saved}").json()["saved"] is True
