@@ -82,16 +82,16 @@ class AdapterGenerator(ABC):
 class T2LGenerator(AdapterGenerator):
     """Text-to-LoRA: a hypernetwork maps the description's embedding to every A and B at once."""
 
-    def __init__(self, net: Hypernet, encoder: TaskEncoder, trained: bool = True) -> None:
+    def __init__(self, net: Hypernet, encoder: TaskEncoder | None, trained: bool = True) -> None:
         super().__init__(encoder, net.cfg.spec)
-        if encoder.dim != net.cfg.embed_dim:
+        if encoder is not None and encoder.dim != net.cfg.embed_dim:
             raise ValueError(f"the hypernetwork expects {net.cfg.embed_dim}-d task embeddings ({net.cfg.embedder}) "
                              f"but the encoder {encoder.name} gives {encoder.dim}-d ones")
         self.net = net.eval()
         self.trained = trained
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, encoder: TaskEncoder, spec: ModelSpec | None = None,
+    def from_checkpoint(cls, path: str | Path, encoder: TaskEncoder | None, spec: ModelSpec | None = None,
                         device: torch.device | str = "cpu") -> T2LGenerator:
         return cls(load_checkpoint(path, spec, device), encoder)
 

@@ -169,13 +169,14 @@ def quality(
 
 
 def report(predictions: Path = typer.Argument(..., help="predictions.json from `eval quality` or the pipeline."),
-           out: Path = typer.Option(Path("results"), "--out")) -> None:
+           out: Path = typer.Option(Path("results"), "--out"),
+           note: str = typer.Option("", "--note", help="Provenance text written under the command.")) -> None:
     """Score a predictions file (ROUGE-L, exact match) into quality.{json,md,png}."""
     from training.report import write_report
 
     if not predictions.is_file():
         raise typer.BadParameter(f"{predictions} does not exist")
-    _print(write_report(predictions, out))
+    _print(write_report(predictions, out, note))
 
 
 def _print(q: dict) -> None:

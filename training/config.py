@@ -68,8 +68,13 @@ class HypernetTrainConfig:
     tasks_per_step: int = 32  # tasks (each with a sampled description) per step
     per_task: int = 4  # examples per task per step (sft)
     warmup: int = 50
+    description_pool: Literal["descriptions", "descriptions+definition"] = "descriptions+definition"  # sampled per
+    # step: the paraphrased descriptions alone (the first shipped checkpoint) or with the SNI definition too
 
     def __post_init__(self) -> None:
+        if self.description_pool not in ("descriptions", "descriptions+definition"):
+            raise ValueError(f"description_pool must be 'descriptions' or 'descriptions+definition', "
+                             f"got {self.description_pool!r}")
         if self.mode not in ("recon", "sft"):
             raise ValueError(f"mode must be 'recon' or 'sft', got {self.mode!r}")
         self.target_modules = check_targets(list(self.target_modules))

@@ -35,15 +35,17 @@ def sample_descriptions(emb: dict[str, torch.Tensor], names: list[str], rng: ran
     return torch.stack(rows)
 
 
-def description_pool(emb: dict[str, torch.Tensor], names: list[str], device) -> dict[str, torch.Tensor]:
-    """Per task, its paraphrased descriptions and its definition: `(n_desc + 1, dim)`.
+def description_pool(emb: dict[str, torch.Tensor], names: list[str], device,
+                     with_definition: bool = True) -> dict[str, torch.Tensor]:
+    """Per task, its paraphrased descriptions and (by default) its definition: `(n_desc [+ 1], dim)`.
 
     Users (and most dev tasks) describe a task the way an SNI definition does, so the definition is one of
     the descriptions sampled in training.
     """
     out = {}
     for n in names:
-        rows = [emb[n]] + ([emb[f"{n}::definition"]] if f"{n}::definition" in emb else [])
+        definition = f"{n}::definition"
+        rows = [emb[n]] + ([emb[definition]] if with_definition and definition in emb else [])
         out[n] = torch.cat(rows).to(device)
     return out
 
@@ -73,7 +75,8 @@ def _library_targets(library: Path, names: list[str], spec, device) -> tuple[lis
 def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | Path, embeddings: str | None = None,
                    library: str | None = None, init_from: str | None = None) -> Path:
     tasks = load_split("train", cfg.data or DEFAULT_DATA, cfg.limit_tasks)
-    emb = description_pool(task_embeddings(tasks, embeddings), [t.name for t in tasks], cfg.device)
+    emb = description_pool(task_embeddings(tasks, embeddings), [t.name for t in tasks], cfg.device,
+                           hcfg.description_pool == "descriptions+definition")
     embed_dim = next(iter(emb.values())).shape[1]
     rng = random.Random(cfg.seed)
     if hcfg.mode == "recon":

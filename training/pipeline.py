@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> None:
             steps = args.recon_steps if stage == "recon" else args.sft_steps
             lr = args.recon_lr if stage == "recon" else args.hypernet_lr
             hcfg = HypernetTrainConfig(mode=stage, variant=args.variant, steps=steps, lr=lr,
-                                       tasks_per_step=args.tasks_per_step, per_task=args.sft_per_task)
+                                       tasks_per_step=args.tasks_per_step, per_task=args.sft_per_task,
+                                       description_pool=args.sft_pool)
             init = str(work / "t2l-recon") if stage == "sft" and args.sft_init_from_recon else None
             train_hypernet(cfg, hcfg, work / f"t2l-{stage}", embeddings=emb, library=str(work / "lora-library"),
                            init_from=init)
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> None:
             gens = dict(g.split("=", 1) for g in args.generator) if args.generator else {}
             ecfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch,
                               max_per_task=args.max_per_task, train_sample=args.train_sample, hypernets=hypernets,
-                              generators=gens, multitask=str(work / "multitask"),
+                              generators=gens,
+                              multitask=str(work / "multitask") if (work / "multitask").is_dir() else None,
                               library=str(work / "lora-library"))
             predict(cfg, ecfg, work / "predictions.json", embeddings=emb,
                     command="python -m training.pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
@@ -89,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recon-steps", type=int, default=3000)
     p.add_argument("--sft-steps", type=int, default=1000)
     p.add_argument("--sft-init-from-recon", action="store_true")
+    p.add_argument("--sft-pool", default="descriptions+definition", choices=["descriptions", "descriptions+definition"],
+                   help="what a task's sampled description is drawn from")
     p.add_argument("--hypernet-lr", type=float, default=2e-4, help="SFT learning rate")
     p.add_argument("--recon-lr", type=float, default=1e-3)
     p.add_argument("--tasks-per-step", type=int, default=32)

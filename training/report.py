@@ -37,7 +37,7 @@ def _order(methods):
 
 
 def markdown(q: dict) -> str:
-    lines = [f"Produced by: `{q['command']}`", "",
+    lines = [f"Produced by: `{q['command']}`", ""] + ([q["note"], ""] if q.get("note") else []) + [
              f"Base model {q['base_model']}, greedy decoding, at most {q['max_new_tokens']} new tokens, "
              "stopping at `<|im_end|>`. Scores are means over tasks of per-task means (0-100).", ""]
     titles = {"dev": "Held-out dev tasks (never trained on)", "train": "Train tasks: oracle LoRAs vs generated"}
@@ -85,10 +85,12 @@ def plot(q: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def write_report(pred_path: str | Path, out_dir: str | Path = "results") -> dict:
+def write_report(pred_path: str | Path, out_dir: str | Path = "results", note: str = "") -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     q = score(pred_path)
+    if note:
+        q["note"] = note
     (out / "quality.json").write_text(json.dumps(q, indent=1))
     (out / "quality.md").write_text(markdown(q))
     plot(q, out / "quality.png")
