@@ -8,16 +8,14 @@ are ever opened; a directory holding a pickle-based file is refused outright.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from generator.atomic import atomic_dir
 from generator.lora import LoraAdapter
 from generator.spec import MODULE_PARENTS, ModelSpec
 
@@ -69,26 +67,16 @@ def adapter_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
 def save_peft(adapter: LoraAdapter, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write `adapter` as a PEFT directory, atomically (temp dir then rename)."""
     adapter.check_finite()
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        state = adapter_state_dict(adapter.to("cpu", dtype))
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config(adapter), indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    with atomic_dir(out_dir) as tmp:
+        write_peft_files(adapter, tmp, dtype)
+    return Path(out_dir)
+
+
+def write_peft_files(adapter: LoraAdapter, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """The two PEFT files into an existing directory (callers make that directory atomic)."""
+    adapter.check_finite()
+    save_file(adapter_state_dict(adapter.to("cpu", dtype)), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(adapter_config(adapter), indent=2))
 
 
 def _read_config(d: Path) -> dict:

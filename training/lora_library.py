@@ -11,18 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from generator.atomic import atomic_dir
 from generator.lora import LoraAdapter
-from generator.peft_io import save_peft
+from generator.peft_io import save_peft, write_peft_files
 from training.config import LoraTrainConfig, TrainConfig
 from training.data import DEFAULT_DATA, Batcher, Task, load_split
 from training.loop import lora_step_loss, run_steps
@@ -78,13 +76,8 @@ def train_group(model, injector, batcher, tasks: Sequence[Task], lcfg: LoraTrain
 def write_task(out: Path, task: Task, adapter: LoraAdapter, meta: dict, snaps: list[tuple[dict, dict]],
                index: int) -> None:
     """One task's folder, atomically: PEFT files, meta.json, snapshots.safetensors."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{task.name}.tmp-"))
-    try:
-        save_peft(adapter, tmp / "peft")
-        for f in (tmp / "peft").iterdir():
-            os.replace(f, tmp / f.name)
-        (tmp / "peft").rmdir()
+    with atomic_dir(out / task.name) as tmp:
+        write_peft_files(adapter, tmp)
         if snaps:
             stacked = {}
             for m in adapter.target_modules:
@@ -92,12 +85,6 @@ def write_task(out: Path, task: Task, adapter: LoraAdapter, meta: dict, snaps: l
                 stacked[f"{m}.B"] = torch.stack([s[1][m][index] for s in snaps]).contiguous()  # (K, L, d_out, r)
             save_file(stacked, str(tmp / SNAPSHOTS))
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        final = out / task.name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_lora_library(cfg: TrainConfig, lcfg: LoraTrainConfig, out_dir: str | Path, split: str = "train",

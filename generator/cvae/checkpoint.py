@@ -9,14 +9,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from generator.atomic import atomic_dir
 from generator.cvae.config import CVAEConfig
 from generator.cvae.model import LoraCVAE
 from generator.cvae.prior import ExpertBank
@@ -29,10 +27,7 @@ EXPERTS_JSON, EXPERTS_FILE = "experts.json", "experts.safetensors"
 def save_cvae(net: LoraCVAE, out_dir: str | Path, experts: ExpertBank | None = None,
               dtype: torch.dtype = torch.float16) -> Path:
     """Write the model (kind "sg" when `experts` is given, else "cvae") atomically; returns the directory."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         kind = "sg" if experts is not None else "cvae"
@@ -43,15 +38,7 @@ def save_cvae(net: LoraCVAE, out_dir: str | Path, experts: ExpertBank | None = N
                       str(tmp / EXPERTS_FILE))
             meta = {"tasks": experts.tasks, "top_k": experts.top_k, "temperature": experts.temperature}
             (tmp / EXPERTS_JSON).write_text(json.dumps(meta, indent=2))
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def load_cvae(path: str | Path, spec: ModelSpec | None = None, device: torch.device | str = "cpu") -> LoraCVAE:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from generator.atomic import atomic_dir
 from generator.hypernet.config import HypernetConfig
 from generator.hypernet.model import Hypernet, build_hypernet
 from generator.spec import ModelSpec
@@ -20,19 +18,11 @@ CONFIG_FILE, WEIGHTS_FILE = "hypernet.json", "hypernet.safetensors"
 
 def save_checkpoint(net: Hypernet, out_dir: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write config and weights atomically; weights are stored in `dtype` (fp16 keeps SmolLM2's under 30 MB)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(net.cfg.to_dict(), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def load_checkpoint(path: str | Path, spec: ModelSpec | None = None, device: torch.device | str = "cpu") -> Hypernet:
