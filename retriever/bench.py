@@ -49,27 +49,40 @@ def _pcts(ms: Sequence[float]) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(ms, 50)), 4), "p99_ms": round(float(np.percentile(ms, 99)), 4)}
 
 
+# search-time settings measured on one build of each approximate index (no rebuild needed)
+SWEEPS: dict[str, tuple[str, tuple[int, ...]]] = {"hnsw": ("hnsw_ef_search", (64, 128, 256)),
+                                                   "ivf": ("ivf_nprobe", (16, 32, 64))}
+
+
+def _measure(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
+    """Single-query searches: labels `(n_queries, k)` and the latency of each call in ms."""
+    found, ms = [], []
+    for i in range(len(queries)):
+        t = time.perf_counter()
+        _, lab = index.search(queries[i: i + 1], k)
+        ms.append(1e3 * (time.perf_counter() - t))
+        found.append(lab[0])
+    return np.stack(found), ms
+
+
 def bench_size(n: int, kinds: Sequence[str], dim: int, n_queries: int, k: int, cfg: RetrieverConfig) -> list[dict]:
     centers = _centers(n, dim, seed=n)
     keys, queries = synthetic(n, centers, seed=1), synthetic(n_queries, centers, seed=2)
     labels = np.arange(n, dtype=np.int64)
-    rows, exact = [], None
+    exact = build_index(keys, labels, cfg, "flat").search(queries, k)[1]  # ground truth, one batched call
+    rows = []
     for kind in kinds:
         t0 = time.perf_counter()
         index = build_index(keys, labels, cfg, kind)
         build_s = time.perf_counter() - t0
-        found, ms = [], []
-        for i in range(n_queries):
-            t = time.perf_counter()
-            _, lab = index.search(queries[i: i + 1], k)
-            ms.append(1e3 * (time.perf_counter() - t))
-            found.append(lab[0])
-        found = np.stack(found)
-        if exact is None:
-            exact = found if kind == "flat" else build_index(keys, labels, cfg, "flat").search(queries, k)[1]
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact, strict=True)]))
-        rows.append({"n_keys": n, "index": kind, "build_s": round(build_s, 2), **_pcts(ms),
-                     f"recall@{k}": round(recall, 4), "params": _params(kind, n, cfg)})
+        field, values = SWEEPS.get(kind, ("", (None,)))
+        for v in values:
+            if field:
+                index.retune(replace(cfg, **{field: v}))
+            found, ms = _measure(index, queries, k)
+            recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact, strict=True)]))
+            rows.append({"n_keys": n, "index": kind, "build_s": round(build_s, 2), **_pcts(ms),
+                         f"recall@{k}": round(recall, 4), "params": _params(kind, n, index.cfg)})
         del index
         gc.collect()
     return rows
@@ -127,7 +140,7 @@ def run_bench(sizes: Sequence[int], kinds: Sequence[str], n_queries: int, k: int
     for n in tqdm(sizes, desc="index sizes"):
         use = [kd for kd in kinds if not (kd == "hnsw" and hnsw_max is not None and n > hnsw_max)]
         rows += bench_size(n, use, dim, n_queries, k, cfg)
-        tqdm.write(json.dumps(rows[-len(use):]))
+        tqdm.write(json.dumps([r for r in rows if r["n_keys"] == n]))
     result = {
         "search": rows,
         "end_to_end": bench_end_to_end(encoder, cfg) if encoder is not None else None,
@@ -141,10 +154,12 @@ def run_bench(sizes: Sequence[int], kinds: Sequence[str], n_queries: int, k: int
 
 def format_bench(result: dict) -> str:
     k = result["setup"]["k"]
-    lines = [f"| keys | index | build s | p50 ms | p99 ms | recall@{k} |", "|---:|---|---:|---:|---:|---:|"]
+    lines = [f"| keys | index | search setting | build s | p50 ms | p99 ms | recall@{k} |",
+             "|---:|---|---|---:|---:|---:|---:|"]
     for r in result["search"]:
-        lines.append(f"| {r['n_keys']:,} | {r['index']} | {r['build_s']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
-                     f"{r[f'recall@{k}']:.3f} |")
+        setting = ", ".join(f"{a}={b}" for a, b in r["params"].items() if a in ("efSearch", "nprobe", "nlist"))
+        lines.append(f"| {r['n_keys']:,} | {r['index']} | {setting or 'exact'} | {r['build_s']} | {r['p50_ms']:.3f} | "
+                     f"{r['p99_ms']:.3f} | {r[f'recall@{k}']:.3f} |")
     e2e = result.get("end_to_end")
     if e2e:
         lines.append("")

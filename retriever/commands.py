@@ -154,14 +154,14 @@ def eval_routing(library: Path | None = LibOpt,
                  out_dir: Path = typer.Option(Path("results"), "--out-dir", help="Where routing.json/.md go.")) -> None:
     """Routing top-1/top-3 accuracy on held-out SNI inputs of the library's tasks, the abstain rate on tasks with
     no adapter, and ROUGE-L of selection vs mixture vs fusion with each input's own adapter removed.
-    Uses the default library (built first if empty: trained LoRAs if present, else generated ones)."""
+    Uses the default set of adapters in --library (added first: trained LoRAs if present, else generated ones)."""
     from generator.config import GeneratorConfig, build_generator
     from retriever.default import ensure_default_library, trained_adapter_dirs
     from retriever.evaluate import EvalRoutingConfig, format_eval, run_eval, write_results
 
     ecfg = EvalRoutingConfig(str(sni), n_heldout, rouge_tasks, rouge_instances, max_new_tokens, top_k)
     generator = None if trained_adapter_dirs(None) else build_generator(GeneratorConfig())
-    lib = _open(library) if library else ensure_default_library(generator=generator)
+    lib = ensure_default_library(library, generator)
     result = run_eval(lib, generator.encoder if generator else _encoder(), RetrieverConfig(top_k=top_k), ecfg,
                       generator_trained=getattr(generator, "trained", None))
     js, md = write_results(result, out_dir)

@@ -4,19 +4,23 @@ shipped hypernetwork from the train tasks' descriptions (one checkpoint standing
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from generator.peft_io import CONFIG_NAME, WEIGHTS_NAME
+from retriever.fsutil import dir_lock, write_json_atomic
 from retriever.library import AdapterLibrary, default_library_root
 from retriever.tasks import DEFAULT_TASKS_FILE, load_default_tasks
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = "default.json"  # {"origin": what made the default set, "ids": {task: adapter id}}
 
 
 def default_trained_dir() -> Path:
@@ -34,63 +38,110 @@ def trained_adapter_dirs(trained_dir: str | Path | None) -> list[Path]:
                   and (d / WEIGHTS_NAME).is_file())
 
 
+def generator_fingerprint(generator) -> str:
+    """Identifies the weights a generator makes adapters with (adapters of another checkpoint are stale)."""
+    name = getattr(generator, "name", type(generator).__name__)
+    if not getattr(generator, "trained", True):
+        return f"{name}:untrained"
+    h = hashlib.sha256(name.encode())
+    net = getattr(generator, "net", None)
+    if net is not None:
+        for key, t in sorted(net.state_dict().items()):
+            h.update(key.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return f"{name}:{h.hexdigest()[:16]}"
+
+
+def trained_fingerprint(dirs: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for d in dirs:
+        st = (d / WEIGHTS_NAME).stat()
+        h.update(f"{d.name}:{st.st_size}:{st.st_mtime_ns}:".encode() + (d / "meta.json").read_bytes())
+    return f"trained:{h.hexdigest()[:16]}"
+
+
 def build_default_library(root: str | Path | None = None, generator=None, trained_dir: str | Path | None = None,
                           tasks_file: str | Path = DEFAULT_TASKS_FILE, limit: int | None = None, spec=None,
                           progress: bool = True) -> AdapterLibrary:
-    """Fill the library at `root` (default: `$HYPERLORA_HOME/library`); tasks already in it are skipped.
+    """Fill the library at `root` (default: `$HYPERLORA_HOME/library`) with the default adapters.
 
     With a trained LoRA library present, its adapters are added (source "trained"); otherwise `generator`
     (default: `build_generator(GeneratorConfig())`, the shipped hypernetwork) generates one adapter per
     task from its first description (source "generated"). Keys come from the shipped task list.
+    The default set is recorded in `default.json`: a rerun adds only what is missing, and a set made from
+    other weights (a new checkpoint, or a trained library that appeared) is replaced. Other adapters in the
+    library (uploads, saved generations) are never touched.
     """
     tasks = {t["name"]: t for t in load_default_tasks(tasks_file)}
-    trained = trained_adapter_dirs(trained_dir)
-    if spec is None and generator is not None:
-        spec = generator.spec
+    trained = trained_adapter_dirs(trained_dir)[:limit]
     root = Path(root) if root is not None else default_library_root()
     if trained:
-        if spec is None:
+        origin = trained_fingerprint(trained)
+        if spec is None:  # the library's own base model, else the embedded default's
             from generator.config import load_spec
 
-            spec = load_spec()
-        library = AdapterLibrary(root, spec)
-        _add_trained(library, trained[:limit], tasks, progress)
-        return library
-    library = AdapterLibrary(root, spec)
-    have = {r.name for r in library.list() if r.source == "generated"}
-    todo = [tasks[n] for n in list(tasks)[:limit] if n not in have]
-    if todo:
+            spec = AdapterLibrary(root).spec or load_spec()
+    else:
         if generator is None:
             from generator.config import GeneratorConfig, build_generator
 
             generator = build_generator(GeneratorConfig())
-        if library.spec is None:
-            library = AdapterLibrary(root, generator.spec)
-        _add_generated(library, generator, todo, progress)
+        origin, spec = "generated:" + generator_fingerprint(generator), spec or generator.spec
+    library = AdapterLibrary(root, spec)
+    lock = library.root / "locks" / "default"
+    lock.mkdir(parents=True, exist_ok=True)
+    with dir_lock(lock):  # one builder at a time (e.g. several service replicas starting together)
+        ids = _current_default_ids(library, origin)
+        if trained:
+            _add_trained(library, trained, tasks, ids, origin, progress)
+        else:
+            todo = [tasks[n] for n in list(tasks)[:limit] if n not in ids]
+            _add_generated(library, generator, todo, ids, origin, progress)
     return library
 
 
-def _add_trained(library: AdapterLibrary, dirs: Sequence[Path], tasks: dict[str, dict], progress: bool) -> None:
-    have = {r.name for r in library.list() if r.source == "trained"}
+def _current_default_ids(library: AdapterLibrary, origin: str) -> dict[str, str]:
+    """task -> id of the default adapters already in the library; a set of another origin is removed first."""
+    path = library.root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        manifest = {"origin": origin, "ids": {}}
+    ids = {t: i for t, i in manifest.get("ids", {}).items() if i in library}
+    if manifest.get("origin") != origin and ids:
+        logger.warning("default library: replacing %d adapters made from %s with ones from %s", len(ids),
+                       manifest.get("origin"), origin)
+        for i in ids.values():
+            library.remove(i)
+        ids = {}
+    write_json_atomic(path, {"origin": origin, "ids": ids})
+    return ids
+
+
+def _add_trained(library: AdapterLibrary, dirs: Sequence[Path], tasks: dict[str, dict], ids: dict[str, str],
+                 origin: str, progress: bool) -> None:
     added = 0
     for d in tqdm(dirs, desc="adding trained adapters", disable=not progress):
         try:
             meta = json.loads((d / "meta.json").read_text())
             name = str(meta.get("task") or d.name)
-            if name in have:
+            if name in ids:
                 continue
             shipped = tasks.get(name, {})
             descriptions = list(meta.get("descriptions") or shipped.get("descriptions") or [name])[:32]
             samples = list(meta.get("sample_inputs") or shipped.get("sample_inputs") or [])[:32]
-            library.add_peft_dir(d, name, descriptions, "trained", samples)
+            ids[name] = library.add_peft_dir(d, name, descriptions, "trained", samples).id
             added += 1
         except (OSError, ValueError, json.JSONDecodeError) as e:
             logger.warning("skipping trained adapter %s: %s", d.name, e)
-    logger.info("default library: added %d trained adapter(s), %d were already there", added, len(have))
+    write_json_atomic(library.root / MANIFEST, {"origin": origin, "ids": ids})
+    logger.info("default library: added %d trained adapter(s); %d in the default set", added, len(ids))
 
 
-def _add_generated(library: AdapterLibrary, generator, todo: Sequence[dict], progress: bool,
-                   batch: int = 16) -> None:
+def _add_generated(library: AdapterLibrary, generator, todo: Sequence[dict], ids: dict[str, str], origin: str,
+                   progress: bool, batch: int = 16) -> None:
+    if not todo:
+        return
     if not getattr(generator, "trained", True):
         logger.warning("the hypernetwork is UNTRAINED (no checkpoint): generated adapters carry no task knowledge; "
                        "routing still works, since it uses the tasks' inputs and descriptions")
@@ -99,15 +150,17 @@ def _add_generated(library: AdapterLibrary, generator, todo: Sequence[dict], pro
         chunk = todo[i: i + batch]
         adapters = generator.generate([t["descriptions"][0] for t in chunk])
         for t, adapter in zip(chunk, adapters, strict=True):
-            library.add(adapter, t["name"], t["descriptions"], "generated", t["sample_inputs"])
+            ids[t["name"]] = library.add(adapter, t["name"], t["descriptions"], "generated", t["sample_inputs"]).id
             bar.update(1)
+        write_json_atomic(library.root / MANIFEST, {"origin": origin, "ids": ids})  # resumable after a crash
     bar.close()
 
 
 def ensure_default_library(root: str | Path | None = None, generator=None, **kwargs) -> AdapterLibrary:
-    """The library at `root`, built as the default one first if it is empty."""
+    """The library at `root` with the default set up to date. Without a generator and without a trained library,
+    it is built only if empty (checking a generated set against the shipped hypernetwork means loading it)."""
     library = AdapterLibrary(root if root is not None else default_library_root(), kwargs.get("spec"))
-    if len(library) == 0:
+    if generator is not None or len(library) == 0 or trained_adapter_dirs(kwargs.get("trained_dir")):
         library = build_default_library(root, generator, **kwargs)
     return library
 

@@ -1,7 +1,8 @@
 """`hyperlora eval routing`: routing accuracy on held-out inputs, and ROUGE-L of selection / mixture / fusion
 when each input's own adapter is removed from the library (LoraRetriever's out-of-distribution setting).
 
-Held-out inputs are the *last* instances of each SNI task; the library's sample inputs are the first ones.
+Held-out inputs come from the test portion of each SNI task (its last 20%, as the training jobs split it);
+the library's sample inputs are the first 20 instances.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from retriever.config import RetrieverConfig
 from retriever.index import build_index
+from retriever.index_store import IndexStore
 from retriever.keys import KIND_DESCRIPTION, KIND_INPUTS, assign_labels, embed_keys
 from retriever.library import AdapterLibrary
 from retriever.router import Router
@@ -32,7 +34,7 @@ class EvalRoutingConfig:
     """What `eval routing` runs; the ROUGE-L part is kept small so it finishes on a CPU."""
 
     sni_dir: str = "../shared/data/sni"  # SNI data directory (evaluation data; the product never reads it)
-    n_heldout: int = 10  # held-out inputs per task for routing accuracy (the last instances)
+    n_heldout: int = 10  # held-out inputs per task for routing accuracy (at most; the test portion's last ones)
     rouge_tasks: int = 8  # tasks in the generation part (spread evenly over the library's tasks)
     rouge_instances: int = 5  # held-out inputs per task in the generation part
     max_new_tokens: int = 16  # greedy tokens per answer
@@ -48,9 +50,18 @@ class EvalRoutingConfig:
             raise ValueError(f"rouge_tasks must be >= 0 (0 skips the generation part), got {self.rouge_tasks}")
 
 
+TEST_FRACTION = 0.2  # the training jobs' split: the last 20% of a task's instances are never trained on
+
+
+def test_portion(instances: Sequence[dict]) -> list[dict]:
+    """The instances the training jobs hold out (training/data.py: the last 20%, at least one)."""
+    usable = [i for i in instances if i["output"]]
+    return usable[-max(1, round(len(usable) * TEST_FRACTION)):]
+
+
 def heldout(sni: dict[str, dict], names: Sequence[str], n: int) -> list[tuple[str, str, list[str]]]:
-    """(task, input, acceptable outputs) of the last `n` instances of each task."""
-    return [(t, i["input"], i["output"]) for t in names for i in sni[t]["instances"][-n:]]
+    """(task, input, acceptable outputs) of the last `n` test-portion instances of each task."""
+    return [(t, i["input"], i["output"]) for t in names for i in test_portion(sni[t]["instances"])[-n:]]
 
 
 def _accuracy(routes, tasks: Sequence[str]) -> dict[str, float]:
@@ -81,7 +92,8 @@ def key_mode_ablation(library: AdapterLibrary, encoder, cfg: RetrieverConfig, qu
     """Top-1/top-3 with description keys only, input keys only, and both (one embedding pass, exact search)."""
     records = library.list()
     labels = assign_labels([r.id for r in records])
-    vectors, key_labels = embed_keys(records, encoder, replace(cfg, key_mode="both"), labels)
+    cache = IndexStore(library.index_dir, encoder, replace(cfg, key_mode="both")).cached_keys()
+    vectors, key_labels, _ = embed_keys(records, encoder, replace(cfg, key_mode="both"), labels, cache)
     name_of = {labels[r.id] + kind: r.name for r in records for kind in (KIND_DESCRIPTION, KIND_INPUTS)}
     kinds = key_labels % 2
     out = {}
@@ -207,7 +219,8 @@ def format_eval(result: dict) -> str:
     lines = ["# Routing evaluation", "",
              f"Library: {lib['adapters']} adapters ({', '.join(f'{v} {k}' for k, v in lib['sources'].items())}), "
              f"{lib['index']} index.", "",
-             f"Held-out inputs: {acc['queries']} ({result['eval']['n_heldout']} per task, {acc['tasks']} tasks).", "",
+             f"Held-out inputs: {acc['queries']} of {acc['tasks']} tasks (up to {result['eval']['n_heldout']} "
+             "per task, from each task's test portion: its last 20% of instances).", "",
              "| keys | top-1 | top-3 |", "|---|---:|---:|",
              f"| configured ({result['config']['key_mode']}) | {acc['top1']:.3f} | {acc['top3']:.3f} |"]
     for mode, a in result["key_modes"].items():

@@ -73,6 +73,12 @@ class VectorIndex(ABC):
         logger.info("built %s index over %d vectors in %.1f ms", self.name, len(vectors), ms)
         return self
 
+    def retune(self, cfg: RetrieverConfig) -> None:
+        """Apply another config's search-time parameters (efSearch, nprobe) without rebuilding."""
+        self.cfg = cfg
+        if self.faiss_index is not None:
+            self._tune(faiss.downcast_index(self.faiss_index.index))
+
     @property
     def ntotal(self) -> int:
         return 0 if self.faiss_index is None else int(self.faiss_index.ntotal)

@@ -5,7 +5,8 @@ adapter ids) holding `index.faiss` (FAISS `write_index`), `keys.safetensors` (th
 and `index.json` (settings, ids, labels). A directory is written under a temp name and renamed into place,
 so readers in other processes only ever see complete builds. Opening with the same adapters and settings
 reads the saved index; otherwise the index is rebuilt, re-embedding only the keys of adapters it has not
-seen (vectors of the others come from the previous build).
+seen: key vectors are cached by a digest of the texts they average, so a key is embedded once, whatever
+adapter id it belongs to.
 """
 
 from __future__ import annotations
@@ -86,9 +87,9 @@ class IndexStore:
         if loaded is not None:
             return LoadedIndex(loaded, label_to_id, token, rebuilt=False)
         t0 = time.perf_counter()
-        vectors, key_labels = self._keys(records, labels)
+        vectors, key_labels, digests = self._keys(records, labels)
         index = build_index(vectors, key_labels, self.cfg, kind)
-        self._write(token, meta, index, vectors, key_labels)
+        self._write(token, meta, index, vectors, key_labels, digests)
         logger.info("rebuilt the %s index over %d adapters (%d keys) in %.1f ms", kind, len(records), len(key_labels),
                     1e3 * (time.perf_counter() - t0))
         return LoadedIndex(index, label_to_id, token, rebuilt=True)
@@ -110,41 +111,38 @@ class IndexStore:
             logger.warning("index build %s does not match the library (%s); rebuilding", token, e)
             return None
 
-    def _cached_keys(self) -> dict[int, np.ndarray]:
-        """label -> key vector from the newest earlier build with the same key settings."""
-        for d in self._builds():
+    def cached_keys(self) -> dict[str, np.ndarray]:
+        """key digest -> vector, from every saved build made with the same embedder."""
+        cache: dict[str, np.ndarray] = {}
+        for d in reversed(self._builds()):  # oldest first, so newer builds win
             try:
-                if json.loads((d / META_FILE).read_text()).get("keys") != self.keys_sig:
-                    continue
-                state = load_file(str(d / KEYS_FILE))
-                vectors, labels = state["vectors"].numpy(), state["labels"].numpy()
-                return dict(zip(labels.tolist(), vectors, strict=True))
+                meta = json.loads((d / META_FILE).read_text())
+                if any(meta["keys"][k] != self.keys_sig[k] for k in ("embedder", "dim")):
+                    continue  # digests cover the texts (prefix included); the vectors depend on the embedder
+                vectors = load_file(str(d / KEYS_FILE))["vectors"].numpy()
+                cache.update(zip(meta["digests"], vectors, strict=True))
             except (OSError, ValueError, KeyError, json.JSONDecodeError):
                 continue
-        return {}
+        return cache
 
-    def _keys(self, records: Sequence[AdapterRecord], labels: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-        cached = self._cached_keys()
-        have = [r for r in records if labels[r.id] in cached or labels[r.id] + 1 in cached]
-        have_ids = {r.id for r in have}
-        todo = [r for r in records if r.id not in have_ids]
-        new_vectors, new_labels = embed_keys(todo, self.encoder, self.cfg, labels)
-        if todo:
-            logger.info("embedded keys of %d new adapter(s); %d reused", len(todo), len(have))
-        old_labels = [lab for r in have for lab in (labels[r.id], labels[r.id] + 1) if lab in cached]
-        vectors = np.concatenate([np.stack([cached[lab] for lab in old_labels]).reshape(-1, self.encoder.dim),
-                                  new_vectors]) if old_labels else new_vectors
-        return vectors.astype(np.float32), np.array(old_labels + new_labels.tolist(), np.int64)
+    def _keys(self, records: Sequence[AdapterRecord], labels: dict[str, int]):
+        cache = self.cached_keys()
+        vectors, key_labels, digests = embed_keys(records, self.encoder, self.cfg, labels, cache)
+        fresh = sum(d not in cache for d in digests)
+        if fresh:
+            logger.info("embedded %d new key(s); %d reused from earlier builds", fresh, len(digests) - fresh)
+        return vectors, key_labels, digests
 
     # -- writing
-    def _write(self, token: str, meta: dict, index: VectorIndex, vectors: np.ndarray, labels: np.ndarray) -> None:
+    def _write(self, token: str, meta: dict, index: VectorIndex, vectors: np.ndarray, labels: np.ndarray,
+               digests: list[str]) -> None:
         final = self.dir / token
         tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=".tmp-"))
         try:
             index.save(tmp / INDEX_FILE)
             save_file({"vectors": torch.from_numpy(vectors).contiguous(), "labels": torch.from_numpy(labels)},
                       str(tmp / KEYS_FILE))
-            (tmp / META_FILE).write_text(json.dumps({**meta, "labels": labels.tolist()}))
+            (tmp / META_FILE).write_text(json.dumps({**meta, "labels": labels.tolist(), "digests": digests}))
             fsync_tree(tmp)
             try:
                 os.replace(tmp, final)

@@ -9,6 +9,7 @@ Labels are derived from the adapter id, so they are the same in every process an
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,17 +57,32 @@ def assign_labels(ids: Sequence[str]) -> dict[str, int]:
     return out
 
 
-def embed_keys(records: Sequence[AdapterRecord], encoder, cfg: RetrieverConfig,
-               labels: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Every key of `records` in one batched embedding: vectors `(n_keys, dim)` unit-norm, labels `(n_keys,)`."""
-    spans, texts = [], []
+def key_digest(kind: int, texts: Sequence[str]) -> str:
+    """What a key's vector depends on besides the embedder and the prefix (those are in the index signature)."""
+    return hashlib.sha256(json.dumps([kind, list(texts)]).encode()).hexdigest()[:24]
+
+
+def embed_keys(records: Sequence[AdapterRecord], encoder, cfg: RetrieverConfig, labels: dict[str, int],
+               cache: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every key of `records`: vectors `(n_keys, dim)` unit-norm, labels `(n_keys,)` and content digests.
+
+    Keys whose digest is in `cache` reuse its vector; the others are embedded in one batched call.
+    """
+    cache = cache or {}
+    keys, texts = [], []  # (label, digest, start, end) per key; texts to embed
     for r in records:
         for kind, kt in key_texts(r, cfg).items():
-            spans.append((labels[r.id] + kind, len(texts), len(texts) + len(kt)))
-            texts += kt
-    if not texts:
-        return np.zeros((0, encoder.dim), np.float32), np.zeros(0, np.int64)
-    emb = encoder.encode(texts, what="key text", batch_size=cfg.embed_batch_size).cpu().numpy()  # (n_texts, dim)
-    vectors = np.stack([emb[a:b].mean(0) for _, a, b in spans])  # (n_keys, dim)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return vectors.astype(np.float32), np.array([lab for lab, _, _ in spans], np.int64)
+            digest = key_digest(kind, kt)
+            if digest in cache:
+                keys.append((labels[r.id] + kind, digest, -1, -1))
+            else:
+                keys.append((labels[r.id] + kind, digest, len(texts), len(texts) + len(kt)))
+                texts += kt
+    dim = encoder.dim
+    emb = (encoder.encode(texts, what="key text", batch_size=cfg.embed_batch_size).cpu().numpy() if texts
+           else np.zeros((0, dim), np.float32))  # (n_texts, dim)
+    vectors = np.zeros((len(keys), dim), np.float32)  # (n_keys, dim)
+    for row, (_, digest, a, b) in enumerate(keys):
+        v = cache[digest] if a < 0 else emb[a:b].mean(0)
+        vectors[row] = v / max(float(np.linalg.norm(v)), 1e-12)
+    return vectors, np.array([k[0] for k in keys], np.int64), [k[1] for k in keys]

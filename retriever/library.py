@@ -65,6 +65,13 @@ def _publish(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+def _make_readable(d: Path) -> None:
+    """Temp dirs are created 0700: let other users of a shared library (e.g. service replicas) read it."""
+    os.chmod(d, 0o755)
+    for f in d.iterdir():
+        os.chmod(f, 0o644)
+
+
 class AdapterLibrary:
     """A directory of adapters with their metadata; safe to share between processes."""
 
@@ -232,6 +239,7 @@ class AdapterLibrary:
                     sha256=sha256_file(stage / WEIGHTS_NAME), sample_inputs=sample_inputs,
                 )
                 write_json_durable(stage / METADATA_NAME, record.to_file())
+                _make_readable(stage)
                 fsync_tree(stage)
                 _publish(stage, self.adapters_dir / adapter_id)
             finally:

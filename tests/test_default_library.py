@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import random_adapter
 
 from generator.peft_io import save_peft
 from retriever.default import build_default_library, ensure_default_library, library_nbytes
+from retriever.library import AdapterLibrary
 from retriever.tasks import DEFAULT_TASKS_FILE, N_SAMPLES, load_default_tasks
 
 SNI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sni"
@@ -63,15 +65,37 @@ def test_built_from_the_trained_library_when_present(tmp_path, tiny_spec):
                                         for r in records)
 
 
-def test_generated_by_the_hypernetwork_otherwise(tmp_path, tiny_spec, encoder):
+def _generator(spec, encoder, seed):
     from generator.generate import T2LGenerator
+    from generator.hypernet.config import HypernetConfig
+    from generator.hypernet.model import build_hypernet
 
-    gen = T2LGenerator.fresh(tiny_spec, encoder, hidden_dim=16, n_blocks=0, task_dim=8, pos_dim=4)
+    torch.manual_seed(seed)
+    cfg = HypernetConfig(spec=spec, embed_dim=encoder.dim, hidden_dim=16, n_blocks=0, task_dim=8, pos_dim=4)
+    return T2LGenerator(build_hypernet(cfg), encoder)  # "trained": its weights identify its adapters
+
+
+def test_generated_by_the_hypernetwork_otherwise(tmp_path, tiny_spec, encoder):
+    gen = _generator(tiny_spec, encoder, 0)
     lib = build_default_library(tmp_path / "lib", gen, trained_dir=tmp_path / "none", limit=3, progress=False)
     records = lib.list()
     assert len(records) == 3 and {r.source for r in records} == {"generated"}
     assert [r.name for r in records] == [t["name"] for t in load_default_tasks()[:3]]
     assert lib.spec == tiny_spec and lib.load(records[0].id).rank == gen.rank
-    assert len(ensure_default_library(tmp_path / "lib", gen, limit=5, progress=False)) == 3  # not empty: untouched
-    assert len(build_default_library(tmp_path / "lib", gen, trained_dir=tmp_path / "none", limit=4,
-                                     progress=False)) == 4  # only the missing task is generated
+    assert ensure_default_library(tmp_path / "lib").list() == records  # not empty: left as it is
+    more = build_default_library(tmp_path / "lib", gen, trained_dir=tmp_path / "none", limit=4, progress=False)
+    assert more.list()[:3] == records and len(more) == 4  # only the missing task was generated
+
+
+def test_a_new_checkpoint_or_a_trained_library_replaces_the_default_set(tmp_path, tiny_spec, encoder):
+    root = tmp_path / "lib"
+    old = build_default_library(root, _generator(tiny_spec, encoder, 0), trained_dir=tmp_path / "none", limit=2,
+                                progress=False).list()
+    upload = AdapterLibrary(root).add(random_adapter(tiny_spec), "mine", ["my task"], "uploaded")
+    new = build_default_library(root, _generator(tiny_spec, encoder, 1), trained_dir=tmp_path / "none", limit=2,
+                                progress=False)
+    assert not {r.id for r in old} & {r.id for r in new.list()} and upload.id in new and len(new) == 3
+    names = [t["name"] for t in load_default_tasks()[:2]]
+    trained = build_default_library(root, trained_dir=_trained_dir(tmp_path, tiny_spec, names), progress=False)
+    assert sorted((r.name, r.source) for r in trained.list()) == sorted([(n, "trained") for n in names] +
+                                                                        [("mine", "uploaded")])

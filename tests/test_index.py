@@ -114,3 +114,15 @@ def test_config_round_trips_and_refuses_unknown_fields():
     assert RetrieverConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown RetrieverConfig field\(s\) \['colour'\]"):
         RetrieverConfig.from_dict({"colour": "red"})
+
+
+def test_retune_changes_search_settings_without_rebuilding():
+    import faiss
+
+    x = clustered(300)
+    hnsw = build_index(x, np.arange(300), RetrieverConfig(hnsw_ef_search=16), "hnsw")
+    ivf = build_index(x, np.arange(300), RetrieverConfig(ivf_nlist=4, ivf_nprobe=1), "ivf")
+    hnsw.retune(RetrieverConfig(hnsw_ef_search=200))
+    ivf.retune(RetrieverConfig(ivf_nprobe=4))
+    assert faiss.downcast_index(hnsw.faiss_index.index).hnsw.efSearch == 200
+    assert faiss.downcast_index(ivf.faiss_index.index).nprobe == 4

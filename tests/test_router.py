@@ -10,7 +10,6 @@ import pytest
 from conftest import random_adapter
 
 from generator.spec import ModelSpec
-from retriever import index_store
 from retriever.config import RetrieverConfig
 from retriever.library import AdapterLibrary
 from retriever.router import Route, Router
@@ -96,14 +95,20 @@ def test_routes_are_ranked_weighted_and_abstain_below_threshold(lib_copy, encode
 def test_router_follows_adds_and_removes_made_elsewhere(lib_copy, encoder, spec, monkeypatch):
     router = Router(lib_copy, encoder, CFG)
     embedded = []
-    real = index_store.embed_keys
-    monkeypatch.setattr(index_store, "embed_keys", lambda recs, *a: embedded.extend(recs) or real(recs, *a))
+    real = encoder.encode
+
+    def spy(texts, what="description", **kw):
+        if what == "key text":
+            embedded.extend(texts)
+        return real(texts, what, **kw)
+
+    monkeypatch.setattr(encoder, "encode", spy)
     other = AdapterLibrary(lib_copy.root)  # another process's view
     new = "task1321_country_continent"
     shipped = next(t for t in load_default_tasks() if t["name"] == new)
     rec = other.add(random_adapter(spec, seed=99), new, shipped["descriptions"], "trained", shipped["sample_inputs"])
     routes = router.route(held_out(new))
-    assert [e.id for e in embedded] == [rec.id]  # only the new adapter's keys were embedded
+    assert embedded == shipped["sample_inputs"][: CFG.key_samples]  # only the new adapter's key was embedded
     assert sum(r.ids[0] == rec.id for r in routes) >= 2
     other.remove(rec.id)
     assert all(rec.id not in r.ids for r in router.route(held_out(new)))
@@ -116,6 +121,16 @@ def test_hnsw_router_agrees_with_flat(lib_copy, encoder):
     hnsw = Router(lib_copy, encoder, RetrieverConfig(key_samples=10, index="hnsw", hnsw_m=8, hnsw_ef_construction=16))
     assert (flat.index_type, hnsw.index_type) == ("flat", "hnsw")
     assert [r.ids for r in flat.route(queries, top_k=3)] == [r.ids for r in hnsw.route(queries, top_k=3)]
+
+
+def test_key_vectors_are_reused_by_content_across_ids(lib_copy, encoder, spec, monkeypatch):
+    Router(lib_copy, encoder, CFG)
+    rec = lib_copy.list()[0]
+    lib_copy.remove(rec.id)
+    again = lib_copy.add(random_adapter(spec, seed=7), rec.name, rec.descriptions, "generated", rec.sample_inputs)
+    monkeypatch.setattr(encoder, "encode", lambda *a, **k: pytest.fail("a cached key was embedded again"))
+    router = Router(lib_copy, encoder, CFG)
+    assert router._loaded.rebuilt and again.id in router._loaded.label_to_id.values()
 
 
 def test_a_damaged_saved_index_is_rebuilt(lib_copy, encoder):
