@@ -80,3 +80,14 @@ def info(checkpoint: str | None = CkptOpt, generator: str = GenOpt, base_model: 
     typer.echo(f"embedder:        {gen.encoder.name} ({gen.encoder.dim}-d)")
     typer.echo(f"generator:       {gen.name} variant {getattr(gen.net.cfg, 'variant', '?')}, {params:,} params, "
                f"{'trained' if gen.trained else 'UNTRAINED (fresh init)'}")
+
+
+def command_group(app: typer.Typer, name: str, help: str) -> typer.Typer:
+    """The `name` sub-app of `app`: the one another package registered, or a new one (either order works)."""
+    for group in app.registered_groups:
+        group_name = group.name if isinstance(group.name, str) else getattr(group.typer_instance.info, "name", None)
+        if group_name == name and group.typer_instance is not None:
+            return group.typer_instance
+    sub = typer.Typer(help=help, no_args_is_help=True)
+    app.add_typer(sub, name=name)
+    return sub

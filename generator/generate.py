@@ -18,6 +18,7 @@ from generator.hypernet.checkpoint import load_checkpoint
 from generator.hypernet.config import HypernetConfig
 from generator.hypernet.model import Hypernet, build_hypernet
 from generator.lora import LoraAdapter
+from generator.registry import registrar
 from generator.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -25,13 +26,7 @@ GENERATORS: dict[str, type[AdapterGenerator]] = {}
 SHIPPED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
 
-def register_generator(name: str):
-    def deco(cls):
-        GENERATORS[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+register_generator = registrar(GENERATORS)
 
 
 def default_checkpoint(kind: str = "t2l") -> Path | None:
@@ -41,7 +36,10 @@ def default_checkpoint(kind: str = "t2l") -> Path | None:
 
 
 class AdapterGenerator(ABC):
-    """Makes LoRA adapters from task descriptions, many in one call."""
+    """Makes LoRA adapters from task descriptions, many in one call.
+
+    A subclass sets `self.net`, a torch module whose `cfg` has the `rank` and `alpha` of what it makes.
+    """
 
     name = ""
     trained = True  # False for a freshly initialised generator: its adapters carry no task knowledge
@@ -55,12 +53,13 @@ class AdapterGenerator(ABC):
         """`(N, embed_dim)` -> stacked A `{m: (N, L, r, d_in)}` and B `{m: (N, L, d_out, r)}`."""
 
     @property
-    @abstractmethod
-    def rank(self) -> int: ...
+    def rank(self) -> int:
+        """Rank of the adapters made: every generator's network config carries it."""
+        return self.net.cfg.rank
 
     @property
-    @abstractmethod
-    def alpha(self) -> float: ...
+    def alpha(self) -> float:
+        return self.net.cfg.alpha
 
     @torch.no_grad()
     def generate(self, descriptions: Sequence[str]) -> list[LoraAdapter]:
@@ -103,14 +102,6 @@ class T2LGenerator(AdapterGenerator):
             torch.manual_seed(0)
             net = build_hypernet(cfg)
         return cls(net.to(device), encoder, trained=False)
-
-    @property
-    def rank(self) -> int:
-        return self.net.cfg.rank
-
-    @property
-    def alpha(self) -> float:
-        return self.net.cfg.alpha
 
     def factors(self, task_emb):
         device = next(self.net.parameters()).device

@@ -175,18 +175,11 @@ def _encoder():
     return TaskEncoder.load()
 
 
-def _eval_app(app: typer.Typer) -> typer.Typer:
-    """The `eval` sub-app: reuse the one another package registered, or create it (either order works)."""
-    for group in app.registered_groups:
-        if group.name == "eval" and group.typer_instance is not None:
-            return group.typer_instance
-    eval_app = typer.Typer(help="Evaluations: print figures and write them to results/.", no_args_is_help=True)
-    app.add_typer(eval_app, name="eval")
-    return eval_app
-
-
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.add_typer(library_app, name="library")
     app.command("route")(route)
     bench_app.command("route")(bench_route)
-    _eval_app(app).command("routing")(eval_routing)
+    from generator.commands import command_group
+
+    eval_app = command_group(app, "eval", "Evaluations: print figures and write them to results/.")
+    eval_app.command("routing")(eval_routing)

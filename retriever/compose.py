@@ -21,6 +21,7 @@ import torch
 
 from generator.apply import AdapterBank, PerSampleLora
 from generator.lora import LoraAdapter
+from generator.registry import registrar
 from generator.spec import ModelSpec, check_targets
 from retriever.router import Route
 
@@ -85,13 +86,7 @@ def fuse(adapters: Sequence[LoraAdapter], weights: Sequence[float], method: Fuse
     return LoraAdapter(adapters[0].base_model, rank, float(rank), a, b, use_rslora=False, metadata=meta)
 
 
-def register_composition(name: str):
-    def deco(cls: type[Composition]) -> type[Composition]:
-        COMPOSITIONS[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+register_composition = registrar(COMPOSITIONS)
 
 
 class Composition(ABC):

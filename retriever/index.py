@@ -16,19 +16,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from generator.registry import registrar
 from retriever.config import RetrieverConfig
 
 logger = logging.getLogger(__name__)
 INDEX_TYPES: dict[str, type[VectorIndex]] = {}
 
 
-def register_index(name: str):
-    def deco(cls: type[VectorIndex]) -> type[VectorIndex]:
-        INDEX_TYPES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+register_index = registrar(INDEX_TYPES)
 
 
 def _as_matrix(x: np.ndarray, dim: int, what: str) -> np.ndarray:

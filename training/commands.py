@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from generator.commands import command_group
 from generator.models import DEFAULT_BASE_MODEL, hyperlora_home
 
 BaseOpt = typer.Option(DEFAULT_BASE_MODEL, "--base-model", help="Embedded default, a local HF dir, or a dir with "
@@ -186,23 +187,12 @@ def _print(q: dict) -> None:
             typer.echo(f"  {m:<28} {r['rougeL']:6.1f} {r['exact_match']:6.1f}  ({r['tasks']} tasks)")
 
 
-def _group(app: typer.Typer, name: str, help: str) -> typer.Typer:
-    def gname(info) -> str | None:
-        return info.name if isinstance(info.name, str) else getattr(info.typer_instance.info, "name", None)
-
-    group = next((g.typer_instance for g in app.registered_groups if gname(g) == name), None)
-    if group is None:
-        group = typer.Typer(help=help, no_args_is_help=True)
-        app.add_typer(group, name=name)
-    return group
-
-
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    train = _group(app, "train", "Offline training jobs (GPU for full runs; --tiny on the CPU).")
+    train = command_group(app, "train", "Offline training jobs (GPU for full runs; --tiny on the CPU).")
     train.command("lora-library")(lora_library)
     train.command("multitask-lora")(multitask_lora)
     train.command("hypernet")(hypernet)
     train.command("embed-tasks")(embed_tasks)
-    ev = _group(app, "eval", "Evaluations: print figures and write them to results/.")
+    ev = command_group(app, "eval", "Evaluations: print figures and write them to results/.")
     ev.command("quality")(quality)
     ev.command("report")(report)

@@ -90,13 +90,9 @@ def embed_examples(data: str = typer.Option(..., "--data", help="SNI data dir (m
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add the commands to the existing `train` group, creating it when no other module did."""
-    def name(info) -> str | None:
-        return info.name if isinstance(info.name, str) else getattr(info.typer_instance.info, "name", None)
+    from generator.commands import command_group
 
-    group = next((g.typer_instance for g in app.registered_groups if name(g) == "train"), None)
-    if group is None:
-        group = typer.Typer(help="Offline training jobs.", no_args_is_help=True)
-        app.add_typer(group, name="train")
+    group = command_group(app, "train", "Offline training jobs (GPU for full runs; --tiny on the CPU).")
     group.command("cvae")(cvae)
     group.command("sg")(sg)
     group.command("embed-examples")(embed_examples)

@@ -49,14 +49,6 @@ class LatentGenerator(AdapterGenerator):
         self.trained = trained
 
     @property
-    def rank(self) -> int:
-        return self.net.cfg.rank
-
-    @property
-    def alpha(self) -> float:
-        return self.net.cfg.alpha
-
-    @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 

@@ -17,18 +17,13 @@ import torch
 from torch import nn
 
 from generator.hypernet.config import HypernetConfig
+from generator.registry import registrar
 
 HYPERNETS: dict[str, type[Hypernet]] = {}
 _B_GAIN = 0.01  # generated B starts small (a fresh adapter nudges the model; LoRA's B=0 init, softened)
 
 
-def register(variant: str):
-    def deco(cls: type[Hypernet]) -> type[Hypernet]:
-        HYPERNETS[variant] = cls
-        cls.variant = variant
-        return cls
-
-    return deco
+register = registrar(HYPERNETS, "variant")
 
 
 def build_hypernet(cfg: HypernetConfig) -> Hypernet:
