@@ -164,9 +164,13 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
         """Generate one adapter per description; with `save`, add them to the library."""
         lim = state.cfg.limits
         texts = check_texts(body.texts, "description", lim.max_descriptions, lim.max_description_chars)
+        kind = body.generator or state.generator
+        if kind not in state.generators:
+            raise Invalid(f"generator {kind[:32]!r} is not served here; available: {', '.join(state.generators)}",
+                          param="generator")
         if body.save:
             state.authorize(request)
-        adapters, ms = await state.backends.generate(texts)
+        adapters, ms = await state.backends.generate(texts, kind)
         infos = []
         for text, adapter in zip(texts, adapters, strict=True):
             name = body.name or text[:200]
@@ -175,8 +179,10 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
                 infos.append(state.record_info(record))
             else:
                 infos.append(remember(state, adapter, name, [text], list(body.sample_inputs)))
-        return GenerateAdaptersResponse(adapters=infos, generation_ms=round(ms, 2),
-                                        generator_trained=state.generator_trained)
+        # only the default generator can be a fresh one: the others are served only from checkpoints
+        trained = state.generator_trained or kind != state.generator
+        return GenerateAdaptersResponse(adapters=infos, generation_ms=round(ms, 2), generator=kind,
+                                        generator_trained=trained)
 
     @app.get("/v1/adapters", response_model=AdapterList, tags=["adapters"])
     async def list_adapters() -> AdapterList:

@@ -90,7 +90,7 @@ async def plan_adapters(state: GatewayState, body, texts: list[str]) -> list[Pla
     if body.task_description is not None:
         lim = state.cfg.limits
         desc = check_texts([body.task_description], "task_description", 1, lim.max_description_chars)[0]
-        adapters, _ = await state.backends.generate([desc])
+        adapters, _ = await state.backends.generate([desc], state.generator)
         info = remember(state, adapters[0], desc[:200], [desc], [])
         ref = state.ephemeral.get(info.id).ref
         use = AdapterUse(adapters=[{"id": info.id, "weight": 1.0}], generated_adapter=info.id)

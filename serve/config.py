@@ -70,8 +70,10 @@ class ServeConfig(BaseModel):
     # -- models
     base_model: str = DEFAULT_BASE_MODEL  # embedded default or a local HF causal-LM directory
     embedder: str = DEFAULT_EMBEDDER  # embedded default or a local sentence-transformers directory
-    generator: str = "t2l"  # registered adapter generator
+    generator: str = "t2l"  # the default adapter generator (a request's `generator` may pick another one)
     checkpoint: str | None = None  # hypernetwork checkpoint dir; None: the shipped one (else a fresh one, warned)
+    other_generators: dict[str, str | None] = Field(  # also served on request: name -> checkpoint dir (None: the
+        default_factory=lambda: {"cvae": None, "sg": None})  # shipped one; without one it is left out, logged)
     device: str = "cpu"  # torch device of the embedder and the hypernetwork
     # -- the library and routing
     library: str | None = None  # library root; None: $HYPERLORA_HOME/library
@@ -101,6 +103,16 @@ class ServeConfig(BaseModel):
         from retriever.config import RetrieverConfig
 
         RetrieverConfig.from_dict(v)  # raises ValueError naming the bad field
+        return v
+
+    @field_validator("other_generators")
+    @classmethod
+    def _check_generators(cls, v: dict[str, str | None]) -> dict[str, str | None]:
+        from generator.generate import GENERATORS
+
+        unknown = sorted(set(v) - set(GENERATORS))
+        if unknown:
+            raise ValueError(f"unknown generator(s) {unknown}; registered: {sorted(GENERATORS)}")
         return v
 
     @field_validator("deployments")

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +72,7 @@ class Generator:
         if not self.gen.trained:
             logger.warning("NO TRAINED HYPERNETWORK CHECKPOINT: serving a FRESHLY INITIALISED %s generator; its "
                            "adapters are well-formed but carry no task knowledge", self.gen.name)
+        self.gens = {self.gen.name: self.gen} | load_other_generators(cfg, self.gen)
         if cfg.default_library:
             self._fill_library(cfg)
         _set_batching(self.generate, cfg.generator_batch)
@@ -89,26 +91,54 @@ class Generator:
 
     async def info(self) -> dict[str, Any]:
         return {"generator": self.gen.name, "trained": bool(self.gen.trained), "rank": self.gen.rank,
-                "alpha": self.gen.alpha, "base_model": public_model_name(self.gen.spec.name)}
+                "alpha": self.gen.alpha, "base_model": public_model_name(self.gen.spec.name),
+                "generators": sorted(self.gens)}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def generate(self, requests: list[list[str]]) -> list[tuple[list[LoraAdapter], float]]:
-        flat = [d for r in requests for d in r]
-        t0 = time.perf_counter()
-        adapters = await asyncio.get_running_loop().run_in_executor(self._executor, self.gen.generate, flat)
-        dt = time.perf_counter() - t0
-        self._seconds.observe(dt)
-        self._count.inc(len(adapters))
-        logger.info("generated %d adapter(s) for %d request(s) in one batch in %.1f ms",
-                    len(adapters), len(requests), 1e3 * dt)
-        out, i = [], 0
-        for r in requests:
-            out.append((adapters[i: i + len(r)], 1e3 * dt))
-            i += len(r)
+    async def generate(self, requests: list[tuple[str, list[str]]]) -> list[tuple[list[LoraAdapter], float]]:
+        """Each request is (generator name, descriptions); one batched call per generator named in the batch."""
+        out: list[tuple[list[LoraAdapter], float] | None] = [None] * len(requests)
+        for kind in dict.fromkeys(k for k, _ in requests):
+            mine = [i for i, (k, _) in enumerate(requests) if k == kind]
+            if kind not in self.gens:
+                raise ValueError(f"generator {kind!r} is not served here; available: {', '.join(sorted(self.gens))}")
+            flat = [d for i in mine for d in requests[i][1]]
+            t0 = time.perf_counter()
+            adapters = await asyncio.get_running_loop().run_in_executor(self._executor, self.gens[kind].generate,
+                                                                        flat)
+            dt = time.perf_counter() - t0
+            self._seconds.observe(dt)
+            self._count.inc(len(adapters))
+            logger.info("generated %d adapter(s) with %s for %d request(s) in one batch in %.1f ms",
+                        len(adapters), kind, len(mine), 1e3 * dt)
+            j = 0
+            for i in mine:
+                n = len(requests[i][1])
+                out[i] = (adapters[j: j + n], 1e3 * dt)
+                j += n
         return out
 
     async def metrics(self) -> list[dict[str, Any]]:
         return REGISTRY.snapshot()
+
+
+def load_other_generators(cfg: ServeConfig, default) -> dict[str, Any]:
+    """`cfg.other_generators` that have a checkpoint, sharing the default generator's encoder."""
+    from generator.generate import GENERATORS, default_checkpoint
+    from generator.models import DEFAULT_BASE_MODEL
+
+    out = {}
+    for kind, ckpt in cfg.other_generators.items():
+        if kind == default.name:
+            continue
+        path = ckpt or (default_checkpoint(kind) if cfg.base_model == DEFAULT_BASE_MODEL else None)
+        if path is None:
+            logger.info("generator %s is not served: no checkpoint for %s (set other_generators.%s)", kind,
+                        cfg.base_model, kind)
+            continue
+        out[kind] = GENERATORS[kind].from_checkpoint(path, default.encoder, default.spec, cfg.device)
+        logger.info("also serving generator %s from %s", kind, Path(path).name)
+    return out
 
 
 @serve.deployment(name="Router", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})

@@ -90,8 +90,8 @@ class Backends:
         self.generator, self.router, self.llm = generator, router, llm
         self.timeout_s = timeout_s
 
-    async def generate(self, descriptions: list[str]) -> tuple[list[LoraAdapter], float]:
-        return await asyncio.wait_for(self.generator.generate.remote(descriptions), self.timeout_s)
+    async def generate(self, descriptions: list[str], generator: str) -> tuple[list[LoraAdapter], float]:
+        return await asyncio.wait_for(self.generator.generate.remote((generator, descriptions)), self.timeout_s)
 
     async def route(self, inputs: list[str], top_k: int) -> list[dict[str, Any]]:
         return await asyncio.wait_for(self.router.route.remote((inputs, top_k)), self.timeout_s)
@@ -134,6 +134,8 @@ class GatewayState:
     backends: Backends
     ephemeral: EphemeralStore
     generator_trained: bool = True
+    generator: str = "t2l"  # the default generator
+    generators: tuple[str, ...] = ("t2l",)  # every generator the Generator deployment serves
     base_names: frozenset[str] = field(default_factory=frozenset)
     started: float = field(default_factory=time.time)
 
@@ -190,7 +192,7 @@ class Gateway:
         self.state = GatewayState(
             cfg=cfg, spec=spec, library=AdapterLibrary(cfg.library_root(), spec),
             backends=Backends(generator, router, llm, cfg.request_timeout_s),
-            ephemeral=EphemeralStore(cfg.ephemeral_bytes),
+            ephemeral=EphemeralStore(cfg.ephemeral_bytes), generator=cfg.generator, generators=(cfg.generator,),
             base_names=frozenset({spec.name, public_model_name(spec.name), PurePath(spec.name).name, "base"}),
         )
         if self.state.api_key() is None:
@@ -202,6 +204,7 @@ class Gateway:
         try:
             info = await self.state.backends.generator.info.remote()
             self.state.generator_trained = bool(info["trained"])
+            self.state.generators = tuple(info.get("generators", [info["generator"]]))
         except Exception as e:  # noqa: BLE001 - only a flag in responses; logged
             logger.warning("could not ask the generator whether it is trained: %s", e)
 

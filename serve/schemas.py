@@ -17,6 +17,9 @@ class GenerateAdaptersRequest(BaseModel):
     description: str | None = Field(None, description="One sentence saying what the adapter should do.")
     descriptions: list[str] | None = Field(None, min_length=1, description="Several, one adapter each.")
     save: bool = Field(False, description="Add the adapters to the library (needs the API key).")
+    generator: str | None = Field(None, min_length=1, max_length=32,
+                                  description="Which generator makes them: t2l (Text-to-LoRA), cvae (ICM-LoRA) or sg "
+                                              "(semantic-guided), as served; default: the service's (t2l).")
     name: str | None = Field(None, min_length=1, max_length=200, description="Library name (default: the description).")
     sample_inputs: list[str] = Field(default_factory=list, max_length=100,
                                      description="A few inputs of the task, used as the adapter's routing key.")
@@ -50,6 +53,7 @@ class AdapterInfo(BaseModel):
 class GenerateAdaptersResponse(BaseModel):
     adapters: list[AdapterInfo]
     generation_ms: float  # hypernetwork time (embedding included) for the whole request
+    generator: str  # which generator made them
     generator_trained: bool  # False: a freshly initialised hypernetwork made these
 
 

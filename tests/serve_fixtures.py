@@ -56,6 +56,18 @@ def build_tiny_hypernet(spec, out: Path) -> Path:
     return save_checkpoint(net, out, dtype=torch.float32)
 
 
+def build_tiny_cvae(spec, out: Path) -> Path:
+    """A fresh tiny CVAE checkpoint (rank 4, like the tiny hypernetwork) with B large enough to matter."""
+    from generator.cvae.checkpoint import save_cvae
+    from generator.cvae.config import CVAEConfig
+    from generator.cvae.model import LoraCVAE
+
+    torch.manual_seed(0)
+    net = LoraCVAE(CVAEConfig.sized("tiny", spec=spec, rank=4, alpha=8.0, embed_dim=384))
+    net.init_untrained_normaliser(b_std=0.5)
+    return save_cvae(net, out, dtype=torch.float32)
+
+
 def build_library(root: Path, spec, seed: int = 0):
     """A library with one random adapter per task in TASKS (keys: descriptions and sample inputs)."""
     from generator.lora import LoraAdapter
@@ -78,10 +90,12 @@ def tiny_service(tmp: Path, port: int):
     model_dir = build_tiny_model(tmp / "tiny-llama")
     spec = load_spec(str(model_dir))
     ckpt = build_tiny_hypernet(spec, tmp / "hypernet")
+    cvae = build_tiny_cvae(spec, tmp / "cvae")
     build_library(tmp / "library", spec)
     small = {"ray_actor_options": {"num_cpus": 0}}
     cfg = ServeConfig(
-        base_model=str(model_dir), checkpoint=str(ckpt), library=str(tmp / "library"), default_library=False,
+        base_model=str(model_dir), checkpoint=str(ckpt), other_generators={"cvae": str(cvae)},
+        library=str(tmp / "library"), default_library=False,
         retriever={"abstain_threshold": 0.3},
         engine={"max_batch_size": 16, "max_new_tokens": 64, "max_prompt_tokens": 256, "cache_bytes": 8 << 20},
         llm_batch={"max_batch_size": 16, "batch_wait_timeout_s": 0.05}, torch_threads=1,

@@ -139,6 +139,26 @@ def test_generate_list_get_delete(client):
     assert client.get(f"/v1/adapters/{a['id']}").status_code == 404
 
 
+def test_generate_picks_the_requested_generator(client):
+    body = {"description": "Reply like a pirate."}
+    t2l = client.post("/v1/adapters", json=body).json()
+    cvae = client.post("/v1/adapters", json=body | {"generator": "cvae"}).json()
+    assert t2l["generator"] == "t2l" and cvae["generator"] == "cvae"
+    weights = []
+    for r in (t2l, cvae):
+        aid = r["adapters"][0]["id"]
+        tar = tarfile.open(fileobj=io.BytesIO(client.get(f"/v1/adapters/{aid}/download").content))
+        weights.append(tar.extractfile(f"{aid}/adapter_model.safetensors").read())
+        out = client.post("/v1/completions", json={"model": aid, "prompt": "Ahoy", "max_tokens": 3})
+        assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] >= 1
+    assert weights[0] != weights[1]  # two different generators made them
+    for name in ("sg", "nope"):  # sg has no checkpoint for the tiny model, so it is not served
+        r = client.post("/v1/adapters", json=body | {"generator": name})
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["param"] == "generator" and "available: cvae, t2l" in err["message"]
+
+
 def test_generate_and_save_needs_key_and_persists(client, service):
     r = client.post("/v1/adapters", json={"description": "Answer with a number.", "save": True})
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]

@@ -104,6 +104,19 @@ def test_multitask_and_hypernet_jobs_write_checkpoints(work):
         assert cfg["extra"]["mode"] == mode and (work / f"t2l-{mode}" / "hypernet.safetensors").is_file()
 
 
+def test_sft_early_stopping_holds_out_tasks_and_keeps_the_best_step(work):
+    out = work / "val" / "t2l-sft"
+    _invoke(["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(out), "--steps", "4", "--val-tasks", "1",
+             "--eval-every", "2", "--embeddings", str(work / "emb.safetensors")])
+    extra = json.loads((out / "hypernet.json").read_text())["extra"]
+    last = load_split("train", limit=3)[-1].name  # every second of the last 2 * val_tasks: the last one
+    assert extra["val_tasks"] == [last] and extra["train_tasks"] == 2
+    steps = [s for s, _ in extra["val_curve"]]
+    assert steps == [2, 4]
+    best = min(extra["val_curve"], key=lambda sv: sv[1])
+    assert extra["best_step"] == best[0] and extra["best_val_loss"] == pytest.approx(best[1], abs=1e-4)
+
+
 def test_eval_quality_writes_table_plot_and_command(work):
     out = work / "results"
     printed = _invoke(["eval", "quality", "--tiny", "--work", str(work), "--out", str(out),

@@ -101,6 +101,10 @@ def hypernet(
     lr: float = typer.Option(None, "--lr", help="Learning rate (default 1e-3 recon, 2e-4 sft)."),
     tasks_per_step: int = typer.Option(32, "--tasks-per-step", help="Tasks per step, one sampled description each."),
     init_from: str = typer.Option(None, "--init-from", help="Start from this checkpoint (e.g. a recon one)."),
+    val_tasks: int = typer.Option(0, "--val-tasks", help="SFT: hold out this many train tasks and keep the step "
+                                                         "with the lowest loss on them (0: keep the last step)."),
+    eval_every: int = typer.Option(100, "--eval-every", help="SFT: steps between validation losses."),
+    dropout: float = typer.Option(0.05, "--dropout", help="Hypernetwork dropout."),
     embeddings: str = EmbOpt, base_model: str = BaseOpt, data: str = DataOpt, device: str = DevOpt,
     dtype: str = DtypeOpt, limit_tasks: int = LimitOpt, tiny: bool = TinyOpt,
 ) -> None:
@@ -111,9 +115,11 @@ def hypernet(
     cfg = _train_cfg(base_model, data, device, dtype, limit_tasks, tiny)
     recon = mode == "recon"
     fields = {"mode": mode, "variant": variant, "steps": steps or (3000 if recon else 1000),
-              "lr": lr or (1e-3 if recon else 2e-4), "tasks_per_step": tasks_per_step}
+              "lr": lr or (1e-3 if recon else 2e-4), "tasks_per_step": tasks_per_step, "val_tasks": val_tasks,
+              "eval_every": eval_every, "dropout": dropout}
     if tiny:
-        fields |= {"steps": steps or 4, "tasks_per_step": 2, "per_task": 2, "hidden_dim": 32, "warmup": 1}
+        fields |= {"steps": steps or 4, "tasks_per_step": 2, "per_task": 2, "hidden_dim": 32, "warmup": 1,
+                   "eval_every": min(eval_every, 2)}
     try:
         hcfg = HypernetTrainConfig(**fields)
     except ValueError as e:
@@ -157,7 +163,7 @@ def quality(
     from training.report import write_report
 
     cfg = _train_cfg(base_model, data, device, dtype, limit_tasks, tiny)
-    hypernets = {n: str(work / n) for n in ("t2l-recon", "t2l-sft") if (work / n / "hypernet.json").exists()}
+    hypernets = {d.name: str(d) for d in sorted(work.glob("t2l-*")) if (d / "hypernet.json").exists()}
     gens = dict(g.split("=", 1) for g in generator or [])
     ecfg = EvalConfig(max_new_tokens=4 if tiny else max_new_tokens, batch_size=batch_size,
                       max_per_task=max_per_task or (2 if tiny else None), train_sample=2 if tiny else train_sample,

@@ -62,6 +62,7 @@ class HypernetTrainConfig:
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     hidden_dim: int = 512
     n_blocks: int = 2
+    dropout: float = 0.05  # in the hypernetwork's task encoder and trunk
     steps: int = 1000
     lr: float = 2e-4
     weight_decay: float = 1e-2
@@ -70,6 +71,8 @@ class HypernetTrainConfig:
     warmup: int = 50
     description_pool: Literal["descriptions", "descriptions+definition"] = "descriptions+definition"  # sampled per
     # step: the paraphrased descriptions alone (the first shipped checkpoint) or with the SNI definition too
+    val_tasks: int = 0  # sft: train tasks held out to pick the step (early stopping); 0 keeps the last step
+    eval_every: int = 100  # sft: steps between validation losses
 
     def __post_init__(self) -> None:
         if self.description_pool not in ("descriptions", "descriptions+definition"):
@@ -78,4 +81,8 @@ class HypernetTrainConfig:
         if self.mode not in ("recon", "sft"):
             raise ValueError(f"mode must be 'recon' or 'sft', got {self.mode!r}")
         self.target_modules = check_targets(list(self.target_modules))
-        _positive(self, "rank", "steps", "lr", "tasks_per_step", "per_task")
+        _positive(self, "rank", "steps", "lr", "tasks_per_step", "per_task", "eval_every")
+        if self.val_tasks < 0:
+            raise ValueError(f"val_tasks must be >= 0, got {self.val_tasks}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from generator.apply import AdapterBank
 from generator.hypernet.checkpoint import load_checkpoint, save_checkpoint
 from generator.hypernet.config import HypernetConfig
 from generator.hypernet.model import Hypernet, build_hypernet
 from generator.peft_io import load_peft
 from training.config import HypernetTrainConfig, TrainConfig
-from training.data import DEFAULT_DATA, Batcher, load_split
+from training.data import DEFAULT_DATA, Batcher, Task, answer_loss, load_split, sample_pairs
 from training.embeddings import task_embeddings
 from training.loop import lora_step_loss, run_steps
 
@@ -57,7 +58,8 @@ def build_net(hcfg: HypernetTrainConfig, spec, embed_dim: int, init_from: str | 
         return net
     torch.manual_seed(0)
     cfg = HypernetConfig(spec=spec, variant=hcfg.variant, target_modules=hcfg.target_modules, rank=hcfg.rank,
-                         alpha=hcfg.alpha, embed_dim=embed_dim, hidden_dim=hcfg.hidden_dim, n_blocks=hcfg.n_blocks)
+                         alpha=hcfg.alpha, embed_dim=embed_dim, hidden_dim=hcfg.hidden_dim, n_blocks=hcfg.n_blocks,
+                         dropout=hcfg.dropout)
     return build_hypernet(cfg).to(device).train()
 
 
@@ -70,6 +72,45 @@ def _library_targets(library: Path, names: list[str], spec, device) -> tuple[lis
     a = {m: torch.stack([ad.a[m] for ad in adapters]).to(device) for m in adapters[0].target_modules}
     b = {m: torch.stack([ad.b[m] for ad in adapters]).to(device) for m in adapters[0].target_modules}
     return present, a, b
+
+
+def split_val(tasks: list[Task], n_val: int) -> tuple[list[Task], list[Task]]:
+    """Hold out `n_val` train tasks for validation: every second one of the last `2 * n_val`, so the first
+    tasks (eval's train sample) stay trained on. Deterministic."""
+    if n_val == 0:
+        return tasks, []
+    if 2 * n_val >= len(tasks):
+        raise ValueError(f"val_tasks={n_val} leaves too few of the {len(tasks)} train tasks to train on")
+    held = {t.name for t in tasks[-2 * n_val:][1::2]}
+    return [t for t in tasks if t.name not in held], [t for t in tasks if t.name in held]
+
+
+class Validator:
+    """Answer loss of held-out tasks' adapters, generated from each task's first description and its
+    definition, on a fixed sample of their instances: what early stopping watches."""
+
+    def __init__(self, val: list[Task], emb: dict[str, torch.Tensor], batcher: Batcher, per_task: int = 16) -> None:
+        rng = random.Random(1)
+        self.items = []  # (embedding (1, dim), batch) per (task, description)
+        for t in val:
+            pairs = sample_pairs(batcher.tok, [t], per_task, rng)
+            pool = emb[t.name]
+            for row in {0, pool.shape[0] - 1}:  # first paraphrase and, last in the pool, the definition
+                self.items.append((pool[row: row + 1], pairs))
+        self.batcher = batcher
+
+    @torch.no_grad()
+    def loss(self, net: Hypernet, model, injector, scaling: float, device) -> float:
+        was_training = net.training
+        net.eval()
+        total = 0.0
+        for e, pairs in self.items:
+            a, b = net(e)
+            bank = AdapterBank.from_factors(a, b, scaling)
+            with injector.use(bank.gather(torch.zeros(len(pairs), dtype=torch.long, device=device))):
+                total += answer_loss(model, self.batcher.batch(pairs, device)).item()
+        net.train(was_training)
+        return total / len(self.items)
 
 
 def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | Path, embeddings: str | None = None,
@@ -100,8 +141,10 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         model, tok, spec, injector = load_frozen(cfg, hcfg.target_modules)
         batcher = Batcher(tok, cfg.max_prompt_tokens, cfg.max_answer_tokens)
         net = build_net(hcfg, spec, embed_dim, init_from, cfg.device)
+        tasks, val = split_val(tasks, hcfg.val_tasks)
         names = [t.name for t in tasks]
         scaling = hcfg.alpha / hcfg.rank
+        validator = Validator(val, emb, batcher) if val else None
 
         def loss_fn(step):
             idx = rng.sample(range(len(tasks)), min(hcfg.tasks_per_step, len(tasks)))
@@ -114,9 +157,29 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
                                   cfg.device)
 
     params = [p for p in net.parameters() if p.requires_grad]
+    extra = {"mode": hcfg.mode, "steps": hcfg.steps, "train_tasks": len(tasks), "init_from": bool(init_from)}
+    on_step = None
+    if hcfg.mode == "sft" and validator is not None:
+        extra |= {"val_tasks": [t.name for t in val], "val_curve": [], "best_val_loss": float("inf")}
+
+        def on_step(step: int, _loss: float) -> None:
+            if (step + 1) % hcfg.eval_every and step + 1 != hcfg.steps:
+                return
+            v = validator.loss(net, model, injector, scaling, cfg.device)
+            extra["val_curve"].append([step + 1, round(v, 4)])
+            logger.info("step %d: validation loss %.4f on %d held-out tasks", step + 1, v, len(val))
+            if v < extra["best_val_loss"]:  # keep the best step on disk, so a killed run leaves it behind
+                extra.update(best_val_loss=v, best_step=step + 1)
+                net.cfg.extra = dict(extra)
+                save_checkpoint(net, out_dir)
+
     losses = run_steps(params, hcfg.steps, hcfg.lr, loss_fn, f"hypernet-{hcfg.mode}", warmup=hcfg.warmup,
-                       weight_decay=hcfg.weight_decay)
-    net.cfg.extra = {"mode": hcfg.mode, "steps": hcfg.steps, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-                     "train_tasks": len(tasks), "init_from": bool(init_from)}
+                       weight_decay=hcfg.weight_decay, on_step=on_step)
+    extra["final_loss"] = sum(losses[-20:]) / len(losses[-20:])
+    if on_step is not None:  # the best step's checkpoint is already written; record the whole run in it
+        best = load_checkpoint(out_dir, spec, "cpu")
+        best.cfg.extra = extra
+        return save_checkpoint(best, out_dir)
+    net.cfg.extra = extra
     net.eval()
     return save_checkpoint(net, out_dir)

@@ -41,22 +41,23 @@ def run(args: argparse.Namespace) -> None:
             from training.lora_library import train_multitask
 
             train_multitask(cfg, LoraTrainConfig(steps=args.multitask_steps, per_task=args.multitask_batch,
-                                                 lr=args.library_lr), work / "multitask")
-        elif stage in ("recon", "sft") and not (work / f"t2l-{stage}" / "hypernet.json").exists():
+                                                 lr=args.multitask_lr or args.library_lr), work / "multitask")
+        elif stage in ("recon", "sft") and not (work / _hypernet_dir(stage, args) / "hypernet.json").exists():
             from training.hypernet_train import train_hypernet
 
             steps = args.recon_steps if stage == "recon" else args.sft_steps
             lr = args.recon_lr if stage == "recon" else args.hypernet_lr
             hcfg = HypernetTrainConfig(mode=stage, variant=args.variant, steps=steps, lr=lr,
                                        tasks_per_step=args.tasks_per_step, per_task=args.sft_per_task,
-                                       description_pool=args.sft_pool)
+                                       description_pool=args.sft_pool, dropout=args.dropout,
+                                       val_tasks=args.val_tasks if stage == "sft" else 0, eval_every=args.eval_every)
             init = str(work / "t2l-recon") if stage == "sft" and args.sft_init_from_recon else None
-            train_hypernet(cfg, hcfg, work / f"t2l-{stage}", embeddings=emb, library=str(work / "lora-library"),
-                           init_from=init)
+            train_hypernet(cfg, hcfg, work / _hypernet_dir(stage, args), embeddings=emb,
+                           library=str(work / "lora-library"), init_from=init)
         elif stage == "predict":
             from training.evaluate import EvalConfig, predict
 
-            hypernets = {n: str(work / n) for n in ("t2l-recon", "t2l-sft") if (work / n / "hypernet.json").exists()}
+            hypernets = {d.name: str(d) for d in sorted(work.glob("t2l-*")) if (d / "hypernet.json").exists()}
             gens = dict(g.split("=", 1) for g in args.generator) if args.generator else {}
             ecfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch,
                               max_per_task=args.max_per_task, train_sample=args.train_sample, hypernets=hypernets,
@@ -68,6 +69,10 @@ def run(args: argparse.Namespace) -> None:
         timings[stage] = round(time.perf_counter() - t0, 1)
         print(f"stage {stage}: {timings[stage]} s", flush=True)
     (work / f"timings-{int(time.time())}.json").write_text(json.dumps(timings))
+
+
+def _hypernet_dir(stage: str, args: argparse.Namespace) -> str:
+    return args.sft_out if stage == "sft" else "t2l-recon"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks-per-batch", type=int, default=146)
     p.add_argument("--multitask-steps", type=int, default=300)
     p.add_argument("--multitask-batch", type=int, default=64)
+    p.add_argument("--multitask-lr", type=float, default=None, help="default: --library-lr")
     p.add_argument("--variant", default="M", choices=["L", "M", "S"])
     p.add_argument("--recon-steps", type=int, default=3000)
     p.add_argument("--sft-steps", type=int, default=1000)
@@ -95,6 +101,11 @@ def parser() -> argparse.ArgumentParser:
                    help="what a task's sampled description is drawn from")
     p.add_argument("--hypernet-lr", type=float, default=2e-4, help="SFT learning rate")
     p.add_argument("--recon-lr", type=float, default=1e-3)
+    p.add_argument("--sft-out", default="t2l-sft", help="SFT checkpoint folder under --work (must start with t2l-: "
+                   "predict evaluates every t2l-* folder)")
+    p.add_argument("--dropout", type=float, default=0.05, help="hypernetwork dropout")
+    p.add_argument("--val-tasks", type=int, default=0, help="SFT: train tasks held out to pick the best step")
+    p.add_argument("--eval-every", type=int, default=100, help="SFT: steps between validation losses")
     p.add_argument("--tasks-per-step", type=int, default=32)
     p.add_argument("--sft-per-task", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
