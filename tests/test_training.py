@@ -117,6 +117,19 @@ def test_sft_early_stopping_holds_out_tasks_and_keeps_the_best_step(work):
     assert extra["best_step"] == best[0] and extra["best_val_loss"] == pytest.approx(best[1], abs=1e-4)
 
 
+def test_sft_data_parallel_on_ray_train(work):
+    pytest.importorskip("ray.train.torch")
+    from generator.hypernet.checkpoint import load_checkpoint
+
+    out = work / "ray" / "t2l-sft"
+    _invoke(["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(out), "--steps", "3", "--ray-workers", "2",
+             "--embeddings", str(work / "emb.safetensors")])
+    net = load_checkpoint(out)
+    assert net.cfg.extra["workers"] == 2 and net.cfg.extra["mode"] == "sft"
+    fresh = json.loads((work / "t2l-sft" / "hypernet.json").read_text())["extra"]
+    assert fresh["workers"] == 1
+
+
 def test_eval_quality_writes_table_plot_and_command(work):
     out = work / "results"
     printed = _invoke(["eval", "quality", "--tiny", "--work", str(work), "--out", str(out),

@@ -105,6 +105,10 @@ def hypernet(
                                                          "with the lowest loss on them (0: keep the last step)."),
     eval_every: int = typer.Option(100, "--eval-every", help="SFT: steps between validation losses."),
     dropout: float = typer.Option(0.05, "--dropout", help="Hypernetwork dropout."),
+    ray_workers: int = typer.Option(0, "--ray-workers", help="SFT data-parallel on this many Ray Train workers "
+                                                             "(a GPU each when there are enough); 0: one process."),
+    ray_address: str = typer.Option(None, "--ray", help="With --ray-workers: a running Ray cluster ('auto' or an "
+                                                        "address); default: start a local one."),
     embeddings: str = EmbOpt, base_model: str = BaseOpt, data: str = DataOpt, device: str = DevOpt,
     dtype: str = DtypeOpt, limit_tasks: int = LimitOpt, tiny: bool = TinyOpt,
 ) -> None:
@@ -124,7 +128,16 @@ def hypernet(
         hcfg = HypernetTrainConfig(**fields)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    path = train_hypernet(cfg, hcfg, out or Path(f"runs/t2l-{mode}"), embeddings, library, init_from)
+    out = out or Path(f"runs/t2l-{mode}")
+    if ray_workers > 0:
+        from training.distributed import train_hypernet_on_ray
+
+        try:
+            path = train_hypernet_on_ray(cfg, hcfg, out, ray_workers, ray_address, embeddings, init_from)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+    else:
+        path = train_hypernet(cfg, hcfg, out, embeddings, library, init_from)
     typer.echo(f"wrote the {mode} hypernetwork checkpoint to {path}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -114,12 +115,20 @@ class Validator:
 
 
 def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | Path, embeddings: str | None = None,
-                   library: str | None = None, init_from: str | None = None) -> Path:
+                   library: str | None = None, init_from: str | None = None, rank: int = 0, world: int = 1,
+                   wrap: Callable[[Hypernet], torch.nn.Module] | None = None) -> Path | None:
+    """Train and save a checkpoint into `out_dir`; returns its path.
+
+    Data-parallel (training.distributed): every worker calls this with its `rank` and a `wrap` that makes the
+    network's gradients sync (DDP). Each worker samples its own tasks, so a step sees workers x tasks_per_step
+    tasks; only rank 0 validates and writes (the others return None).
+    """
     tasks = load_split("train", cfg.data or DEFAULT_DATA, cfg.limit_tasks)
     emb = description_pool(task_embeddings(tasks, embeddings), [t.name for t in tasks], cfg.device,
                            hcfg.description_pool == "descriptions+definition")
     embed_dim = next(iter(emb.values())).shape[1]
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed + rank)
+    validator = None
     if hcfg.mode == "recon":
         from generator.config import load_spec
 
@@ -141,23 +150,25 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         model, tok, spec, injector = load_frozen(cfg, hcfg.target_modules)
         batcher = Batcher(tok, cfg.max_prompt_tokens, cfg.max_answer_tokens)
         net = build_net(hcfg, spec, embed_dim, init_from, cfg.device)
+        fwd = wrap(net) if wrap is not None else net  # gradients sync through the wrapper's forward
         tasks, val = split_val(tasks, hcfg.val_tasks)
         names = [t.name for t in tasks]
         scaling = hcfg.alpha / hcfg.rank
-        validator = Validator(val, emb, batcher) if val else None
+        validator = Validator(val, emb, batcher) if val and rank == 0 else None
 
         def loss_fn(step):
             idx = rng.sample(range(len(tasks)), min(hcfg.tasks_per_step, len(tasks)))
             task_emb = sample_descriptions(emb, [names[i] for i in idx], rng)
 
             def factors(_ids):
-                return net(task_emb)
+                return fwd(task_emb)
 
             return lora_step_loss(model, injector, batcher, tasks, idx, factors, scaling, hcfg.per_task, rng,
                                   cfg.device)
 
     params = [p for p in net.parameters() if p.requires_grad]
-    extra = {"mode": hcfg.mode, "steps": hcfg.steps, "train_tasks": len(tasks), "init_from": bool(init_from)}
+    extra = {"mode": hcfg.mode, "steps": hcfg.steps, "train_tasks": len(tasks), "init_from": bool(init_from),
+             "workers": world}
     on_step = None
     if hcfg.mode == "sft" and validator is not None:
         extra |= {"val_tasks": [t.name for t in val], "val_curve": [], "best_val_loss": float("inf")}
@@ -175,6 +186,8 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
 
     losses = run_steps(params, hcfg.steps, hcfg.lr, loss_fn, f"hypernet-{hcfg.mode}", warmup=hcfg.warmup,
                        weight_decay=hcfg.weight_decay, on_step=on_step)
+    if rank != 0:
+        return None
     extra["final_loss"] = sum(losses[-20:]) / len(losses[-20:])
     if on_step is not None:  # the best step's checkpoint is already written; record the whole run in it
         best = load_checkpoint(out_dir, spec, "cpu")
