@@ -34,6 +34,7 @@ class TaskEncoder:
     def __init__(self, model, name: str = DEFAULT_EMBEDDER) -> None:
         self.model = model
         self.name = name
+        self._plain = _plain_mean_pooling(model)  # the HF model behind a Transformer -> mean Pooling stack
 
     @classmethod
     def load(cls, name_or_path: str = DEFAULT_EMBEDDER, device: torch.device | str = "cpu") -> TaskEncoder:
@@ -63,7 +64,37 @@ class TaskEncoder:
         texts = check_texts(texts, what)
         self._warn_truncated(texts)
         t0 = time.perf_counter()
-        emb = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                                show_progress_bar=False)
+        if self._plain is not None:
+            emb = torch.cat([self._mean_pool(texts[i: i + batch_size]) for i in range(0, len(texts), batch_size)])
+        else:
+            emb = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                                    show_progress_bar=False)
         logger.debug("embedded %d %s(s) in %.1f ms", len(texts), what, 1e3 * (time.perf_counter() - t0))
         return emb.float()
+
+    def _mean_pool(self, texts: list[str]) -> torch.Tensor:
+        """What `SentenceTransformer.encode` computes for a Transformer + mean Pooling (+ Normalize) model, without
+        its per-call overhead (about 9 of 30 ms for one sentence on two CPU cores)."""
+        hf = self._plain
+        feats = self.model.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
+                                     return_tensors="pt").to(hf.device)
+        hidden = hf(**feats).last_hidden_state
+        mask = feats["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(mean.float(), dim=-1)
+
+
+def _plain_mean_pooling(model):
+    """The Hugging Face model inside a sentence-transformers stack of exactly Transformer, mean Pooling and
+    optionally Normalize, with no prompts or lower-casing; None for anything else (then `encode` is used)."""
+    mods = list(model) if hasattr(model, "__iter__") else []
+    kinds = [type(m).__name__ for m in mods]
+    if kinds[:2] != ["Transformer", "Pooling"] or any(k != "Normalize" for k in kinds[2:]):
+        return None
+    pooling = getattr(mods[1], "get_config_dict", dict)()
+    if pooling.get("pooling_mode", "mean" if pooling.get("pooling_mode_mean_tokens") else None) != "mean":
+        return None
+    if getattr(mods[0], "do_lower_case", False) or any(getattr(model, "prompts", {}).values()) \
+            or getattr(model, "default_prompt_name", None):
+        return None
+    return getattr(mods[0], "auto_model", None)

@@ -223,7 +223,7 @@ def remember(state: GatewayState, adapter, name: str, descriptions: list[str], s
     info = AdapterInfo(id=state.new_ephemeral_id(), name=name, descriptions=descriptions, source="generated",
                        saved=False, base_model=state.model_name, rank=adapter.rank,
                        target_modules=list(adapter.target_modules), created=now_iso(), sample_inputs=samples)
-    state.ephemeral.put(adapter, info, state.backends.share(adapter))
+    state.ephemeral.put(adapter, info, state.backends.share)
     return info
 
 

@@ -83,7 +83,8 @@ class ServeConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     llm_batch: BatchSettings = Field(  # the LLM's @serve.batch (capped by engine.max_batch_size)
         default_factory=lambda: BatchSettings(max_batch_size=32, batch_wait_timeout_s=0.02))
-    generator_batch: BatchSettings = Field(default_factory=lambda: BatchSettings(max_batch_size=16))
+    generator_batch: BatchSettings = Field(  # a short wait: a lone request pays it; queued ones batch anyway
+        default_factory=lambda: BatchSettings(max_batch_size=16, batch_wait_timeout_s=0.002))
     router_batch: BatchSettings = Field(
         default_factory=lambda: BatchSettings(max_batch_size=32, batch_wait_timeout_s=0.002))
     torch_threads: int | None = Field(None, ge=1)  # torch threads of each model replica; None: every core

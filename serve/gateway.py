@@ -11,7 +11,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -47,7 +47,15 @@ def check_mutation(headers: dict[str, str], client_host: str | None, api_key: st
 class _Ephemeral:
     info: AdapterInfo
     adapter: LoraAdapter  # on the CPU
-    ref: Any  # what LLM requests carry: a Ray object reference, or the adapter itself
+    share: Callable[[LoraAdapter], Any] | None  # makes what LLM requests carry (a Ray object reference)
+    _ref: Any = None
+
+    @property
+    def ref(self) -> Any:
+        """What LLM requests carry: put in the object store on first use, not on the generate path."""
+        if self._ref is None:
+            self._ref = self.share(self.adapter) if self.share is not None else self.adapter
+        return self._ref
 
 
 class EphemeralStore:
@@ -58,13 +66,13 @@ class EphemeralStore:
         self._items: OrderedDict[str, _Ephemeral] = OrderedDict()
         self.nbytes = 0
 
-    def put(self, adapter: LoraAdapter, info: AdapterInfo, ref: Any) -> None:
+    def put(self, adapter: LoraAdapter, info: AdapterInfo, share: Callable[[LoraAdapter], Any] | None) -> None:
         size = adapter.nbytes()
         while self._items and self.nbytes + size > self.max_bytes:
             old_id, old = self._items.popitem(last=False)
             self.nbytes -= old.adapter.nbytes()
             logger.info("dropped unsaved adapter %s from gateway memory (LRU)", old_id)
-        self._items[info.id] = _Ephemeral(info, adapter, ref)
+        self._items[info.id] = _Ephemeral(info, adapter, share)
         self.nbytes += size
 
     def get(self, adapter_id: str) -> _Ephemeral | None:

@@ -100,3 +100,25 @@ def test_fresh_generator_is_reproducible_and_leaves_the_global_rng_alone(encoder
     assert torch.equal(torch.rand(3), expected)
     second = T2LGenerator.fresh(tiny_spec, encoder, variant="L", hidden_dim=32).generate(["Write haiku."])[0]
     assert torch.equal(first.a["q_proj"], second.a["q_proj"])
+
+
+def test_fast_mean_pooling_matches_sentence_transformers(encoder):
+    assert encoder._plain is not None  # MiniLM is Transformer -> mean Pooling -> Normalize
+    texts = ["Classify the sentiment.", "Translate English sentences into French, keeping names as they are. " * 3,
+             "x"]
+    ours = encoder.encode(texts, batch_size=2)  # two batches, with padding
+    ref = encoder.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True,
+                               show_progress_bar=False).float()
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_other_pooling_falls_back_to_encode(encoder):
+    from generator.encoder import _plain_mean_pooling
+
+    pooling = encoder.model[1]
+    cfg = pooling.get_config_dict()
+    pooling.get_config_dict = lambda: {**cfg, "pooling_mode": "cls"}
+    try:
+        assert _plain_mean_pooling(encoder.model) is None
+    finally:
+        del pooling.get_config_dict

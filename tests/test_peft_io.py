@@ -319,3 +319,19 @@ def test_adapter_for_another_model_is_refused(tiny_spec, tmp_path):
     wide.shapes["q_proj"] = (48, 32)
     with pytest.raises(AdapterFormatError, match=r"q_proj: lora_A is \(4, 32\)"):
         load_peft(d, wide)
+
+
+def test_adapter_pickles_as_numpy_without_its_batch():
+    import pickle
+
+    from generator.lora import LoraAdapter
+
+    batch = torch.randn(16, 2, 4, 64)  # as a generator returns them: adapter i is a view of row i
+    ad = LoraAdapter("m", 4, 8.0, {"q_proj": batch[3]}, {"q_proj": torch.randn(2, 64, 4).to(torch.bfloat16)},
+                     metadata={"description": "d"})
+    data = pickle.dumps(ad)
+    assert len(data) < batch[3].numel() * 4 + 4096 + ad.b["q_proj"].numel() * 2  # the row, not the batch
+    back = pickle.loads(data)
+    assert torch.equal(back.a["q_proj"], ad.a["q_proj"]) and torch.equal(back.b["q_proj"], ad.b["q_proj"])
+    assert back.b["q_proj"].dtype == torch.bfloat16 and back.metadata == {"description": "d"}
+    back.a["q_proj"].add_(1.0)  # writable
