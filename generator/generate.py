@@ -70,7 +70,8 @@ class AdapterGenerator(ABC):
         a, b = self.factors(emb)
         out = [
             LoraAdapter(self.spec.name, self.rank, self.alpha, {m: t[i] for m, t in a.items()},
-                        {m: t[i] for m, t in b.items()}, metadata={"description": d, "generator": self.name})
+                        {m: t[i] for m, t in b.items()},
+                        metadata={"description": d, "instruction": d, "generator": self.name})
             for i, d in enumerate(descriptions)
         ]
         logger.info("generated %d adapter(s) with %s in %.1f ms", len(out), self.name, 1e3 * (time.perf_counter() - t0))

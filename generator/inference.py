@@ -1,4 +1,5 @@
-"""Prompting and greedy generation with per-sample adapters, shared by evaluation, training and serving."""
+"""Greedy generation with per-sample adapters, shared by evaluation, training and serving
+(prompts come from generator.prompt)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,6 @@ from collections.abc import Sequence
 import torch
 
 from generator.apply import LoraInjector, PerSampleLora
-
-
-def chat_prompt(tokenizer, user: str, system: str | None = None, shots: Sequence[tuple[str, str]] = ()) -> str:
-    """The base model's chat template around `user`, with optional earlier (user, assistant) turns."""
-    messages = [{"role": "system", "content": system}] if system else []
-    for q, a in shots:
-        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    messages.append({"role": "user", "content": user})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def stop_ids(tokenizer) -> list[int]:

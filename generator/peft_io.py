@@ -3,6 +3,10 @@
 Keys are `base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight`, A `(r, d_in)`,
 B `(d_out, r)`: what `PeftModel.from_pretrained` and vLLM's LoRA loader read. Only JSON and safetensors
 are ever opened; a directory holding a pickle-based file is refused outright.
+
+Beside those two files an adapter may carry `hyperlora.json` (PEFT and vLLM ignore it): its metadata, a flat
+JSON object of strings. Its `instruction` is the text to put in front of every input (generator.prompt): a
+generated adapter carries the description it was made from, since it complements that instruction.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from generator.spec import MODULE_PARENTS, ModelSpec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+SIDECAR_NAME = "hyperlora.json"
+MAX_SIDECAR_BYTES = 64 << 10
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_(A|B)(?:\.default)?\.weight$"
@@ -77,6 +83,26 @@ def write_peft_files(adapter: LoraAdapter, directory: Path, dtype: torch.dtype |
     adapter.check_finite()
     save_file(adapter_state_dict(adapter.to("cpu", dtype)), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(adapter_config(adapter), indent=2))
+    if adapter.metadata:
+        (directory / SIDECAR_NAME).write_text(json.dumps(adapter.metadata, indent=2, ensure_ascii=False))
+
+
+def read_sidecar(d: Path) -> dict[str, str]:
+    """The adapter's metadata from `hyperlora.json`, or {} when there is none. Checked: a small flat object of
+    strings (an uploaded adapter may carry one)."""
+    path = d / SIDECAR_NAME
+    if not path.is_file():
+        return {}
+    if path.stat().st_size > MAX_SIDECAR_BYTES:
+        raise AdapterFormatError(f"{SIDECAR_NAME} is {path.stat().st_size} bytes; the limit is {MAX_SIDECAR_BYTES}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"{SIDECAR_NAME} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise AdapterFormatError(f"{SIDECAR_NAME} must hold a JSON object of strings, e.g. "
+                                 '{"instruction": "Classify the sentiment of the review."}')
+    return meta
 
 
 def _read_config(d: Path) -> dict:
@@ -144,6 +170,7 @@ def load_peft(path: str | Path, spec: ModelSpec | None = None) -> LoraAdapter:
         adapter = LoraAdapter(
             base_model=str(cfg.get("base_model_name_or_path") or ""), rank=rank,
             alpha=float(cfg.get("lora_alpha", 8)), a=a, b=b, use_rslora=bool(cfg.get("use_rslora", False)),
+            metadata=read_sidecar(d),
         )
         adapter.check_finite()
         if spec is not None:

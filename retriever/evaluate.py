@@ -136,7 +136,8 @@ def generation_ood(router: Router, sni: dict[str, dict], names: Sequence[str], e
     from rouge_score import rouge_scorer
 
     from generator.apply import LoraInjector
-    from generator.inference import chat_prompt, generate_text
+    from generator.inference import generate_text
+    from generator.prompt import task_prompt
     from generator.models import load_base_model
     from retriever.compose import build_composition
 
@@ -146,7 +147,7 @@ def generation_ood(router: Router, sni: dict[str, dict], names: Sequence[str], e
     injector = LoraInjector(model, library.spec, targets)
     own = {r.name: r.id for r in library.list()}
     rows = heldout(sni, spread(names, ecfg.rouge_tasks), ecfg.rouge_instances)
-    prompts = [chat_prompt(tok, q) for _, q, _ in rows]
+    prompts = [task_prompt(tok, sni[t].get("definition"), q) for t, q, _ in rows]  # the task's instruction + input
     queries = router.embed([q for _, q, _ in rows])
     ood = router.route_vectors(queries, ecfg.top_k, exclude=[{own[t]} for t, _, _ in rows])
     cache: dict[str, object] = {}

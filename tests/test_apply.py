@@ -241,11 +241,12 @@ def test_gradient_reaches_adapters_through_from_adapters(tiny_model, tiny_spec):
 
 @pytest.mark.slow
 def test_generate_text_with_per_sample_adapters(smollm2_copy):
-    from generator.inference import chat_prompt, generate_text
+    from generator.inference import generate_text
+    from generator.prompt import task_prompt
 
     model, tok, spec = smollm2_copy
-    prompts = [chat_prompt(tok, "What is the capital of France?"),
-               chat_prompt(tok, "Name a colour.", system="Be brief.")]
+    prompts = [task_prompt(tok, None, "What is the capital of France?"),
+               task_prompt(tok, "Name a colour.", "Answer in one word.", system="Be brief.")]
     plain = generate_text(model, tok, prompts, max_new_tokens=8)
     assert "Paris" in plain[0]
     injector = LoraInjector(model, spec, ["q_proj", "v_proj"])

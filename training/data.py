@@ -65,11 +65,11 @@ def load_split(split: str, data_dir: str | Path = DEFAULT_DATA, limit: int | Non
     return [load_task(root / "tasks" / f"{n}.json", test_fraction) for n in names]
 
 
-def adapter_prompt(tokenizer, x: str) -> str:
-    """Prompt when an adapter carries the task: the input alone."""
-    from generator.inference import chat_prompt
+def adapter_prompt(tokenizer, task: Task, x: str) -> str:
+    """Prompt of a training sample: the task's definition, then the input (generator.prompt)."""
+    from generator.prompt import task_prompt
 
-    return chat_prompt(tokenizer, x)
+    return task_prompt(tokenizer, task.definition, x)
 
 
 class Batcher:
@@ -111,7 +111,7 @@ def sample_pairs(tokenizer, tasks: Sequence[Task], per_task: int, rng: random.Ra
     pairs = []
     for t in tasks:
         for ex in rng.choices(t.train, k=per_task):
-            pairs.append((adapter_prompt(tokenizer, ex.input), ex.outputs[0]))
+            pairs.append((adapter_prompt(tokenizer, t, ex.input), ex.outputs[0]))
     return pairs
 
 

@@ -19,9 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from generator.apply import AdapterBank
-from generator.inference import chat_prompt, generate_text
+from generator.inference import generate_text
 from generator.lora import LoraAdapter
 from generator.peft_io import load_peft
+from generator.prompt import task_prompt
 from training.data import DEFAULT_DATA, Task, load_split
 
 logger = logging.getLogger(__name__)
@@ -55,19 +56,15 @@ class Row:
 
 
 def input_prompt(tok, task: Task, x: str) -> str:
-    return chat_prompt(tok, x)
+    return task_prompt(tok, None, x)
 
 
 def definition_prompt(tok, task: Task, x: str) -> str:
-    return chat_prompt(tok, f"{task.definition}\n\n{x}")
+    return task_prompt(tok, task.definition, x)
 
 
 def icl_prompt(tok, task: Task, x: str) -> str:
-    shots = task.positive_examples[:2]
-    turns = [(f"{task.definition}\n\n{s.input}" if i == 0 else s.input, s.outputs[0]) for i, s in enumerate(shots)]
-    if not turns:
-        return definition_prompt(tok, task, x)
-    return chat_prompt(tok, x, shots=turns)
+    return task_prompt(tok, task.definition, x, [(s.input, s.outputs[0]) for s in task.positive_examples[:2]])
 
 
 def make_row(method, split, task, tok, prompt_fn, adapter, max_per_task) -> Row:
