@@ -137,8 +137,8 @@ def generation_ood(router: Router, sni: dict[str, dict], names: Sequence[str], e
 
     from generator.apply import LoraInjector
     from generator.inference import generate_text
-    from generator.prompt import task_prompt
     from generator.models import load_base_model
+    from generator.prompt import task_prompt
     from retriever.compose import build_composition
 
     library = router.library
