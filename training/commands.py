@@ -105,6 +105,9 @@ def hypernet(
                                                          "with the lowest loss on them (0: keep the last step)."),
     eval_every: int = typer.Option(100, "--eval-every", help="SFT: steps between validation losses."),
     dropout: float = typer.Option(0.05, "--dropout", help="Hypernetwork dropout."),
+    embed_noise: float = typer.Option(0.0, "--embed-noise", help="Std of Gaussian noise on each sampled description "
+                                                                 "embedding in training (0: none)."),
+    weight_decay: float = typer.Option(1e-2, "--weight-decay", help="AdamW weight decay."),
     ray_workers: int = typer.Option(0, "--ray-workers", help="SFT data-parallel on this many Ray Train workers "
                                                              "(a GPU each when there are enough); 0: one process."),
     ray_address: str = typer.Option(None, "--ray", help="With --ray-workers: a running Ray cluster ('auto' or an "
@@ -120,7 +123,7 @@ def hypernet(
     recon = mode == "recon"
     fields = {"mode": mode, "variant": variant, "steps": steps or (3000 if recon else 1000),
               "lr": lr or (1e-3 if recon else 2e-4), "tasks_per_step": tasks_per_step, "val_tasks": val_tasks,
-              "eval_every": eval_every, "dropout": dropout}
+              "eval_every": eval_every, "dropout": dropout, "embed_noise": embed_noise, "weight_decay": weight_decay}
     if tiny:
         fields |= {"steps": steps or 4, "tasks_per_step": 2, "per_task": 2, "hidden_dim": 32, "warmup": 1,
                    "eval_every": min(eval_every, 2)}
@@ -142,7 +145,8 @@ def hypernet(
 
 
 def embed_tasks(out: Path = typer.Option(Path("runs/embeddings.safetensors"), "--out"),
-                max_descriptions: int = typer.Option(32, "--max-descriptions"), data: str = DataOpt) -> None:
+                max_descriptions: int = typer.Option(128, "--max-descriptions", help="Paraphrases embedded per task."),
+                data: str = DataOpt) -> None:
     """Embed every task's descriptions and definition once (the GPU machine has no embedder)."""
     from generator.encoder import TaskEncoder
     from training.data import DEFAULT_DATA, load_split
@@ -200,10 +204,16 @@ def report(predictions: Path = typer.Argument(..., help="predictions.json from `
 
 
 def _print(q: dict) -> None:
+    from training.report import _order
+
     for split, res in q["results"].items():
-        typer.echo(f"[{split}] method: ROUGE-L / exact match")
-        for m, r in res.items():
-            typer.echo(f"  {m:<28} {r['rougeL']:6.1f} {r['exact_match']:6.1f}  ({r['tasks']} tasks)")
+        typer.echo(f"[{split}] method: ROUGE-L [95% CI] / exact match / harmed tasks")
+        for m in _order(res):
+            r = res[m]
+            lo, hi = r["rougeL_ci"]
+            harm = f"  harms {len(r['harmed'])}/{len(r['delta'])}" if "harmed" in r else ""
+            typer.echo(f"  {m:<52} {r['rougeL']:5.1f} [{lo:5.1f}, {hi:5.1f}] {r['exact_match']:5.1f}  "
+                       f"({r['tasks']} tasks){harm}")
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -71,6 +71,11 @@ class HypernetTrainConfig:
     warmup: int = 50
     description_pool: Literal["descriptions", "descriptions+definition"] = "descriptions+definition"  # sampled per
     # step: the paraphrased descriptions alone (the first shipped checkpoint) or with the SNI definition too
+    embed_noise: float = 0.0  # sft/recon: std of Gaussian noise added to each sampled (unit-norm) description
+    # embedding in training, so nearby unseen descriptions map to similar adapters
+    definition_rate: float = 0.5  # sft: probability that a sample's prompt instruction is the task's definition
+    # rather than the description its adapter was generated from (evaluation and most users give a definition-like
+    # instruction; serving puts the description itself in front)
     val_tasks: int = 0  # sft: train tasks held out to pick the step (early stopping); 0 keeps the last step
     eval_every: int = 100  # sft: steps between validation losses
 
@@ -86,3 +91,7 @@ class HypernetTrainConfig:
             raise ValueError(f"val_tasks must be >= 0, got {self.val_tasks}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.embed_noise < 0:
+            raise ValueError(f"embed_noise must be >= 0, got {self.embed_noise}")
+        if not 0.0 <= self.definition_rate <= 1.0:
+            raise ValueError(f"definition_rate must be in [0, 1], got {self.definition_rate}")

@@ -1,8 +1,10 @@
 """Super-NaturalInstructions tasks: loading, the deterministic train/test split, prompts and batches.
 
 A task file holds a definition, paraphrased descriptions, two positive examples and instances (see
-../shared/data/sni/README.md). When an adapter carries the task, the prompt is the bare input in the
-base model's chat template; the answer is trained to end with the turn's stop token (`<|im_end|>`).
+../shared/data/sni/README.md). Every training prompt follows generator.prompt: the task's instruction in
+front of the input in the last user turn, and in about a third of the samples one or two of the task's
+positive examples first as earlier chat turns (so adapters learn to work with in-context examples, not
+against them). The answer is trained to end with the turn's stop token (`<|im_end|>`).
 """
 
 from __future__ import annotations
@@ -65,11 +67,15 @@ def load_split(split: str, data_dir: str | Path = DEFAULT_DATA, limit: int | Non
     return [load_task(root / "tasks" / f"{n}.json", test_fraction) for n in names]
 
 
-def adapter_prompt(tokenizer, task: Task, x: str) -> str:
-    """Prompt of a training sample: the task's definition, then the input (generator.prompt)."""
-    from generator.prompt import task_prompt
+EXAMPLE_RATE = 1 / 3  # share of training samples that get one or two positive examples as earlier turns
 
-    return task_prompt(tokenizer, task.definition, x)
+
+def sample_examples(task: Task, rng: random.Random, rate: float = EXAMPLE_RATE) -> list[tuple[str, str]]:
+    """With probability `rate`, one or two of the task's positive examples as (input, answer) turns."""
+    if not task.positive_examples or rng.random() >= rate:
+        return []
+    k = min(len(task.positive_examples), rng.choice((1, 2)))
+    return [(e.input, e.outputs[0]) for e in rng.sample(task.positive_examples, k)]
 
 
 class Batcher:
@@ -106,12 +112,21 @@ class Batcher:
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def sample_pairs(tokenizer, tasks: Sequence[Task], per_task: int, rng: random.Random) -> list[tuple[str, str]]:
-    """`per_task` (prompt, answer) pairs from each task's train portion, task-major order."""
+def sample_pairs(tokenizer, tasks: Sequence[Task], per_task: int, rng: random.Random,
+                 instructions: Sequence[str] | None = None,
+                 example_rate: float = EXAMPLE_RATE) -> list[tuple[str, str]]:
+    """`per_task` (prompt, answer) pairs from each task's train portion, task-major order.
+
+    The instruction in front of each input is `instructions[i]` for `tasks[i]` (default: its definition).
+    """
+    from generator.prompt import task_prompt
+
     pairs = []
-    for t in tasks:
+    for i, t in enumerate(tasks):
+        instruction = instructions[i] if instructions is not None else t.definition
         for ex in rng.choices(t.train, k=per_task):
-            pairs.append((adapter_prompt(tokenizer, t, ex.input), ex.outputs[0]))
+            prompt = task_prompt(tokenizer, instruction, ex.input, sample_examples(t, rng, example_rate))
+            pairs.append((prompt, ex.outputs[0]))
     return pairs
 
 

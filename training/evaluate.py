@@ -1,9 +1,10 @@
 """`eval quality`, generation half: each method's greedy answers on held-out instances -> predictions.json.
 
-Methods are registered classes. Dev tasks (never trained on) compare the base model, the base model
-with the definition, 2-shot in-context learning, the multi-task LoRA and generated adapters (from a
-description and from the definition); a sample of train tasks compares oracle library LoRAs with their
-T2L reconstructions. Scoring (training/report.py) runs where rouge-score is installed.
+Every prompt follows generator.prompt (the task's definition as the instruction in front of the input).
+Dev tasks (never trained on) compare the base model with the input alone, with the instruction and with
+the instruction and 2 examples (2-shot ICL), the multi-task LoRA and generated adapters (from a
+description and from the definition) under the same prompts; a sample of train tasks compares oracle
+library LoRAs with the generators. Scoring (training/report.py) runs where rouge-score is installed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class Row:
     references: list[list[str]]
     prompts: list[str]
     adapter: LoraAdapter | None
+    prompt_kind: str = "input"  # which PROMPTS entry built the prompts: the same kind without adapter is the
+    # row's reference (harm is measured against it)
 
 
 def input_prompt(tok, task: Task, x: str) -> str:
@@ -67,10 +70,17 @@ def icl_prompt(tok, task: Task, x: str) -> str:
     return task_prompt(tok, task.definition, x, [(s.input, s.outputs[0]) for s in task.positive_examples[:2]])
 
 
-def make_row(method, split, task, tok, prompt_fn, adapter, max_per_task) -> Row:
+# prompt kind -> (builder, the method name of that prompt without an adapter, suffix of adapter rows using it)
+PROMPTS = {"input": (input_prompt, "base", ""),
+           "instruction": (definition_prompt, "base + instruction", " + instruction"),
+           "icl": (icl_prompt, "2-shot ICL", " + instruction + 2 examples")}
+
+
+def make_row(method, split, task, tok, kind, adapter, max_per_task) -> Row:
     test = task.test[:max_per_task] if max_per_task else task.test
+    build = PROMPTS[kind][0]
     return Row(method, split, task.name, [e.input for e in test], [e.outputs for e in test],
-               [prompt_fn(tok, task, e.input) for e in test], adapter)
+               [build(tok, task, e.input) for e in test], adapter, kind)
 
 
 def run_rows(rows: Sequence[Row], model, tok, injector, spec, ecfg: EvalConfig, device) -> list[dict]:
@@ -95,8 +105,8 @@ def run_rows(rows: Sequence[Row], model, tok, injector, spec, ecfg: EvalConfig, 
             outs = generate_text(model, tok, [r.prompts[i] for r, i in group], injector, lora, ecfg.max_new_tokens)
             for (r, i), o in zip(group, outs, strict=False):
                 preds[(id(r), i)] = o
-    return [{"method": r.method, "split": r.split, "task": r.task, "input": r.inputs[i],
-             "prediction": preds[(id(r), i)], "references": r.references[i]}
+    return [{"method": r.method, "split": r.split, "task": r.task, "input": r.inputs[i], "prompt": r.prompt_kind,
+             "adapter": r.adapter is not None, "prediction": preds[(id(r), i)], "references": r.references[i]}
             for r in rows for i in range(len(r.prompts))]
 
 
@@ -114,33 +124,35 @@ def generated_adapters(kind_ckpt: str, spec, emb: torch.Tensor, device) -> list[
 
 def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: list[Task], train: list[Task],
                device) -> list[Row]:
+    """Dev: every baseline prompt without adapter, the multi-task LoRA and each generator with the instruction
+    (and with 2 examples); train sample: oracle library LoRAs against the generators."""
     rows = []
     mx = ecfg.max_per_task
     for t in dev:
-        rows.append(make_row("base", "dev", t, tok, input_prompt, None, mx))
-        rows.append(make_row("base + definition", "dev", t, tok, definition_prompt, None, mx))
-        rows.append(make_row("2-shot ICL", "dev", t, tok, icl_prompt, None, mx))
+        rows += [make_row(PROMPTS[k][1], "dev", t, tok, k, None, mx) for k in PROMPTS]
     if ecfg.multitask:
         mt = load_peft(ecfg.multitask, spec)
-        rows += [make_row("multi-task LoRA", "dev", t, tok, input_prompt, mt, mx) for t in dev]
+        rows += [make_row("multi-task LoRA" + PROMPTS[k][2], "dev", t, tok, k, mt, mx)
+                 for t in dev for k in ("instruction", "icl")]
     sources = {name: f"t2l:{path}" for name, path in ecfg.hypernets.items()} | dict(ecfg.generators)
     desc = torch.stack([emb[t.name][0] for t in dev])  # (n_dev, dim): each dev task's first description
     defn = torch.stack([emb[f"{t.name}::definition"][0] for t in dev])
     for name, source in sources.items():
-        for suffix, e in (("", desc), (" [definition]", defn)):
+        for suffix, e, kinds in (("", desc, ("instruction", "icl")), (" [definition]", defn, ("instruction",))):
             ads = generated_adapters(source, spec, e, device)
-            rows += [make_row(name + suffix, "dev", t, tok, input_prompt, a, mx)
-                     for t, a in zip(dev, ads, strict=True)]
+            rows += [make_row(name + suffix + PROMPTS[k][2], "dev", t, tok, k, a, mx)
+                     for t, a in zip(dev, ads, strict=True) for k in kinds]
     if ecfg.library and train:
         lib = Path(ecfg.library)
         sample = [t for t in train if (lib / t.name / "adapter_model.safetensors").is_file()][: ecfg.train_sample]
-        rows += [make_row("oracle LoRA", "train", t, tok, input_prompt, load_peft(lib / t.name, spec), mx)
-                 for t in sample]
-        rows += [make_row("base", "train", t, tok, input_prompt, None, mx) for t in sample]
+        rows += [make_row("oracle LoRA + instruction", "train", t, tok, "instruction", load_peft(lib / t.name, spec),
+                          mx) for t in sample]
+        rows += [make_row("base + instruction", "train", t, tok, "instruction", None, mx) for t in sample]
         e = torch.stack([emb[t.name][0] for t in sample])
         for name, source in sources.items():
             ads = generated_adapters(source, spec, e, device)
-            rows += [make_row(name, "train", t, tok, input_prompt, a, mx) for t, a in zip(sample, ads, strict=False)]
+            rows += [make_row(name + " + instruction", "train", t, tok, "instruction", a, mx)
+                     for t, a in zip(sample, ads, strict=True)]
     return rows
 
 

@@ -28,13 +28,20 @@ from training.loop import lora_step_loss, run_steps
 logger = logging.getLogger(__name__)
 
 
-def sample_descriptions(emb: dict[str, torch.Tensor], names: list[str], rng: random.Random) -> torch.Tensor:
-    """One randomly chosen description embedding per task: `(len(names), dim)`."""
-    rows = []
+def sample_descriptions(emb: dict[str, torch.Tensor], names: list[str], rng: random.Random,
+                        noise: float = 0.0) -> tuple[torch.Tensor, list[int]]:
+    """One randomly chosen description embedding per task, `(len(names), dim)`, and which row of each task's
+    pool it is. `noise`: std of Gaussian noise added to each (unit-norm) embedding."""
+    rows, picks = [], []
     for n in names:
         e = emb[n]
-        rows.append(e[rng.randrange(e.shape[0])])
-    return torch.stack(rows)
+        picks.append(rng.randrange(e.shape[0]))
+        rows.append(e[picks[-1]])
+    out = torch.stack(rows)
+    if noise > 0:
+        out = out + noise * torch.randn(out.shape, generator=torch.Generator().manual_seed(rng.randrange(2**31)),
+                                        ).to(out.device)
+    return out, picks
 
 
 def description_pool(emb: dict[str, torch.Tensor], names: list[str], device,
@@ -50,6 +57,20 @@ def description_pool(emb: dict[str, torch.Tensor], names: list[str], device,
         rows = [emb[n]] + ([emb[definition]] if with_definition and definition in emb else [])
         out[n] = torch.cat(rows).to(device)
     return out
+
+
+def description_texts(task: Task, pool: torch.Tensor) -> list[str]:
+    """The text of each row of `description_pool`'s entry for `task` (paraphrases first, definition last)."""
+    texts = task.descriptions[: pool.shape[0]]
+    return texts + [task.definition] * (pool.shape[0] - len(texts))
+
+
+def sample_instructions(tasks: list[Task], picks: list[int], texts: dict[str, list[str]], rng: random.Random,
+                        definition_rate: float) -> list[str]:
+    """Each sample's prompt instruction: its task's definition with probability `definition_rate`, else the
+    description its adapter is generated from (what a served adapter is prompted with)."""
+    return [t.definition if rng.random() < definition_rate else texts[t.name][j] for t, j in zip(tasks, picks,
+                                                                                                 strict=True)]
 
 
 def build_net(hcfg: HypernetTrainConfig, spec, embed_dim: int, init_from: str | None, device) -> Hypernet:
@@ -102,6 +123,7 @@ class Validator:
 
     @torch.no_grad()
     def loss(self, net: Hypernet, model, injector, scaling: float, device) -> float:
+        """Mean answer loss over the held-out (task, description) items; `scaling` 0 is the base model."""
         was_training = net.training
         net.eval()
         total = 0.0
@@ -140,7 +162,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
 
         def loss_fn(step):
             idx = rng.sample(range(len(names)), min(hcfg.tasks_per_step, len(names)))
-            a, b = net(sample_descriptions(emb, [names[i] for i in idx], rng))
+            a, b = net(sample_descriptions(emb, [names[i] for i in idx], rng, hcfg.embed_noise)[0])
             terms = [((a[m] - ta[m][idx]).abs().mean() / std[("A", m)]) for m in a]
             terms += [((b[m] - tb[m][idx]).abs().mean() / std[("B", m)]) for m in b]
             return torch.stack(terms).mean()
@@ -156,15 +178,18 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         scaling = hcfg.alpha / hcfg.rank
         validator = Validator(val, emb, batcher) if val and rank == 0 else None
 
+        texts = {t.name: description_texts(t, emb[t.name]) for t in tasks}
+
         def loss_fn(step):
             idx = rng.sample(range(len(tasks)), min(hcfg.tasks_per_step, len(tasks)))
-            task_emb = sample_descriptions(emb, [names[i] for i in idx], rng)
+            task_emb, picks = sample_descriptions(emb, [names[i] for i in idx], rng, hcfg.embed_noise)
+            instructions = sample_instructions([tasks[i] for i in idx], picks, texts, rng, hcfg.definition_rate)
 
             def factors(_ids):
                 return fwd(task_emb)
 
             return lora_step_loss(model, injector, batcher, tasks, idx, factors, scaling, hcfg.per_task, rng,
-                                  cfg.device)
+                                  cfg.device, instructions)
 
     params = [p for p in net.parameters() if p.requires_grad]
     extra = {"mode": hcfg.mode, "steps": hcfg.steps, "train_tasks": len(tasks), "init_from": bool(init_from),
@@ -190,7 +215,13 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         return None
     extra["final_loss"] = sum(losses[-20:]) / len(losses[-20:])
     if on_step is not None:  # the best step's checkpoint is already written; record the whole run in it
-        best = load_checkpoint(out_dir, spec, "cpu")
+        best = load_checkpoint(out_dir, spec, cfg.device)
+        # the held-out loss at other adapter strengths (0: the base model with the same prompts), for the record
+        # and for choosing a strength by held-out train tasks
+        extra["val_loss_by_strength"] = {str(k): round(validator.loss(best, model, injector, k * scaling,
+                                                                     cfg.device), 4) for k in (0.0, 0.5, 0.75, 1.0)}
+        logger.info("held-out loss by adapter strength: %s", extra["val_loss_by_strength"])
+        best = best.to("cpu")
         best.cfg.extra = extra
         return save_checkpoint(best, out_dir)
     net.cfg.extra = extra

@@ -23,10 +23,12 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def lora_step_loss(model, injector: LoraInjector, batcher: Batcher, tasks: Sequence[Task], task_ids: list[int],
-                   factors: FactorFn, scaling: float, per_task: int, rng: random.Random, device) -> torch.Tensor:
-    """Loss of one step: `per_task` examples of each task, each sample through its own task's factors."""
+                   factors: FactorFn, scaling: float, per_task: int, rng: random.Random, device,
+                   instructions: Sequence[str] | None = None) -> torch.Tensor:
+    """Loss of one step: `per_task` examples of each task, each sample through its own task's factors, each
+    prompt with its task's instruction (`instructions[k]` for `task_ids[k]`; default the definitions)."""
     chosen = [tasks[i] for i in task_ids]
-    batch = batcher.batch(sample_pairs(batcher.tok, chosen, per_task, rng), device)
+    batch = batcher.batch(sample_pairs(batcher.tok, chosen, per_task, rng, instructions), device)
     a, b = factors(task_ids)
     bank = AdapterBank.from_factors(a, b, scaling)
     index = torch.arange(len(task_ids), device=device).repeat_interleave(per_task)  # (batch,)

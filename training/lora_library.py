@@ -108,7 +108,8 @@ def train_lora_library(cfg: TrainConfig, lcfg: LoraTrainConfig, out_dir: str | P
                                           f"lora-library {start + len(chunk)}/{len(todo)}", lcfg.per_task)
         for i, task in enumerate(chunk):
             adapter = LoraAdapter(spec.name, lcfg.rank, lcfg.alpha, {m: t[i].detach().cpu() for m, t in a.items()},
-                                  {m: t[i].detach().cpu() for m, t in b.items()})
+                                  {m: t[i].detach().cpu() for m, t in b.items()},
+                                  metadata={"instruction": task.definition, "task": task.name})
             meta = {"task": task.name, "descriptions": task.descriptions, "loss": sum(losses[-10:]) / len(losses[-10:]),
                     "steps": lcfg.steps, "lr": lcfg.lr, "rank": lcfg.rank, "target_modules": list(lcfg.target_modules),
                     "note": "loss is the batch mean over the tasks trained together"}
@@ -118,14 +119,27 @@ def train_lora_library(cfg: TrainConfig, lcfg: LoraTrainConfig, out_dir: str | P
 
 
 def train_multitask(cfg: TrainConfig, lcfg: LoraTrainConfig, out_dir: str | Path, split: str = "train") -> Path:
-    """One LoRA on all `split` tasks' train portions mixed; written as a PEFT directory with meta.json."""
+    """One LoRA on all `split` tasks mixed (each step `per_task` samples, each of a task drawn uniformly, with
+    that task's definition as the instruction); written as a PEFT directory with meta.json."""
     tasks = load_split(split, cfg.data or DEFAULT_DATA, cfg.limit_tasks)
-    mixed = Task(name="multitask", definition="", descriptions=["all train tasks"], positive_examples=[],
-                 train=[ex for t in tasks for ex in t.train])
     model, tok, spec, injector = load_frozen(cfg, lcfg.target_modules)
     batcher = Batcher(tok, cfg.max_prompt_tokens, cfg.max_answer_tokens)
-    a, b, losses, _ = train_group(model, injector, batcher, [mixed], lcfg, spec, cfg.device, cfg.seed,
-                                  "multitask-lora", lcfg.per_task)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    a, b = init_factors(1, spec, lcfg, device=cfg.device)
+    scaling = lcfg.alpha / lcfg.rank
+
+    def shared(task_ids):  # the one adapter for every sample: (1, ...) viewed as (n, ...)
+        n = len(task_ids)
+        return ({m: t.expand(n, *t.shape[1:]) for m, t in a.items()},
+                {m: t.expand(n, *t.shape[1:]) for m, t in b.items()})
+
+    def loss_fn(_step):
+        ids = [rng.randrange(len(tasks)) for _ in range(lcfg.per_task)]
+        return lora_step_loss(model, injector, batcher, tasks, ids, shared, scaling, 1, rng, cfg.device)
+
+    losses = run_steps([*a.values(), *b.values()], lcfg.steps, lcfg.lr, loss_fn, "multitask-lora",
+                       warmup=min(10, lcfg.steps // 10))
     adapter = LoraAdapter(spec.name, lcfg.rank, lcfg.alpha, {m: t[0].detach().cpu() for m, t in a.items()},
                           {m: t[0].detach().cpu() for m, t in b.items()})
     out = Path(out_dir)

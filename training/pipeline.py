@@ -17,7 +17,7 @@ from pathlib import Path
 
 from training.config import HypernetTrainConfig, LoraTrainConfig, TrainConfig
 
-STAGES = ("library", "multitask", "recon", "sft", "predict")
+STAGES = ("library", "dev-library", "multitask", "recon", "sft", "predict")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -37,6 +37,12 @@ def run(args: argparse.Namespace) -> None:
             train_lora_library(cfg, LoraTrainConfig(steps=args.library_steps, per_task=args.library_per_task,
                                                     tasks_per_batch=args.tasks_per_batch, lr=args.library_lr),
                                work / "lora-library")
+        elif stage == "dev-library":  # each dev task's own LoRA (never seen by the generators): `eval strategy`
+            from training.lora_library import train_lora_library
+
+            train_lora_library(cfg, LoraTrainConfig(steps=args.library_steps, per_task=args.library_per_task,
+                                                    tasks_per_batch=args.tasks_per_batch, lr=args.library_lr),
+                               work / "dev-library", split="dev")
         elif stage == "multitask" and not (work / "multitask" / "meta.json").exists():
             from training.lora_library import train_multitask
 
@@ -50,6 +56,7 @@ def run(args: argparse.Namespace) -> None:
             hcfg = HypernetTrainConfig(mode=stage, variant=args.variant, steps=steps, lr=lr,
                                        tasks_per_step=args.tasks_per_step, per_task=args.sft_per_task,
                                        description_pool=args.sft_pool, dropout=args.dropout,
+                                       embed_noise=args.embed_noise, weight_decay=args.weight_decay,
                                        val_tasks=args.val_tasks if stage == "sft" else 0, eval_every=args.eval_every)
             init = str(work / "t2l-recon") if stage == "sft" and args.sft_init_from_recon else None
             train_hypernet(cfg, hcfg, work / _hypernet_dir(stage, args), embeddings=emb,
@@ -104,6 +111,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-out", default="t2l-sft", help="SFT checkpoint folder under --work (must start with t2l-: "
                    "predict evaluates every t2l-* folder)")
     p.add_argument("--dropout", type=float, default=0.05, help="hypernetwork dropout")
+    p.add_argument("--embed-noise", type=float, default=0.0, help="std of noise on sampled description embeddings")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="hypernetwork AdamW weight decay")
     p.add_argument("--val-tasks", type=int, default=0, help="SFT: train tasks held out to pick the best step")
     p.add_argument("--eval-every", type=int, default=100, help="SFT: steps between validation losses")
     p.add_argument("--tasks-per-step", type=int, default=32)
