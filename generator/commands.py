@@ -57,6 +57,19 @@ def generate(
     save_peft(adapter, out)
     typer.echo(f"generated a rank-{adapter.rank} LoRA on {', '.join(adapter.target_modules)} "
                f"({adapter.num_params():,} params) in {ms:.1f} ms -> {out}")
+    typer.echo(prompting_hint(description))
+
+
+def prompting_hint(instruction: str) -> str:
+    """How to prompt a generated adapter: it complements its instruction (generator.prompt), it does not replace it."""
+    from generator.peft_io import SIDECAR_NAME
+    from generator.prompt import user_turn
+
+    example = user_turn(instruction, "<your input>").replace("\n", "\\n")
+    return (f"prompt it with its instruction in front of each input, in the user turn of the chat template:\n"
+            f"  {example!s}\n"
+            f"(the instruction is saved in {SIDECAR_NAME} beside the PEFT files; hyperlora serve puts it in front "
+            "for you, and generator.prompt.task_prompt builds the whole prompt)")
 
 
 def info(checkpoint: str | None = CkptOpt, generator: str = GenOpt, base_model: str = BaseOpt,

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # GPU job, training call (data version 2; every prompt with the task's instruction, generator/prompt.py).
-# Staged first (../shared/tools/stage-for-gpu --model --file ../shared/data/sni --file runs/emb.safetensors):
-# /tmp/stage holds the GGUF, sni/ and emb.safetensors. All at once on one H200, within one 10-minute call:
+# Staged first (tar -C ../shared/data -czf runs/sni.tgz sni; ../shared/tools/stage-for-gpu --model --file runs/sni.tgz
+# --file runs/emb.safetensors): /tmp/stage holds the GGUF, sni.tgz and emb.safetensors. All at once on one H200, within one 10-minute call:
 #   library (297 LoRAs) -> recon, cvae, sg | dev-library (43, for `eval strategy`) -> multitask | 4 SFT variants
 # Back in $OUT: the SFT variant with the lowest held-out loss (never chosen by dev), cvae, sg, multitask, logs.
 set -u
 R=$(pwd)
 export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 W=/tmp/work; mkdir -p $W/logs
+[ -d /tmp/stage/sni ] || tar -C /tmp/stage -xzf /tmp/stage/sni.tgz
 [ -f /tmp/hf/config.json ] || { python3 -m generator.models /tmp/stage /tmp/hf > $W/logs/convert.log 2>&1 &&
   ln -sf /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/hf/; }
 EMB=/tmp/stage/emb.safetensors
