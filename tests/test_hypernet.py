@@ -206,7 +206,7 @@ def test_generator_makes_smollm2_adapters_in_one_batch(smollm2_spec, encoder, va
         ad.check_finite()
         assert (ad.rank, ad.target_modules, ad.base_model) == (8, ("q_proj", "v_proj"), smollm2_spec.name)
         assert ad.a["v_proj"].shape == (30, 8, 576) and ad.b["v_proj"].shape == (30, 192, 8)
-        assert ad.metadata == {"description": d, "generator": "t2l"}
+        assert ad.metadata == {"description": d, "instruction": d, "generator": "t2l"}
     assert (adapters[0].b["q_proj"] - adapters[1].b["q_proj"]).abs().max() > 0
 
 
@@ -232,3 +232,29 @@ def test_generated_adapter_loads_in_peft_and_changes_smollm2(smollm2, smollm2_co
         theirs = peft_model(ids).logits
     assert (theirs - base).abs().max() > 1e-3  # the generated adapter changes the model
     assert (injector_logits(copy.deepcopy(model), spec, adapter, ids) - theirs).abs().max() < TOL
+
+
+@pytest.mark.slow
+def test_shipped_generator_adapter_in_plain_peft_answers_an_unseen_sentiment_task(smollm2_copy, tmp_path):
+    """The default checkpoint's adapter, loaded in plain PEFT, prompted the one way (its instruction in front of
+    the input), labels reviews correctly where the base model with the same prompt rambles."""
+    from peft import PeftModel
+
+    from generator.config import GeneratorConfig, build_generator
+    from generator.inference import generate_text
+    from generator.peft_io import load_peft, save_peft
+    from generator.prompt import task_prompt
+
+    model, tok, spec = smollm2_copy
+    gen = build_generator(GeneratorConfig(), spec)
+    (adapter,) = gen.generate(["Classify the sentiment of product reviews as positive or negative."])
+    save_peft(adapter, tmp_path / "ad")
+    instruction = load_peft(tmp_path / "ad").metadata["instruction"]  # the sidecar carries it
+    reviews = {"I love this blender, it crushes ice in seconds and is easy to clean.": "positive",
+               "The charger stopped working after two days. Total waste of money.": "negative",
+               "Terrible fit, the fabric ripped the first time I wore it.": "negative",
+               "Great battery life and the screen is gorgeous. Would buy again!": "positive"}
+    prompts = [task_prompt(tok, instruction, r) for r in reviews]
+    peft_model = PeftModel.from_pretrained(model, str(tmp_path / "ad")).eval()
+    answers = generate_text(peft_model, tok, prompts, max_new_tokens=8)
+    assert [a.strip(" .").lower() for a in answers] == list(reviews.values())

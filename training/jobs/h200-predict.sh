@@ -6,7 +6,8 @@ set -u
 R=$(pwd)
 export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 W=/tmp/work
-timeout 420 python3 -m training.pipeline --stages predict --work $W --base-model /tmp/hf --data /tmp/stage/sni --embeddings /tmp/stage/emb.safetensors --device cuda --dtype bfloat16 --eval-batch 256 --train-sample 16 --generator cvae=cvae:$W/cvae --generator sg=sg:$W/sg > $W/logs/predict.log 2>&1
+G=""; for k in cvae sg; do [ -f $W/$k/cvae.json ] && G="$G --generator $k=$k:$W/$k"; done; echo "extra generators:$G"
+timeout 420 python3 -m training.pipeline --stages predict --work $W --base-model /tmp/hf --data /tmp/stage/sni --embeddings /tmp/stage/emb.safetensors --device cuda --dtype bfloat16 --eval-batch 256 --train-sample 16 $G > $W/logs/predict.log 2>&1
 echo "predict rc=$?"
 gzip -c $W/predictions.json > $OUT/predictions.json.gz
 python3 - <<'PY'

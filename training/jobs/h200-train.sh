@@ -15,7 +15,7 @@ EMB=/tmp/stage/emb.safetensors
 C="--work $W --base-model /tmp/hf --data /tmp/stage/sni --embeddings $EMB --device cuda --dtype bfloat16 --max-prompt-tokens 384"
 P="python3 -m training.pipeline"
 (
-  timeout 300 $P --stages library $C --tasks-per-batch 99 --library-per-task 4 --library-steps 100 --library-lr 1e-3 > $W/logs/library.log 2>&1
+  timeout 300 $P --stages library $C --tasks-per-batch 33 --library-per-task 4 --library-steps 100 --library-lr 1e-3 > $W/logs/library.log 2>&1
   echo "library rc=$?"
   ( timeout 200 $P --stages recon $C --recon-steps 6000 --recon-lr 1e-3 > $W/logs/recon.log 2>&1; echo "recon rc=$?" ) &
   for k in cvae sg; do
@@ -27,12 +27,12 @@ P="python3 -m training.pipeline"
   timeout 120 $P --stages dev-library $C --tasks-per-batch 43 --library-per-task 4 --library-steps 100 --library-lr 1e-3 > $W/logs/dev-library.log 2>&1; echo "dev-library rc=$?"
   timeout 300 $P --stages multitask $C --multitask-steps 400 --multitask-batch 64 --multitask-lr 3e-4 > $W/logs/multitask.log 2>&1; echo "multitask rc=$?"
 ) &
-S="--stages sft --val-tasks 24 --eval-every 25 --tasks-per-step 32 --sft-per-task 4 --sft-steps 600 --hypernet-lr 5e-4"
+S="--stages sft --val-tasks 24 --eval-every 25 --tasks-per-step 32 --sft-per-task 2 --sft-steps 600 --hypernet-lr 5e-4"
 sft() { name=$1; shift; ( timeout 530 $P $C $S --sft-out $name "$@" > $W/logs/$name.log 2>&1; echo "$name rc=$?" ) & }
 sft t2l-sft-m
 sft t2l-sft-m-noise --embed-noise 0.02 --dropout 0.2
 sft t2l-sft-l --variant L
-sft t2l-sft-m-wd --weight-decay 0.1 --dropout 0.3
+# t2l-sft-m-wd (weight decay 0.1, dropout 0.3) did not fit in memory beside the others
 sleep 120; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 wait
 cd $W
