@@ -90,7 +90,7 @@ def build_default(library: Path | None = LibOpt,
                                                           help="Trained LoRA library (default: runs/lora-library)."),
                   limit: int | None = typer.Option(None, "--limit", help="At most this many tasks.")) -> None:
     """Fill the library with the default adapters: the trained LoRA library if present, else adapters the shipped
-    hypernetwork generates for the 146 train tasks. Tasks already present are skipped."""
+    hypernetwork generates for the 297 train tasks. Tasks already present are skipped."""
     from retriever.default import build_default_library, library_nbytes
 
     lib = build_default_library(library, trained_dir=trained_dir, limit=limit)

@@ -15,6 +15,7 @@ import typer
 DEFAULT_TASKS_FILE = Path(__file__).parent / "data" / "default_tasks.json"
 N_DESCRIPTIONS = 8  # descriptions kept per task
 N_SAMPLES = 20  # sample inputs kept per task (LoraRetriever keys an adapter by ~20 of its inputs)
+HELD_OUT = 10  # a task's last inputs, which evaluation holds out: never among the samples
 MAX_SAMPLE_CHARS = 400  # longer inputs are cut (the embedder reads ~256 tokens anyway)
 
 
@@ -37,7 +38,8 @@ def export(sni_dir: str | Path, out: str | Path = DEFAULT_TASKS_FILE, n_descript
            n_samples: int = N_SAMPLES) -> Path:
     tasks = load_sni(sni_dir, "train")
     rows = [{"name": name, "descriptions": t["descriptions"][:n_descriptions],
-             "sample_inputs": [i["input"][:MAX_SAMPLE_CHARS] for i in t["instances"][:n_samples]]}
+             "sample_inputs": [i["input"][:MAX_SAMPLE_CHARS].strip()
+                               for i in t["instances"][: min(n_samples, len(t["instances"]) - HELD_OUT)]]}
             for name, t in sorted(tasks.items())]
     doc = {"source": "Super-NaturalInstructions train tasks (Apache-2.0); descriptions from SakanaAI/text-to-lora",
            "n_descriptions": n_descriptions, "n_samples": n_samples, "sample_instances": "first", "tasks": rows}

@@ -18,10 +18,10 @@ SNI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sni"
 
 
 def test_shipped_task_list_is_small_and_complete():
-    assert DEFAULT_TASKS_FILE.stat().st_size < 1_000_000
+    assert DEFAULT_TASKS_FILE.stat().st_size < 2_000_000  # 297 tasks x (8 descriptions + <= 20 inputs)
     tasks = load_default_tasks()
-    assert len(tasks) == 146 and len({t["name"] for t in tasks}) == 146
-    assert all(t["descriptions"] and len(t["sample_inputs"]) == N_SAMPLES for t in tasks)
+    assert len(tasks) == 297 and len({t["name"] for t in tasks}) == 297  # data version 2's train split
+    assert all(t["descriptions"] and 10 <= len(t["sample_inputs"]) <= N_SAMPLES for t in tasks)
 
 
 def test_shipped_samples_never_include_evaluation_inputs():
