@@ -199,6 +199,9 @@ def fit(e: Embedded, ccfg: CalibrationConfig) -> dict:
     junk = (e.nonsense @ rows.T).max(1)
     lo, hi = float(np.quantile(junk, 0.95)), float(np.quantile(unseen, 0.005))
     scope = lo + ccfg.scope_position * (hi - lo) if lo < hi else hi
+    if lo >= hi:
+        logger.warning("nonsense (95th percentile %.3f) and unseen tasks (0.5th percentile %.3f) overlap: the "
+                       "out-of-scope threshold sits at the latter and lets some nonsense through", lo, hi)
     return {
         "match_threshold": round(match_t, 4), "match_margin": round(margin, 4),
         "near_threshold": round(max(near_t, 0.0), 4), "scope_threshold": round(scope, 4),
