@@ -185,4 +185,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     eval_app.command("routing")(eval_routing)
     from retriever import strategy_commands
 
-    strategy_commands.register(app)
+    strategy_commands.register(app, bench_app)

@@ -1,4 +1,4 @@
-"""`hyperlora generate --strategy`, `hyperlora train strategy`, `hyperlora eval strategy`."""
+"""`hyperlora generate --strategy`, `hyperlora train|eval|bench strategy`."""
 
 from __future__ import annotations
 
@@ -116,7 +116,24 @@ def eval_strategy(library: Path | None = typer.Option(None, "--library",
     typer.echo(f"\nwrote {js} and {md}")
 
 
-def register(app: typer.Typer) -> None:
+def bench_strategy(tasks: int = typer.Option(146, "--tasks", help="Library adapters (generated, one per task)."),
+                   repeats: int = typer.Option(3, "--repeats", help="Passes over the queries."),
+                   out: Path = typer.Option(Path("results/bench_strategy.json"), "--out", help="JSON output.")) -> None:
+    """Latency of POST /v1/adapters' decision in-process, one description at a time: embed once, search the
+    library's description keys, plan, and generate or mix when the plan needs it; by the path taken."""
+    from generator.config import GeneratorConfig, build_generator
+    from retriever.bench_strategy import format_bench, run_bench
+
+    gen = build_generator(GeneratorConfig())
+    gen_cmds.warn_untrained(gen)
+    result = run_bench(gen, tasks, repeats)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    typer.echo(format_bench(result))
+    typer.echo(f"wrote {out}")
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """`generate` gains --strategy (it replaces generator/commands.generate, which it calls for `generate`)."""
     for info in app.registered_commands:
         if info.name == "generate":
@@ -125,3 +142,4 @@ def register(app: typer.Typer) -> None:
     train_app.command("strategy")(train_strategy)
     eval_app = gen_cmds.command_group(app, "eval", "Evaluations: print figures and write them to results/.")
     eval_app.command("strategy")(eval_strategy)
+    bench_app.command("strategy")(bench_strategy)

@@ -60,7 +60,7 @@ def test_eval_strategy_runs_end_to_end(tiny_world, encoder, monkeypatch):
     doc = json.loads((out / "strategy.json").read_text())
     assert doc["library"] == {"adapters": 3, "origin": "trained", "dev_adapters": 2}
     assert set(doc["settings"]) == {"a", "b", "c"}
-    for key, setting in doc["settings"].items():
+    for setting in doc["settings"].values():
         assert setting["rows"] == 4 and len(setting["tasks"]) == 2
         for s in ("generate", "retrieve", "auto"):
             assert 0 <= setting[s]["rougeL"] <= 100 and sum(setting[s]["paths"].values()) == 4
