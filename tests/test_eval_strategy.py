@@ -80,3 +80,30 @@ def test_eval_config_names_the_bad_value(tmp_path):
         EvalStrategyConfig(inputs=0)
     with pytest.raises(ValueError, match="library="):
         EvalStrategyConfig(library=str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_cli_generate_strategy_auto_writes_the_library_adapter(tiny_world, encoder, monkeypatch):
+    from generator.config import load_spec
+    from generator.peft_io import load_peft
+    from hyperlora import app
+    from retriever.library import AdapterLibrary
+
+    tmp, model_dir, ckpt, _ = tiny_world
+    monkeypatch.setattr("generator.encoder.TaskEncoder.load", classmethod(lambda cls, *a, **k: encoder))
+    spec = load_spec(str(model_dir))
+    lib = AdapterLibrary(tmp / "cli-library", spec)
+    rec = lib.add_peft_dir(tmp / "library" / "task002_french", "task002_french", [TRAIN["task002_french"]], "trained")
+    common = ["--library", str(lib.root), "--checkpoint", str(ckpt), "--base-model", str(model_dir)]
+    result = CliRunner().invoke(app, ["generate", TRAIN["task002_french"], "--strategy", "auto",
+                                      "--out", str(tmp / "cli-out"), *common])
+    assert result.exit_code == 0, result.output
+    assert f"auto: the library adapter {rec.id}" in result.output and "task002_french" in result.output
+    written, stored = load_peft(tmp / "cli-out", spec), lib.load(rec.id)
+    for m in stored.a:
+        assert written.a[m].equal(stored.a[m]) and written.b[m].equal(stored.b[m])
+    result = CliRunner().invoke(app, ["generate", "Name the colour of the sky.", "--strategy", "generate",
+                                      "--out", str(tmp / "cli-gen"), *common])
+    assert result.exit_code == 0 and "generated a rank-4 LoRA" in result.output, result.output
+    result = CliRunner().invoke(app, ["generate", "x", "--strategy", "magic", *common])
+    assert result.exit_code != 0 and "not a strategy" in result.output
