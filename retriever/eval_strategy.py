@@ -171,7 +171,7 @@ class Runner:
         from generator.inference import generate_text
 
         loaded = [self.strategy.library.load(a) if isinstance(a, str) else a for a in adapters]
-        bank = AdapterBank.from_adapters(loaded, self.gen.spec)
+        bank = AdapterBank.from_adapters(loaded, self.gen.spec, self.ecfg.device)
         lora = bank.gather(torch.arange(len(loaded))[:, None], torch.ones(len(loaded), 1))
         return generate_text(self.model, self.tok, prompts, self.injector, lora, self.ecfg.max_new_tokens)
 
