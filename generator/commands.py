@@ -28,6 +28,23 @@ def warn_untrained(gen) -> None:
                     fg=typer.colors.RED, bold=True, err=True)
 
 
+def build_or_fail(description: str, checkpoint: str | None, generator: str, base_model: str, embedder: str,
+                  device: str):
+    """The generator the options name, after refusing an empty description (before loading any model)."""
+    from generator.encoder import check_texts
+
+    try:
+        check_texts([description])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="DESCRIPTION") from e
+    try:
+        gen = build_generator(GeneratorConfig(base_model, embedder, generator, checkpoint, device))
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from e
+    warn_untrained(gen)
+    return gen
+
+
 def generate(
     description: str = typer.Argument(..., help="What the adapter should make the model do, in one sentence."),
     out: Path = typer.Option(Path("adapter"), "--out", "-o", help="Directory to write the PEFT adapter to."),
@@ -47,23 +64,6 @@ def generate(
     save_peft(adapter, out)
     typer.echo(f"generated a rank-{adapter.rank} LoRA on {', '.join(adapter.target_modules)} "
                f"({adapter.num_params():,} params) in {ms:.1f} ms -> {out}")
-
-
-def build_or_fail(description: str, checkpoint: str | None, generator: str, base_model: str, embedder: str,
-                  device: str):
-    """The generator the options name, after refusing an empty description (before loading any model)."""
-    from generator.encoder import check_texts
-
-    try:
-        check_texts([description])
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="DESCRIPTION") from e
-    try:
-        gen = build_generator(GeneratorConfig(base_model, embedder, generator, checkpoint, device))
-    except (ValueError, FileNotFoundError) as e:
-        raise typer.BadParameter(str(e)) from e
-    warn_untrained(gen)
-    return gen
 
 
 def info(checkpoint: str | None = CkptOpt, generator: str = GenOpt, base_model: str = BaseOpt,
