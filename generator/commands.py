@@ -28,6 +28,23 @@ def warn_untrained(gen) -> None:
                     fg=typer.colors.RED, bold=True, err=True)
 
 
+def build_or_fail(description: str, checkpoint: str | None, generator: str, base_model: str, embedder: str,
+                  device: str):
+    """The generator the options name, after refusing an empty description (before loading any model)."""
+    from generator.encoder import check_texts
+
+    try:
+        check_texts([description])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="DESCRIPTION") from e
+    try:
+        gen = build_generator(GeneratorConfig(base_model, embedder, generator, checkpoint, device))
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from e
+    warn_untrained(gen)
+    return gen
+
+
 def generate(
     description: str = typer.Argument(..., help="What the adapter should make the model do, in one sentence."),
     out: Path = typer.Option(Path("adapter"), "--out", "-o", help="Directory to write the PEFT adapter to."),
@@ -35,19 +52,9 @@ def generate(
     device: str = DevOpt,
 ) -> None:
     """Generate a LoRA adapter from a task description and write it as a PEFT directory."""
-    from generator.encoder import check_texts
     from generator.peft_io import save_peft
 
-    try:
-        check_texts([description])  # refuse an empty description before loading any model
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="DESCRIPTION") from e
-    try:
-        cfg = GeneratorConfig(base_model, embedder, generator, checkpoint, device)
-        gen = build_generator(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise typer.BadParameter(str(e)) from e
-    warn_untrained(gen)
+    gen = build_or_fail(description, checkpoint, generator, base_model, embedder, device)
     t0 = time.perf_counter()
     try:
         (adapter,) = gen.generate([description])

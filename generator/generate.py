@@ -66,7 +66,16 @@ class AdapterGenerator(ABC):
         """One adapter per description (a lone string is one description), in one batched pass."""
         t0 = time.perf_counter()
         descriptions = check_texts(descriptions)
-        emb = self.encoder.encode(descriptions)  # (N, embed_dim)
+        out = self.generate_embedded(self.encoder.encode(descriptions), descriptions)
+        logger.info("generated %d adapter(s) with %s in %.1f ms", len(out), self.name, 1e3 * (time.perf_counter() - t0))
+        return out
+
+    @torch.no_grad()
+    def generate_embedded(self, emb: torch.Tensor, descriptions: Sequence[str]) -> list[LoraAdapter]:
+        """One adapter per row of `emb` `(N, embed_dim)`, the descriptions' embeddings made by `self.encoder`
+        (a caller that embedded them already, e.g. to search the library, does not embed twice)."""
+        if emb.ndim != 2 or emb.shape[0] != len(descriptions):
+            raise ValueError(f"{len(descriptions)} descriptions but embeddings of shape {tuple(emb.shape)}")
         a, b = self.factors(emb)
         out = [
             LoraAdapter(self.spec.name, self.rank, self.alpha, {m: t[i] for m, t in a.items()},
@@ -74,7 +83,6 @@ class AdapterGenerator(ABC):
                         metadata={"description": d, "instruction": d, "generator": self.name})
             for i, d in enumerate(descriptions)
         ]
-        logger.info("generated %d adapter(s) with %s in %.1f ms", len(out), self.name, 1e3 * (time.perf_counter() - t0))
         return out
 
 

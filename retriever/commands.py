@@ -183,3 +183,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     eval_app = command_group(app, "eval", "Evaluations: print figures and write them to results/.")
     eval_app.command("routing")(eval_routing)
+    from retriever import strategy_commands
+
+    strategy_commands.register(app, bench_app)

@@ -161,7 +161,8 @@ def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | N
 def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
     @app.post("/v1/adapters", response_model=GenerateAdaptersResponse, tags=["adapters"])
     async def generate_adapters(body: GenerateAdaptersRequest, request: Request) -> GenerateAdaptersResponse:
-        """Generate one adapter per description; with `save`, add them to the library."""
+        """The best adapter per description (`strategy`: generate, retrieve or auto; see `decisions` for the path
+        taken, the matched library tasks and the confidence); with `save`, generated ones are added to the library."""
         lim = state.cfg.limits
         texts = check_texts(body.texts, "description", lim.max_descriptions, lim.max_description_chars)
         kind = body.generator or state.generator
@@ -170,11 +171,18 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
                           param="generator")
         if body.save:
             state.authorize(request)
-        adapters, ms = await state.backends.generate(texts, kind)
+        decisions, adapters, ms = await state.backends.adapt(texts, kind, body.strategy)
+        refused = next((d for d in decisions if d["rejected"]), None)
+        if refused is not None:
+            raise Invalid(f"out of scope: {refused['warning']} (confidence {refused['confidence']:.2f} is under the "
+                          "service's reject_below)", param="description")
         infos = []
-        for text, adapter in zip(texts, adapters, strict=True):
+        for text, adapter, decision in zip(texts, adapters, decisions, strict=True):
             name = body.name or text[:200]
-            if body.save:
+            if adapter is None:  # the library adapter, as is
+                record = await asyncio.to_thread(state.library.get, decision["mixture"][0]["id"])
+                infos.append(state.record_info(record))
+            elif body.save:
                 record = await asyncio.to_thread(_save, state, adapter, name, text, body.sample_inputs)
                 infos.append(state.record_info(record))
             else:
@@ -182,7 +190,7 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
         # only the default generator can be a fresh one: the others are served only from checkpoints
         trained = state.generator_trained or kind != state.generator
         return GenerateAdaptersResponse(adapters=infos, generation_ms=round(ms, 2), generator=kind,
-                                        generator_trained=trained)
+                                        generator_trained=trained, decisions=decisions)
 
     @app.get("/v1/adapters", response_model=AdapterList, tags=["adapters"])
     async def list_adapters() -> AdapterList:

@@ -79,6 +79,8 @@ class ServeConfig(BaseModel):
     library: str | None = None  # library root; None: $HYPERLORA_HOME/library
     default_library: bool = True  # fill an empty library with the default one when the service starts
     retriever: dict[str, Any] = Field(default_factory=dict)  # RetrieverConfig fields (top_k, index, ...)
+    strategy: dict[str, Any] = Field(default_factory=dict)  # StrategyConfig fields: how POST /v1/adapters picks
+    #                          generate / retrieve / mix (default strategy, thresholds, reject_below for a 422, ...)
     # -- the LLM engine and batching
     engine: EngineConfig = Field(default_factory=EngineConfig)
     llm_batch: BatchSettings = Field(  # the LLM's @serve.batch (capped by engine.max_batch_size)
@@ -104,6 +106,14 @@ class ServeConfig(BaseModel):
         from retriever.config import RetrieverConfig
 
         RetrieverConfig.from_dict(v)  # raises ValueError naming the bad field
+        return v
+
+    @field_validator("strategy")
+    @classmethod
+    def _check_strategy(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from retriever.strategy import StrategyConfig
+
+        StrategyConfig.from_dict(v)  # raises ValueError naming the bad field
         return v
 
     @field_validator("other_generators")
@@ -142,6 +152,11 @@ class ServeConfig(BaseModel):
         from retriever.config import RetrieverConfig
 
         return RetrieverConfig.from_dict(self.retriever)
+
+    def strategy_config(self):
+        from retriever.strategy import StrategyConfig
+
+        return StrategyConfig.from_dict(self.strategy)
 
     def generator_config(self):
         from generator.config import GeneratorConfig

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ray import serve
 
@@ -75,7 +76,9 @@ class Generator:
         self.gens = {self.gen.name: self.gen} | load_other_generators(cfg, self.gen)
         if cfg.default_library:
             self._fill_library(cfg)
+        self.strategy = _description_strategy(cfg, self.gen)
         _set_batching(self.generate, cfg.generator_batch)
+        _set_batching(self.adapt, cfg.generator_batch)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hypernet")  # one warm thread for torch
         self._seconds = REGISTRY.histogram("hyperlora_generation_seconds", "One batched hypernetwork call.")
         self._count = REGISTRY.counter("hyperlora_generated_adapters", "Adapters generated.")
@@ -118,8 +121,50 @@ class Generator:
                 j += n
         return out
 
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def adapt(self, requests: list[tuple[str, list[str], str | None]]) -> list[tuple[list[dict], list, float]]:
+        """Each request is (generator, descriptions, strategy): every description is embedded once (one call for the
+        batch), matched against the library and decided (retriever/strategy.py); the generated or mixed adapters
+        come from that same embedding. Returns per request (decisions, adapters or None for library ones, ms)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._adapt, requests)
+
+    def _adapt(self, requests: list[tuple[str, list[str], str | None]]) -> list[tuple[list[dict], list, float]]:
+        t0 = time.perf_counter()
+        unknown = sorted({k for k, _, _ in requests} - set(self.gens))
+        if unknown:
+            raise ValueError(f"generator {unknown[0]!r} is not served here; available: {', '.join(sorted(self.gens))}")
+        flat = [d for _, texts, _ in requests for d in texts]
+        vectors = self.strategy.embed(flat)  # (n, dim)
+        bounds = np.cumsum([0] + [len(texts) for _, texts, _ in requests])
+        decisions = [d for (_, _, strategy), a, b in zip(requests, bounds[:-1], bounds[1:], strict=True)
+                     for d in self.strategy.decide_vectors(vectors[a:b], strategy)]
+        kinds = [k for k, texts, _ in requests for _ in texts]
+        generated: dict[int, LoraAdapter] = {}
+        for kind in dict.fromkeys(kinds):
+            rows = [i for i, d in enumerate(decisions) if kinds[i] == kind and d.needs_generation and not d.rejected]
+            if rows:
+                made = self.gens[kind].generate_embedded(torch.from_numpy(vectors[rows]), [flat[i] for i in rows])
+                generated.update(zip(rows, made, strict=True))
+                self._count.inc(len(made))
+        adapters = [None if d.rejected else self.strategy.build(d, generated.get(i)) for i, d in enumerate(decisions)]
+        dt = time.perf_counter() - t0
+        self._seconds.observe(dt)
+        logger.info("adapted %d description(s) from %d request(s) in %.1f ms: %s", len(flat), len(requests),
+                    1e3 * dt, ", ".join(d.path for d in decisions))
+        return [([d.to_dict() for d in decisions[a:b]], adapters[a:b], 1e3 * dt)
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
     async def metrics(self) -> list[dict[str, Any]]:
         return REGISTRY.snapshot()
+
+
+def _description_strategy(cfg: ServeConfig, gen):
+    """The retriever's description-level decision over the service's library, sharing the generator's encoder."""
+    from retriever.library import AdapterLibrary
+    from retriever.strategy import DescriptionStrategy
+
+    library = AdapterLibrary(cfg.library_root(), gen.spec)
+    return DescriptionStrategy(library, gen.encoder, cfg.strategy_config(), cfg.retriever_config())
 
 
 def load_other_generators(cfg: ServeConfig, default) -> dict[str, Any]:

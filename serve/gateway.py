@@ -101,6 +101,12 @@ class Backends:
     async def generate(self, descriptions: list[str], generator: str) -> tuple[list[LoraAdapter], float]:
         return await asyncio.wait_for(self.generator.generate.remote((generator, descriptions)), self.timeout_s)
 
+    async def adapt(self, descriptions: list[str], generator: str,
+                    strategy: str | None) -> tuple[list[dict[str, Any]], list[LoraAdapter | None], float]:
+        """(decisions, adapters, ms): the description strategy's choice per description (retriever/strategy.py)."""
+        return await asyncio.wait_for(self.generator.adapt.remote((generator, descriptions, strategy)),
+                                      self.timeout_s)
+
     async def route(self, inputs: list[str], top_k: int) -> list[dict[str, Any]]:
         return await asyncio.wait_for(self.router.route.remote((inputs, top_k)), self.timeout_s)
 

@@ -23,6 +23,11 @@ class GenerateAdaptersRequest(BaseModel):
     name: str | None = Field(None, min_length=1, max_length=200, description="Library name (default: the description).")
     sample_inputs: list[str] = Field(default_factory=list, max_length=100,
                                      description="A few inputs of the task, used as the adapter's routing key.")
+    strategy: Literal["generate", "retrieve", "auto"] | None = Field(
+        None, description="generate: always a generated adapter; retrieve: the library adapter whose descriptions "
+                          "are nearest; auto (the default, unless the service is configured otherwise): the library "
+                          "adapter on a confident match, the generated one mixed with near library adapters when "
+                          "some are close, else the generated one. Thresholds are calibrated on held-out paraphrases.")
 
     @model_validator(mode="after")
     def _one_of(self) -> GenerateAdaptersRequest:
@@ -50,11 +55,43 @@ class AdapterInfo(BaseModel):
     sample_inputs: list[str] = Field(default_factory=list)
 
 
+class MatchedTask(BaseModel):
+    id: str = Field(description="The library adapter's id.")
+    name: str = Field(description="Its name (for trained adapters, the task).")
+    similarity: float = Field(description="Cosine of the description to the adapter's descriptions.")
+
+
+class MixtureWeight(BaseModel):
+    id: str | None = Field(description="A library adapter's id, or null for the generated adapter.")
+    weight: float = Field(description="Its weight in the returned adapter (the weights sum to 1).")
+
+
+class AdapterDecision(BaseModel):
+    """Why a description got the adapter it got (one per description, in order)."""
+
+    strategy: Literal["generate", "retrieve", "auto"] = Field(description="The strategy applied.")
+    path: Literal["generate", "retrieve", "mix"] = Field(
+        description="What it returned: a generated adapter, a library adapter as is (its id), or one adapter that is "
+                    "the exact weighted mixture of the generated adapter and near library adapters (see `mixture`).")
+    matches: list[MatchedTask] = Field(description="The library adapters nearest to the description, best first.")
+    mixture: list[MixtureWeight] = Field(description="The adapters the returned one is made of, with their weights.")
+    confidence: float = Field(
+        description="0 to 1: how close the description is to the tasks the generator was trained on (0: as far as "
+                    "nonsense, 1: as close as a training task's own paraphrase). Low: a generated adapter is unlikely "
+                    "to help, and a client may prefer to fall back (e.g. to the base model with the instruction).")
+    train_similarity: float = Field(description="Cosine of the description to the nearest training task.")
+    nearest_train_task: str = Field(description="That training task.")
+    out_of_scope: bool = Field(description="Close to no training task and no library adapter: probably not a task.")
+    warning: str | None = Field(None, description="Set when out of scope; says why.")
+
+
 class GenerateAdaptersResponse(BaseModel):
     adapters: list[AdapterInfo]
-    generation_ms: float  # hypernetwork time (embedding included) for the whole request
+    generation_ms: float  # time of the whole decision: embedding, search and hypernetwork, for the whole request
     generator: str  # which generator made them
     generator_trained: bool  # False: a freshly initialised hypernetwork made these
+    decisions: list[AdapterDecision] = Field(
+        default_factory=list, description="One per adapter: the strategy's path, matches, confidence and warning.")
 
 
 class AdapterList(BaseModel):

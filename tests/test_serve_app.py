@@ -159,6 +159,43 @@ def test_generate_picks_the_requested_generator(client):
         assert err["param"] == "generator" and "available: cvae, t2l" in err["message"]
 
 
+def test_adapters_strategy_retrieve_generate_and_out_of_scope(client, lib_ids):
+    """A description copied from a library task gets that task's adapter; `generate` forces a new one; nonsense is
+    flagged, and refused (422) under the service's reject_below."""
+    desc = TASKS["french"][0]
+    r = client.post("/v1/adapters", json={"description": desc})  # strategy defaults to auto
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (d,) = body["decisions"]
+    assert d["strategy"] == "auto" and d["path"] == "retrieve" and d["matches"][0]["name"] == "french"
+    assert d["matches"][0]["similarity"] > 0.99 and d["mixture"] == [{"id": lib_ids["french"], "weight": 1.0}]
+    assert body["adapters"][0]["id"] == lib_ids["french"] and body["adapters"][0]["saved"] is True
+    assert not d["out_of_scope"] and d["warning"] is None and 0 < d["confidence"] <= 1
+    forced = client.post("/v1/adapters", json={"description": desc, "strategy": "generate"}).json()
+    assert forced["decisions"][0]["path"] == "generate" and forced["adapters"][0]["id"].startswith("tmp-")
+    flagged = client.post("/v1/adapters", json={"description": "dogs; cats; bananas"}).json()
+    (d,) = flagged["decisions"]
+    assert d["out_of_scope"] and "far from every task" in d["warning"] and d["confidence"] < 0.2
+    assert flagged["adapters"][0]["id"].startswith("tmp-")  # above reject_below (0.01): served, with the warning
+    refused = client.post("/v1/adapters", json={"description": "..."})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "description"
+    assert "out of scope" in refused.json()["error"]["message"]
+    bad = client.post("/v1/adapters", json={"description": desc, "strategy": "magic"})
+    assert bad.status_code == 422 and "strategy" in bad.text
+
+
+def test_adapters_strategy_fields_are_documented(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    request = schemas["GenerateAdaptersRequest"]["properties"]["strategy"]
+    assert "auto" in json.dumps(request) and request.get("description")
+    decision = schemas["AdapterDecision"]["properties"]
+    for name in ("strategy", "path", "matches", "mixture", "confidence", "train_similarity", "nearest_train_task",
+                 "out_of_scope", "warning"):
+        assert decision[name].get("description"), name
+    assert "decisions" in schemas["GenerateAdaptersResponse"]["properties"]
+    assert schemas["MatchedTask"]["properties"]["similarity"]["description"]
+
+
 def test_generate_and_save_needs_key_and_persists(client, service):
     r = client.post("/v1/adapters", json={"description": "Answer with a number.", "save": True})
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]

@@ -1,0 +1,238 @@
+"""`hyperlora train strategy`: the description strategy's thresholds and train-task embeddings, fitted on
+held-out paraphrases of the train tasks (never on dev tasks).
+
+Each train task has ~200 paraphrased descriptions. The first `key_descriptions` (8) are what a library adapter of
+the task is keyed by (retriever/keys.py) and what its train-task row is made of; the hypernetwork trained on the
+first 32. Calibration queries are taken from `CALIBRATION_SLICE` (descriptions 100-149); the strategy evaluation
+uses `EVALUATION_SLICE` (150-199), so no number is reported on what it was fitted on.
+
+What is fitted (every value a cosine score; see retriever/strategy.py for how each is used):
+- `match_threshold`, `match_margin`: the grid point with the most correct library matches among those whose
+  `retrieve` decisions are right at least `retrieve_precision` of the time, over queries whose own task is in the
+  library (even-numbered tasks) or left out of it (odd-numbered ones: then any retrieval is wrong);
+- `near_threshold`: the lowest score from which, among the queries not confidently matched, the query's own task is
+  among the top-k library tasks that score at least that much `near_precision` of the time (a mixture of them and
+  the generated adapter then often holds the right adapter);
+- `scope_threshold`: between the train similarity of synthetic nonsense (random characters, punctuation, lists of
+  nouns) and that of descriptions of tasks left out of the train set (their own rows excluded: held-out
+  paraphrases and the tasks' definitions);
+- `scope_floor` / `scope_reference`: the median train similarity of nonsense / of a train task's own paraphrase.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from retriever.strategy import CALIBRATION_FILE, TRAIN_TASKS_FILE
+from retriever.tasks import load_sni
+
+logger = logging.getLogger(__name__)
+CALIBRATION_SLICE = slice(100, 150)
+EVALUATION_SLICE = slice(150, 200)
+NOUNS = ("apple chair river mountain pencil window orange tiger guitar bottle cloud hammer lemon rabbit piano "
+         "garden ocean candle shoe mirror carpet horse spoon forest pizza rocket button coffee planet bridge "
+         "tomato eagle blanket kettle violin cookie penguin ladder pillow castle").split()
+
+
+@dataclass
+class CalibrationConfig:
+    """What `hyperlora train strategy` fits on."""
+
+    sni_dir: str = "../shared/data/sni"  # SNI data (train split only is read)
+    queries_per_task: int = 6  # held-out paraphrases per train task, from CALIBRATION_SLICE (1..50)
+    key_descriptions: int = 8  # descriptions averaged into a task's key and train row (as the library does)
+    retrieve_precision: float = 0.6  # a confident match must be the right task this often ((0, 1]). A task's own
+    #   LoRA scores ~52 ROUGE-L, a generated one ~21 and another task's ~5, so retrieving pays from ~0.35; 0.6 is
+    #   a margin (siblings of one dataset are near-paraphrases of each other, so precision costs much recall)
+    near_precision: float = 0.4  # a mixture must hold the query's own task this often ((0, 1])
+    top_k: int = 3  # library tasks a mixture may hold (as StrategyConfig.top_k)
+    scope_position: float = 1 / 3  # where scope_threshold sits between nonsense's 95th percentile (0) and unseen
+    #   tasks' 0.5th (1), in [0, 1]; under 0.5 it leans towards never flagging a real task (a flag may become a 422)
+    nonsense: int = 120  # synthetic nonsense strings (>= 10)
+    limit: int | None = None  # at most this many train tasks (tests)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.queries_per_task <= 50:
+            raise ValueError(f"queries_per_task={self.queries_per_task} (allowed: 1 to 50)")
+        if self.key_descriptions < 1:
+            raise ValueError(f"key_descriptions={self.key_descriptions} (must be >= 1)")
+        for name in ("retrieve_precision", "near_precision"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} (must be in (0, 1])")
+        if not 0 <= self.scope_position <= 1:
+            raise ValueError(f"scope_position={self.scope_position} (must be in [0, 1])")
+        if self.nonsense < 10:
+            raise ValueError(f"nonsense={self.nonsense} (must be >= 10)")
+
+
+def nonsense_strings(n: int, seed: int = 0) -> list[str]:
+    """Synthetic not-a-task strings: random letters, keyboard mash with symbols, punctuation, lists of nouns."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            out.append(" ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8)))
+                                for _ in range(rng.randint(1, 5))))
+        elif kind == 1:
+            out.append("".join(rng.choices(string.ascii_letters + string.digits + "!@#$%^&*()", k=rng.randint(3, 20))))
+        elif kind == 2:
+            out.append(rng.choice(["...", "?", "!!", "-", "--", "n/a", "\u200b", "???", ".", "xx", "ok", "a"]))
+        else:
+            out.append(rng.choice(["; ", ", ", " "]).join(rng.sample(NOUNS, rng.randint(1, 4))))
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclass
+class Embedded:
+    """Everything calibration needs, embedded once."""
+
+    tasks: list[str]
+    keys: np.ndarray  # (n_tasks, dim): mean of each task's first key_descriptions descriptions
+    definitions: np.ndarray  # (n_tasks, dim)
+    queries: np.ndarray  # (n_queries, dim): held-out paraphrases
+    owner: np.ndarray  # (n_queries,): task index of each query
+    nonsense: np.ndarray  # (n_nonsense, dim)
+
+
+def embed_for_calibration(encoder, ccfg: CalibrationConfig) -> Embedded:
+    sni = load_sni(ccfg.sni_dir, "train")
+    tasks = sorted(sni)[: ccfg.limit] if ccfg.limit else sorted(sni)
+    key_texts = [d for t in tasks for d in sni[t]["descriptions"][: ccfg.key_descriptions]]
+    counts = [len(sni[t]["descriptions"][: ccfg.key_descriptions]) for t in tasks]
+    held = [sni[t]["descriptions"][CALIBRATION_SLICE][: ccfg.queries_per_task] for t in tasks]
+    texts = key_texts + [sni[t]["definition"] for t in tasks] + [q for h in held for q in h]
+    nonsense = nonsense_strings(ccfg.nonsense, ccfg.seed)
+    logger.info("embedding %d texts of %d train tasks for calibration", len(texts) + len(nonsense), len(tasks))
+    emb = encoder.encode([t[:1000] for t in texts] + nonsense, what="calibration text").cpu().numpy()
+    bounds = np.cumsum([0] + counts)
+    keys = _unit(np.stack([emb[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]))
+    n_keys, n = len(key_texts), len(tasks)
+    owner = np.array([i for i, h in enumerate(held) for _ in h])
+    return Embedded(tasks, keys, emb[n_keys: n_keys + n], emb[n_keys + n: len(texts)], owner, emb[len(texts):])
+
+
+def train_rows(e: Embedded) -> tuple[np.ndarray, list[str]]:
+    """The shipped train-task rows: each task's description key and its definition, `(2 * n_tasks, dim)`."""
+    return np.concatenate([e.keys, e.definitions]), e.tasks + e.tasks
+
+
+def _best_two(scores: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best and second-best library score per query `(n_queries,)` each, odd tasks' own adapters left out."""
+    s = scores.copy()
+    s[owner % 2 == 1, owner[owner % 2 == 1]] = -np.inf
+    top2 = -np.sort(-s, axis=1)[:, :2]
+    return top2[:, 0], (top2[:, 1] if s.shape[1] > 1 else np.full(len(s), -1.0))
+
+
+def fit_match(scores: np.ndarray, owner: np.ndarray, precision: float) -> tuple[float, float, dict]:
+    """Grid search over (threshold, margin) on query x task scores `(n_queries, n_tasks)`."""
+    in_lib = owner % 2 == 0
+    best, second = _best_two(scores, owner)
+    s = scores.copy()
+    s[~in_lib, owner[~in_lib]] = -np.inf  # odd tasks' own adapters are not in the library
+    right = (s.argmax(1) == owner) & in_lib
+    chosen, stats = (0.99, 0.2), {"recall": 0.0, "precision": 1.0}
+    for thr in np.arange(0.40, 1.0, 0.01):
+        for margin in np.arange(0.0, 0.21, 0.01):
+            take = (best >= thr) & (best - second >= margin)
+            if not take.any():
+                continue
+            p, r = right[take].mean(), (right & take).sum() / max(in_lib.sum(), 1)
+            if p >= precision and r > stats["recall"]:
+                chosen, stats = (float(thr), float(margin)), {"recall": round(float(r), 4),
+                                                              "precision": round(float(p), 4)}
+    return chosen[0], chosen[1], stats
+
+
+def fit_near(scores: np.ndarray, owner: np.ndarray, retrieved: np.ndarray, top_k: int,
+             precision: float) -> tuple[float, dict]:
+    """The lowest score from which, among queries not confidently matched, the query's own task is among the
+    top-k library tasks scoring at least that much `precision` of the time (a mixture then holds it)."""
+    s = scores.copy()
+    s[owner % 2 == 1, owner[owner % 2 == 1]] = -np.inf  # odd tasks are not in the library, as in fit_match
+    top = np.argsort(-s, axis=1)[:, :top_k]  # (n_queries, k)
+    top_scores = np.take_along_axis(s, top, 1)
+    for thr in np.arange(0.40, 1.0, 0.01):
+        near = top_scores >= thr
+        mixed = near.any(1) & ~retrieved
+        if mixed.sum() < 5:
+            break
+        rate = ((top == owner[:, None]) & near).any(1)[mixed].mean()
+        if rate >= precision:
+            return float(thr), {"own_task_in_mixture": round(float(rate), 4),
+                                "share_of_queries": round(float(mixed.mean()), 4)}
+    return 1.0, {"own_task_in_mixture": 0.0, "share_of_queries": 0.0}
+
+
+def leave_own_out(sims: np.ndarray, owner: np.ndarray, row_task: np.ndarray) -> np.ndarray:
+    """Each query's best score over the rows of other tasks than its own: `(n_queries,)`."""
+    s = np.where(row_task[None, :] == owner[:, None], -np.inf, sims)
+    return s.max(1)
+
+
+def fit(e: Embedded, ccfg: CalibrationConfig) -> dict:
+    rows, row_names = train_rows(e)
+    row_task = np.array([e.tasks.index(n) for n in row_names])
+    qs = e.queries @ e.keys.T  # (n_queries, n_tasks) description-key scores, as the library would give
+    match_t, margin, match_stats = fit_match(qs, e.owner, ccfg.retrieve_precision)
+    best, second = _best_two(qs, e.owner)
+    retrieved = (best >= match_t) & (best - second >= margin)
+    near_t, near_stats = fit_near(qs, e.owner, retrieved, ccfg.top_k, ccfg.near_precision)
+    own_in = (e.queries @ rows.T).max(1)
+    unseen = np.concatenate([leave_own_out(e.queries @ rows.T, e.owner, row_task),
+                             leave_own_out(e.definitions @ rows.T, np.arange(len(e.tasks)), row_task)])
+    junk = (e.nonsense @ rows.T).max(1)
+    lo, hi = float(np.quantile(junk, 0.95)), float(np.quantile(unseen, 0.005))
+    scope = lo + ccfg.scope_position * (hi - lo) if lo < hi else hi
+    if lo >= hi:
+        logger.warning("nonsense (95th percentile %.3f) and unseen tasks (0.5th percentile %.3f) overlap: the "
+                       "out-of-scope threshold sits at the latter and lets some nonsense through", lo, hi)
+    return {
+        "match_threshold": round(match_t, 4), "match_margin": round(margin, 4),
+        "near_threshold": round(max(near_t, 0.0), 4), "scope_threshold": round(scope, 4),
+        "scope_floor": round(float(np.median(junk)), 4), "scope_reference": round(float(np.median(own_in)), 4),
+        "stats": {
+            "train_tasks": len(e.tasks), "queries": len(e.queries), "nonsense": len(e.nonsense),
+            "match": match_stats, "near": near_stats,
+            "nonsense_similarity_q95": round(lo, 4), "unseen_task_similarity_q005": round(hi, 4),
+            "unseen_flagged": round(float((unseen < scope).mean()), 4),
+            "nonsense_flagged": round(float((junk < scope).mean()), 4),
+            "own_task_similarity_median": round(float(np.median(own_in)), 4),
+        },
+        "config": asdict(ccfg),
+    }
+
+
+def write_calibration(e: Embedded, result: dict, embedder: str, out_json: Path = CALIBRATION_FILE,
+                      out_rows: Path = TRAIN_TASKS_FILE) -> tuple[Path, Path]:
+    rows, names = train_rows(e)
+    out_rows.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"vectors": rows.astype(np.float16)}, str(out_rows),
+              metadata={"tasks": json.dumps(names), "embedder": embedder,
+                        "rows": "each train task's mean description key, then each task's definition"})
+    os.chmod(out_rows, 0o644)  # safetensors writes 0600; the file ships with the package
+    out_json.write_text(json.dumps({"embedder": embedder, **result}, indent=2) + "\n")
+    return out_json, out_rows
+
+
+def calibrate(encoder, ccfg: CalibrationConfig, out_json: Path = CALIBRATION_FILE,
+              out_rows: Path = TRAIN_TASKS_FILE) -> dict:
+    e = embed_for_calibration(encoder, ccfg)
+    result = fit(e, ccfg)
+    write_calibration(e, result, encoder.name, out_json, out_rows)
+    return result

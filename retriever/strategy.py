@@ -1,0 +1,338 @@
+"""The best adapter for a description: the library's, a generated one, or a mixture, decided in one place.
+
+A description is embedded once. Its nearest library adapters are found by their *description* keys (a second
+`Router` over the same library with `key_mode="description"`), and its distance to the tasks the hypernetwork
+was trained on is measured against a compact set of train-task embeddings shipped with the package
+(`data/train_tasks.safetensors`). A registered `Strategy` turns those numbers into a `Plan`:
+
+- `retrieve`: the top library adapter, whatever its score;
+- `generate`: a generated adapter, whatever the library holds;
+- `auto`: the library adapter when one task is a confident match (score >= `match_threshold` and ahead of the
+  second by `match_margin`), a mixture of the generated adapter and the near library adapters when some are
+  close (score >= `near_threshold`), and the generated adapter when nothing is.
+
+The thresholds come from `data/strategy_calibration.json`, which `hyperlora train strategy` writes from held-out
+paraphrases of the train tasks (retriever/calibrate.py); dev tasks are never used. Every decision carries a
+`confidence` in [0, 1] for the generated case (0: as far from the training tasks as nonsense, 1: as close as a
+training task's own paraphrase), and descriptions that are closer to nothing than `scope_threshold` are flagged
+out of scope with a warning (a deployment may refuse them: `reject_below`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from generator.lora import LoraAdapter
+from generator.registry import registrar
+from retriever.compose import fuse
+from retriever.config import RetrieverConfig
+from retriever.library import AdapterLibrary
+from retriever.router import Route, Router, softmax
+
+logger = logging.getLogger(__name__)
+DATA_DIR = Path(__file__).parent / "data"
+CALIBRATION_FILE = DATA_DIR / "strategy_calibration.json"
+TRAIN_TASKS_FILE = DATA_DIR / "train_tasks.safetensors"
+StrategyName = Literal["generate", "retrieve", "auto"]
+PathTaken = Literal["generate", "retrieve", "mix"]
+THRESHOLDS = ("match_threshold", "match_margin", "near_threshold", "scope_threshold", "scope_floor",
+              "scope_reference")
+STRATEGY_NAMES: tuple[str, ...] = ("generate", "retrieve", "auto")
+STRATEGIES: dict[str, type[Strategy]] = {}
+register_strategy = registrar(STRATEGIES)
+
+
+@dataclass
+class StrategyConfig:
+    """How a description picks its adapter; thresholds left None come from the calibration file."""
+
+    strategy: StrategyName = "auto"  # the default when a request names none
+    calibration: str | None = None  # calibration JSON; None: the shipped retriever/data/strategy_calibration.json
+    train_tasks: str | None = None  # train-task embeddings (safetensors); None: the shipped one
+    top_k: int = 3  # library tasks reported (and at most mixed) per description (1..16)
+    mix_generated_weight: float = 0.5  # the generated adapter's share of a mixture ((0, 1))
+    temperature: float = 0.05  # softmax temperature over the mixed library adapters' scores (> 0)
+    reject_below: float | None = None  # refuse (HTTP 422) out-of-scope descriptions whose confidence is under this
+    #                                    ([0, 1]); None: never refuse, only warn
+    # overrides of the calibrated values (cosine scores in [-1, 1]; None: calibrated)
+    match_threshold: float | None = None  # one library task's score from which auto returns its adapter
+    match_margin: float | None = None  # ... when it leads the second task by at least this much
+    near_threshold: float | None = None  # library tasks from this score are mixed with the generated adapter
+    scope_threshold: float | None = None  # nearer than this to no train task and no library task: out of scope
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.strategy not in STRATEGY_NAMES:
+            problems.append(f"strategy={self.strategy!r} (allowed: {list(STRATEGY_NAMES)})")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= 16:
+            problems.append(f"top_k={self.top_k!r} (must be an integer in [1, 16])")
+        if not _number(self.mix_generated_weight) or not 0.0 < self.mix_generated_weight < 1.0:
+            problems.append(f"mix_generated_weight={self.mix_generated_weight!r} (must be in (0, 1))")
+        if not _number(self.temperature) or self.temperature <= 0:
+            problems.append(f"temperature={self.temperature!r} (must be a finite number > 0)")
+        if self.reject_below is not None and (not _number(self.reject_below) or not 0 <= self.reject_below <= 1):
+            problems.append(f"reject_below={self.reject_below!r} (must be None or in [0, 1])")
+        for name in ("match_threshold", "match_margin", "near_threshold", "scope_threshold"):
+            v = getattr(self, name)
+            if v is not None and (not _number(v) or not -1.0 <= v <= 1.0):
+                problems.append(f"{name}={v!r} (must be None or a cosine score in [-1, 1])")
+        if problems:
+            raise ValueError("invalid StrategyConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StrategyConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown StrategyConfig field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class Thresholds:
+    """The calibrated numbers (cosine scores); see retriever/calibrate.py for how each is fitted."""
+
+    match_threshold: float = 0.80
+    match_margin: float = 0.05
+    near_threshold: float = 0.65
+    scope_threshold: float = 0.33  # max(train similarity, best library score) under this: out of scope
+    scope_floor: float = 0.20  # confidence 0: the typical train similarity of nonsense
+    scope_reference: float = 0.80  # confidence 1: the typical train similarity of a train task's own paraphrase
+
+    @classmethod
+    def load(cls, cfg: StrategyConfig) -> Thresholds:
+        path = Path(cfg.calibration) if cfg.calibration else CALIBRATION_FILE
+        raw = json.loads(path.read_text())
+        missing = [k for k in THRESHOLDS if not _number(raw.get(k))]
+        if missing:
+            raise ValueError(f"{path.name} lacks numeric {missing}; rerun `hyperlora train strategy`")
+        t = cls(**{k: float(raw[k]) for k in THRESHOLDS})
+        overrides = {k: getattr(cfg, k) for k in ("match_threshold", "match_margin", "near_threshold",
+                                                  "scope_threshold") if getattr(cfg, k) is not None}
+        return replace(t, **overrides)
+
+    def confidence(self, similarity: float) -> float:
+        """Train similarity -> [0, 1]: 0 at the nonsense level (`scope_floor`), 1 at `scope_reference`."""
+        span = max(self.scope_reference - self.scope_floor, 1e-6)
+        return float(min(1.0, max(0.0, (similarity - self.scope_floor) / span)))
+
+
+@dataclass
+class Match:
+    """A library adapter near the description."""
+
+    id: str
+    name: str
+    similarity: float  # cosine of the description to the adapter's description key
+
+
+@dataclass
+class Decision:
+    """What one description gets, and why."""
+
+    strategy: str  # the strategy asked for: generate | retrieve | auto
+    path: PathTaken  # what it did: the library adapter, a generated one, or a mixture of both
+    matches: list[Match]  # the nearest library adapters, best first
+    mixture: list[tuple[str | None, float]]  # (library id, or None for the generated adapter; weight), sums to 1
+    confidence: float  # [0, 1], how close the description is to the tasks the generator was trained on
+    train_similarity: float  # its cosine to the nearest train task (what `confidence` is made from)
+    nearest_train_task: str  # that task's name
+    out_of_scope: bool  # close to no train task and no library adapter: probably not a task description
+    warning: str | None = None  # set when out of scope
+    rejected: bool = False  # out of scope with confidence under the config's `reject_below`
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def needs_generation(self) -> bool:
+        return any(i is None for i, _ in self.mixture)
+
+    @property
+    def library_id(self) -> str | None:
+        """The library adapter returned as is (path `retrieve`)."""
+        return self.mixture[0][0] if self.path == "retrieve" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mixture"] = [{"id": i, "weight": w} for i, w in self.mixture]
+        return d
+
+
+@dataclass
+class Plan:
+    path: PathTaken
+    mixture: list[tuple[str | None, float]]
+
+
+class Strategy(ABC):
+    """Matches and thresholds -> which adapters, with what weights."""
+
+    name = ""
+
+    def __init__(self, cfg: StrategyConfig, thresholds: Thresholds) -> None:
+        self.cfg, self.t = cfg, thresholds
+
+    @abstractmethod
+    def plan(self, route: Route) -> Plan: ...
+
+
+@register_strategy("generate")
+class Generate(Strategy):
+    """Always the generated adapter."""
+
+    def plan(self, route):
+        return Plan("generate", [(None, 1.0)])
+
+
+@register_strategy("retrieve")
+class Retrieve(Strategy):
+    """Always the top library adapter; the generated one only when the library is empty."""
+
+    def plan(self, route):
+        if not route.ids:
+            return Plan("generate", [(None, 1.0)])
+        return Plan("retrieve", [(route.ids[0], 1.0)])
+
+
+@register_strategy("auto")
+class Auto(Strategy):
+    """The library adapter on a confident single match, a mixture when some are near, else the generated one."""
+
+    def plan(self, route):
+        scores = route.scores
+        if scores and scores[0] >= self.t.match_threshold and \
+                scores[0] - (scores[1] if len(scores) > 1 else -1.0) >= self.t.match_margin:
+            return Plan("retrieve", [(route.ids[0], 1.0)])
+        near = [(i, s) for i, s in zip(route.ids, scores, strict=True) if s >= self.t.near_threshold]
+        if not near:
+            return Plan("generate", [(None, 1.0)])
+        g = self.cfg.mix_generated_weight
+        w = softmax(np.array([s for _, s in near], np.float64), self.cfg.temperature)
+        return Plan("mix", [(None, g)] + [(i, float((1 - g) * x)) for (i, _), x in zip(near, w, strict=True)])
+
+
+class TrainTasks:
+    """The training tasks' description embeddings, one or more unit rows per task: `(n_rows, dim)`."""
+
+    def __init__(self, vectors: np.ndarray, tasks: Sequence[str], embedder: str = "") -> None:
+        if vectors.ndim != 2 or len(vectors) != len(tasks) or not len(tasks):
+            raise ValueError(f"train-task embeddings of shape {vectors.shape} for {len(tasks)} task rows")
+        self.vectors = np.ascontiguousarray(vectors, np.float32)  # (n_rows, dim)
+        self.tasks, self.embedder = list(tasks), embedder
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> TrainTasks:
+        path = Path(path) if path else TRAIN_TASKS_FILE
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        return cls(tensors["vectors"].astype(np.float32), json.loads(meta["tasks"]), meta.get("embedder", ""))
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """queries `(n, dim)` -> best cosine `(n,)` and the nearest task of each."""
+        sims = queries @ self.vectors.T  # (n, n_rows)
+        best = sims.argmax(1)
+        return sims[np.arange(len(queries)), best], [self.tasks[i] for i in best]
+
+
+class DescriptionStrategy:
+    """The one place a description's adapter is decided: embed once, search, apply a registered `Strategy`."""
+
+    def __init__(self, library: AdapterLibrary, encoder, cfg: StrategyConfig | None = None,
+                 retriever: RetrieverConfig | None = None, train_tasks: TrainTasks | None = None,
+                 thresholds: Thresholds | None = None) -> None:
+        self.cfg = cfg or StrategyConfig()
+        self.encoder = encoder
+        base = retriever or RetrieverConfig()
+        self.router = Router(library, encoder, replace(base, key_mode="description", query_prefix=""))
+        self.train = train_tasks or TrainTasks.load(self.cfg.train_tasks)
+        if self.train.vectors.shape[1] != encoder.dim:
+            raise ValueError(f"train-task embeddings are {self.train.vectors.shape[1]}-d but the encoder gives "
+                             f"{encoder.dim}-d vectors: rerun `hyperlora train strategy` with this embedder")
+        self.thresholds = thresholds or Thresholds.load(self.cfg)
+
+    @property
+    def library(self) -> AdapterLibrary:
+        return self.router.library
+
+    def embed(self, descriptions: Sequence[str]) -> np.ndarray:
+        """`(n, dim)` unit vectors, one batched encoder call (the generator may reuse them)."""
+        return self.router.embed(descriptions)
+
+    def decide(self, descriptions: Sequence[str], strategy: str | None = None) -> tuple[list[Decision], np.ndarray]:
+        """Each description's decision, and the embeddings `(n, dim)` it was made from."""
+        t0 = time.perf_counter()
+        queries = self.embed(descriptions)
+        t1 = time.perf_counter()
+        decisions = self.decide_vectors(queries, strategy)
+        ms = {"embed_ms": 1e3 * (t1 - t0), "decide_ms": 1e3 * (time.perf_counter() - t1)}
+        for d in decisions:
+            d.timings = ms
+        logger.info("decided %d description(s) in %.1f ms (embed %.1f): %s", len(decisions), sum(ms.values()),
+                    ms["embed_ms"], ", ".join(d.path for d in decisions))
+        return decisions, queries
+
+    def decide_vectors(self, queries: np.ndarray, strategy: str | None = None,
+                       exclude: Sequence[set[str]] | None = None) -> list[Decision]:
+        """Decisions for already-embedded descriptions `(n, dim)`; `exclude[i]`: library ids query i may not get."""
+        name = strategy or self.cfg.strategy
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; choose from {list(STRATEGY_NAMES)}")
+        chooser = STRATEGIES[name](self.cfg, self.thresholds)
+        self.router.refresh()
+        routes = self.router.route_vectors(queries, self.cfg.top_k, exclude)
+        train_sim, nearest = self.train.nearest(queries)
+        return [self._decision(name, chooser.plan(r), r, float(s), n)
+                for r, s, n in zip(routes, train_sim, nearest, strict=True)]
+
+    def _decision(self, name: str, plan: Plan, route: Route, train_sim: float, nearest: str) -> Decision:
+        t = self.thresholds
+        matches = [Match(i, n, round(float(s), 6)) for i, n, s in zip(route.ids, route.names, route.scores,
+                                                                         strict=True)]
+        best_library = route.scores[0] if route.scores else -1.0
+        confidence = t.confidence(train_sim)
+        oos = max(train_sim, best_library) < t.scope_threshold
+        warning = None
+        if oos:
+            warning = (f"this description is far from every task the generator was trained on (similarity "
+                       f"{train_sim:.2f}, out-of-scope threshold {t.scope_threshold:.2f}) and from every library "
+                       "adapter: it may not describe a task, and the adapter is probably not useful")
+        rejected = oos and self.cfg.reject_below is not None and confidence < self.cfg.reject_below
+        return Decision(name, plan.path, matches, plan.mixture, round(confidence, 4), round(train_sim, 6), nearest,
+                        oos, warning, rejected)
+
+    def build(self, decision: Decision, generated: LoraAdapter | None,
+              load: Callable[[str], LoraAdapter] | None = None) -> LoraAdapter | None:
+        """The decision's adapter: None for `retrieve` (the library adapter is used by id), the generated one,
+        or the exact weighted mixture (`fuse(..., "concat")`: rank = the sum of the ranks)."""
+        if decision.path == "retrieve":
+            return None
+        if generated is None:
+            raise ValueError(f"the {decision.path} path needs the generated adapter")
+        if decision.path == "generate":
+            return generated
+        load = load or self.library.load
+        parts = [generated if i is None else load(i) for i, _ in decision.mixture]
+        mixed = fuse(parts, [w for _, w in decision.mixture], "concat")
+        mixed.metadata.update({k: v for k, v in generated.metadata.items() if k in ("description", "instruction")})
+        mixed.metadata["fused_from"] = ",".join(i or "generated" for i, _ in decision.mixture)
+        return mixed

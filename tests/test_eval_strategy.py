@@ -1,0 +1,109 @@
+"""`hyperlora eval strategy` end to end on tiny data: a tiny random Llama with SmolLM2's tokenizer, a tiny
+hypernetwork, PEFT folders named by task for --library and --dev-library, and a 5-task SNI directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import random_adapter
+from serve_fixtures import build_tiny_hypernet, build_tiny_model
+from typer.testing import CliRunner
+
+TRAIN = {"task001_sentiment": "Label the sentiment of the review as positive or negative.",
+         "task002_french": "Translate the English sentence into French.",
+         "task003_sum": "Add the two numbers and give the sum."}
+DEV = {"task900_capital": "Name the capital city of the given country.",
+       "task901_plural": "Write the plural form of the given noun."}
+
+
+def _task(name: str, definition: str, n_descriptions: int) -> dict:
+    return {"name": name, "definition": definition, "source": ["s"], "categories": [],
+            "descriptions": [f"{definition} (wording {i})" for i in range(n_descriptions)],
+            "instances": [{"input": f"example {i} for {name}", "output": [f"answer {i}"]} for i in range(10)]}
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from generator.config import load_spec
+    from generator.peft_io import save_peft
+
+    tmp = tmp_path_factory.mktemp("eval-strategy")
+    model_dir = build_tiny_model(tmp / "model")
+    spec = load_spec(str(model_dir))
+    ckpt = build_tiny_hypernet(spec, tmp / "hypernet")
+    sni = tmp / "sni"
+    (sni / "tasks").mkdir(parents=True)
+    for name, d in TRAIN.items():
+        (sni / "tasks" / f"{name}.json").write_text(json.dumps(_task(name, d, 200)))
+    for name, d in DEV.items():
+        (sni / "tasks" / f"{name}.json").write_text(json.dumps(_task(name, d, 1)))
+    (sni / "manifest.json").write_text(json.dumps({"train": list(TRAIN), "dev": list(DEV)}))
+    for folder, names in (("library", TRAIN), ("dev-library", DEV)):
+        for seed, name in enumerate(names):
+            save_peft(random_adapter(spec, seed=seed, scale=0.3), tmp / folder / name)
+    return tmp, model_dir, ckpt, sni
+
+
+@pytest.mark.slow
+def test_eval_strategy_runs_end_to_end(tiny_world, encoder, monkeypatch):
+    from hyperlora import app
+
+    tmp, model_dir, ckpt, sni = tiny_world
+    monkeypatch.setattr("generator.encoder.TaskEncoder.load", classmethod(lambda cls, *a, **k: encoder))
+    out = tmp / "results"
+    result = CliRunner().invoke(app, ["eval", "strategy", "--library", str(tmp / "library"), "--dev-library",
+                                      str(tmp / "dev-library"), "--sni", str(sni), "--checkpoint", str(ckpt),
+                                      "--base-model", str(model_dir), "--tasks", "2", "--inputs", "2",
+                                      "--max-new-tokens", "3", "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "strategy.json").read_text())
+    assert doc["library"] == {"adapters": 3, "origin": "trained", "dev_adapters": 2}
+    assert set(doc["settings"]) == {"a", "b", "c"}
+    for setting in doc["settings"].values():
+        assert setting["rows"] == 4 and len(setting["tasks"]) == 2
+        for s in ("generate", "retrieve", "auto"):
+            assert 0 <= setting[s]["rougeL"] <= 100 and sum(setting[s]["paths"].values()) == 4
+        assert setting["generate"]["paths"]["generate"] == 4 and setting["retrieve"]["paths"]["retrieve"] == 4
+    # (c): each dev task's own adapter is keyed by its definition, which is the query: a confident match
+    assert doc["settings"]["c"]["auto"]["paths"]["retrieve"] == 4
+    assert doc["settings"]["c"]["library_top1_is_own_task"] == 1.0
+    assert doc["settings"]["b"]["library_top1_is_own_task"] is None
+    md = (out / "strategy.md").read_text()
+    assert "| (a) train tasks, held-out paraphrases | 2 |" in md and "auto's paths" in md
+
+
+def test_eval_config_names_the_bad_value(tmp_path):
+    from retriever.eval_strategy import EvalStrategyConfig
+
+    with pytest.raises(ValueError, match="inputs=0"):
+        EvalStrategyConfig(inputs=0)
+    with pytest.raises(ValueError, match="library="):
+        EvalStrategyConfig(library=str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_cli_generate_strategy_auto_writes_the_library_adapter(tiny_world, encoder, monkeypatch):
+    from generator.config import load_spec
+    from generator.peft_io import load_peft
+    from hyperlora import app
+    from retriever.library import AdapterLibrary
+
+    tmp, model_dir, ckpt, _ = tiny_world
+    monkeypatch.setattr("generator.encoder.TaskEncoder.load", classmethod(lambda cls, *a, **k: encoder))
+    spec = load_spec(str(model_dir))
+    lib = AdapterLibrary(tmp / "cli-library", spec)
+    rec = lib.add_peft_dir(tmp / "library" / "task002_french", "task002_french", [TRAIN["task002_french"]], "trained")
+    common = ["--library", str(lib.root), "--checkpoint", str(ckpt), "--base-model", str(model_dir)]
+    result = CliRunner().invoke(app, ["generate", TRAIN["task002_french"], "--strategy", "auto",
+                                      "--out", str(tmp / "cli-out"), *common])
+    assert result.exit_code == 0, result.output
+    assert f"auto: the library adapter {rec.id}" in result.output and "task002_french" in result.output
+    written, stored = load_peft(tmp / "cli-out", spec), lib.load(rec.id)
+    for m in stored.a:
+        assert written.a[m].equal(stored.a[m]) and written.b[m].equal(stored.b[m])
+    result = CliRunner().invoke(app, ["generate", "Name the colour of the sky.", "--strategy", "generate",
+                                      "--out", str(tmp / "cli-gen"), *common])
+    assert result.exit_code == 0 and "generated a rank-4 LoRA" in result.output, result.output
+    result = CliRunner().invoke(app, ["generate", "x", "--strategy", "magic", *common])
+    assert result.exit_code != 0 and "not a strategy" in result.output

@@ -1,0 +1,156 @@
+"""The description strategy (retriever/strategy.py): config checks, the registered strategies' plans, real
+matching with the embedded MiniLM, the exact mixture, out-of-scope flags, and calibration end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_adapter
+
+from retriever.router import Route
+from retriever.strategy import STRATEGIES, DescriptionStrategy, StrategyConfig, Thresholds, TrainTasks
+
+SNI = Path(os.environ.get("HYPERLORA_SNI", Path(__file__).resolve().parents[2] / "shared" / "data" / "sni"))
+NONSENSE = ["dogs; cats; bananas", "xkq zvw plmq rrt", "..."]  # random characters, a list of nouns, empty-looking
+LIBRARY_TASKS = {
+    "sentiment": ["Classify the sentiment of a movie review as positive or negative.",
+                  "Decide whether the given film review expresses a positive or a negative opinion."],
+    "french": ["Translate the English sentence into French.",
+               "Given a sentence in English, write its French translation."],
+    "arithmetic": ["Solve the math word problem and answer with a single number.",
+                   "Read the arithmetic question and give the numeric answer."],
+}
+
+
+@pytest.mark.parametrize("fields, bad", [
+    ({"strategy": "magic"}, "strategy='magic'"),
+    ({"top_k": 0}, "top_k=0"),
+    ({"mix_generated_weight": 1.0}, "mix_generated_weight=1.0"),
+    ({"reject_below": 2}, "reject_below=2"),
+    ({"match_threshold": 1.5}, "match_threshold=1.5"),
+])
+def test_config_names_the_bad_value(fields, bad):
+    with pytest.raises(ValueError, match=bad):
+        StrategyConfig(**fields)
+    with pytest.raises(ValueError, match="unknown StrategyConfig field"):
+        StrategyConfig.from_dict({"nope": 1})
+
+
+T = Thresholds(match_threshold=0.8, match_margin=0.05, near_threshold=0.6, scope_threshold=0.3)
+
+
+@pytest.mark.parametrize("strategy, scores, path, ids", [
+    ("auto", [0.9, 0.7], "retrieve", ["a"]),  # confident single match
+    ("auto", [0.9, 0.88], "mix", [None, "a", "b"]),  # two close matches: no margin, both near
+    ("auto", [0.7, 0.5], "mix", [None, "a"]),  # near but not confident: mixed with the generated adapter
+    ("auto", [0.5, 0.4], "generate", [None]),  # nothing close
+    ("retrieve", [0.2, 0.1], "retrieve", ["a"]),
+    ("generate", [0.99, 0.1], "generate", [None]),
+    ("retrieve", [], "generate", [None]),  # empty library
+])
+def test_plans(strategy, scores, path, ids):
+    names = ["a", "b"][: len(scores)]
+    route = Route(names, names, scores, [1.0 / max(len(scores), 1)] * len(scores), False)
+    plan = STRATEGIES[strategy](StrategyConfig(), T).plan(route)
+    assert plan.path == path and [i for i, _ in plan.mixture] == ids
+    assert sum(w for _, w in plan.mixture) == pytest.approx(1.0)
+
+
+@pytest.fixture
+def strategy(tmp_path, tiny_spec, encoder):
+    from retriever.library import AdapterLibrary
+
+    lib = AdapterLibrary(tmp_path / "lib", tiny_spec)
+    for seed, (name, descriptions) in enumerate(LIBRARY_TASKS.items()):
+        lib.add(random_adapter(tiny_spec, seed=seed), name, descriptions, "trained")
+    return DescriptionStrategy(lib, encoder)
+
+
+@pytest.mark.slow
+def test_a_description_copied_from_a_library_task_returns_its_adapter(strategy):
+    ids = {r.name: r.id for r in strategy.library.list()}
+    decisions, vectors = strategy.decide([LIBRARY_TASKS["french"][1], LIBRARY_TASKS["sentiment"][0]])
+    assert vectors.shape == (2, strategy.encoder.dim)
+    for d, task in zip(decisions, ("french", "sentiment"), strict=True):
+        assert d.path == "retrieve" and d.library_id == ids[task] and not d.needs_generation
+        assert d.matches[0].name == task and d.matches[0].similarity > strategy.thresholds.match_threshold
+        assert not d.out_of_scope and d.warning is None and 0 < d.confidence <= 1
+        assert strategy.build(d, None) is None  # served by id from the library
+    forced = strategy.decide([LIBRARY_TASKS["french"][1]], "generate")[0][0]
+    assert forced.path == "generate" and forced.needs_generation and forced.matches[0].name == "french"
+
+
+@pytest.mark.slow
+def test_nonsense_is_flagged_and_can_be_refused(strategy):
+    decisions, _ = strategy.decide(NONSENSE)
+    for d in decisions:
+        assert d.out_of_scope and d.warning and "far from every task" in d.warning, d
+        assert d.confidence < 0.2 and d.path == "generate" and not d.rejected
+    strict = DescriptionStrategy(strategy.library, strategy.encoder, StrategyConfig(reject_below=0.5),
+                                 train_tasks=strategy.train, thresholds=strategy.thresholds)
+    assert all(d.rejected for d in strict.decide(NONSENSE)[0])
+    assert not any(d.rejected for d in strict.decide([LIBRARY_TASKS["french"][0]])[0])
+
+
+def test_mixture_is_the_exact_weighted_sum(strategy, tiny_spec):
+    from retriever.strategy import Decision
+
+    lib = strategy.library
+    ids = [r.id for r in lib.list()[:2]]
+    generated = random_adapter(tiny_spec, seed=7)
+    d = Decision("auto", "mix", [], [(None, 0.5), (ids[0], 0.3), (ids[1], 0.2)], 0.5, 0.5, "t", False)
+    mixed = strategy.build(d, generated)
+    assert mixed.rank == 3 * generated.rank
+    parts = [generated, lib.load(ids[0]), lib.load(ids[1])]
+    for m in mixed.a:
+        want = sum(w * p.scaling * p.b[m] @ p.a[m] for (_, w), p in zip(d.mixture, parts, strict=True))
+        torch.testing.assert_close(mixed.scaling * mixed.b[m] @ mixed.a[m], want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs the generated adapter"):
+        strategy.build(d, None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SNI / "manifest.json").exists(), reason="needs ../shared/data/sni (or $HYPERLORA_SNI)")
+def test_out_of_scope_flags_nonsense_and_no_dev_definition(encoder):
+    """The shipped calibration: the three nonsense strings are flagged, none of the 43 dev task definitions is."""
+    manifest = json.loads((SNI / "manifest.json").read_text())
+    definitions = [json.loads((SNI / "tasks" / f"{n}.json").read_text())["definition"] for n in manifest["dev"]]
+    train, t = TrainTasks.load(), Thresholds.load(StrategyConfig())
+    with pytest.warns(UserWarning, match="truncated"):  # a few definitions are longer than MiniLM's window
+        sims, _ = train.nearest(encoder.encode([d[:1000] for d in definitions]).numpy())
+    junk, _ = train.nearest(encoder.encode(NONSENSE).numpy())
+    assert len(definitions) == 43
+    assert (junk < t.scope_threshold).all(), junk
+    assert (sims >= t.scope_threshold).all(), sorted(zip(sims, manifest["dev"], strict=True))[:3]
+
+
+@pytest.mark.slow
+def test_calibration_end_to_end_on_tiny_data(tmp_path, encoder):
+    from retriever.calibrate import CalibrationConfig, calibrate
+
+    sni = tmp_path / "sni"
+    (sni / "tasks").mkdir(parents=True)
+    tasks = {"t1_sentiment": "Label the sentiment of the review {} as positive or negative.",
+             "t2_french": "Translate sentence {} from English into French.",
+             "t3_sum": "Add the two numbers in example {} and give the sum.",
+             "t4_ner": "List the person names that appear in text {}."}
+    for name, template in tasks.items():
+        doc = {"name": name, "definition": template.format("X"), "source": ["s"],
+               "descriptions": [template.format(i) for i in range(160)], "instances": []}
+        (sni / "tasks" / f"{name}.json").write_text(json.dumps(doc))
+    (sni / "manifest.json").write_text(json.dumps({"train": list(tasks), "dev": []}))
+    out_json, out_rows = tmp_path / "cal.json", tmp_path / "rows.safetensors"
+    result = calibrate(encoder, CalibrationConfig(str(sni), queries_per_task=2, nonsense=20), out_json, out_rows)
+    saved = json.loads(out_json.read_text())
+    assert saved["match_threshold"] == result["match_threshold"] and saved["stats"]["train_tasks"] == 4
+    assert saved["scope_floor"] < saved["scope_reference"] and saved["scope_threshold"] < saved["scope_reference"]
+    rows = TrainTasks.load(out_rows)
+    assert rows.vectors.shape == (8, encoder.dim) and rows.tasks[:4] == sorted(tasks)
+    np.testing.assert_allclose(np.linalg.norm(rows.vectors[:4], axis=1), 1.0, atol=1e-2)
+    loaded = Thresholds.load(StrategyConfig(calibration=str(out_json), match_margin=0.2))
+    assert loaded.match_margin == 0.2 and loaded.scope_threshold == saved["scope_threshold"]
