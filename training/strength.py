@@ -1,0 +1,104 @@
+"""How strong a generated adapter should be when the prompt already holds examples: chosen on held-out train
+tasks, then measured on dev.
+
+With two in-context examples in the prompt, a generated adapter at full strength can pull answers away from
+what the examples show. This job (1) measures the answer loss of the shipped T2L adapters on the tasks SFT held
+out (never dev), with the instruction and 2 examples in the prompt, at several strengths (the adapter's B scaled;
+0 is the base model), and (2) generates dev answers for "T2L + instruction + 2 examples" at each strength, so
+the quality table shows what a strength below 1 would cost or save. Runs where the base model is (the GPU):
+
+    python -m training.strength --checkpoint DIR --base-model DIR --embeddings emb.safetensors --device cuda --out W
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from generator.apply import AdapterBank
+from generator.hypernet.checkpoint import load_checkpoint
+from training.config import TrainConfig
+from training.data import DEFAULT_DATA, Batcher, answer_loss, load_split
+from training.embeddings import task_embeddings
+from training.evaluate import PROMPTS, EvalConfig, generated_adapters, make_row, run_rows
+
+logger = logging.getLogger(__name__)
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@torch.no_grad()
+def heldout_icl_loss(net, model, tok, injector, tasks, emb, strengths, device, per_task: int = 16) -> dict:
+    """Mean answer loss per strength over (held-out task, adapter from its first paraphrase / definition)."""
+    batcher = Batcher(tok, 1024, 64)
+    build = PROMPTS["icl"][0]
+    out = {}
+    for s in strengths:
+        losses = []
+        for t in tasks:
+            pairs = [(build(tok, t, e.input), e.outputs[0]) for e in t.train[:per_task]]
+            batch = batcher.batch(pairs, device)
+            for e in (emb[t.name][:1], emb[f"{t.name}::definition"][:1]):
+                a, b = net(e.to(device))
+                bank = AdapterBank.from_factors(a, b, s * net.cfg.alpha / net.cfg.rank)
+                with injector.use(bank.gather(torch.zeros(len(pairs), dtype=torch.long, device=device))):
+                    losses.append(answer_loss(model, batch).item())
+        out[str(s)] = round(sum(losses) / len(losses), 4)
+        logger.info("strength %.2f: held-out loss with 2 examples %.4f", s, out[str(s)])
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    from training.runtime import load_frozen
+
+    cfg = TrainConfig(base_model=args.base_model, data=args.data, device=args.device, dtype=args.dtype)
+    data = cfg.data or DEFAULT_DATA
+    net = load_checkpoint(args.checkpoint, None, cfg.device).eval()
+    held = set(net.cfg.extra.get("val_tasks") or [])
+    train = [t for t in load_split("train", data) if t.name in held]
+    dev = load_split("dev", data)
+    emb = task_embeddings(train + dev, args.embeddings)
+    model, tok, spec, injector = load_frozen(cfg, net.cfg.target_modules)
+    strengths = [float(s) for s in args.strengths.split(",")]
+    loss = heldout_icl_loss(net, model, tok, injector, train, emb, strengths, cfg.device)
+    chosen = float(min(loss, key=loss.get))
+    ads = generated_adapters(f"t2l:{args.checkpoint}", spec, torch.stack([emb[t.name][0] for t in dev]), cfg.device)
+    rows = []
+    for s in strengths:
+        if s in (0.0, 1.0):  # the base model's and the full adapter's rows are in the main table already
+            continue
+        scaled = [replace(a, alpha=a.alpha * s) for a in ads]
+        rows += [make_row(f"{args.name} x{s:g} + instruction + 2 examples", "dev", t, tok, "icl", a, None)
+                 for t, a in zip(dev, scaled, strict=True)]
+    records = run_rows(rows, model, tok, injector, spec, EvalConfig(batch_size=args.eval_batch), cfg.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"heldout_tasks": sorted(held), "heldout_icl_loss_by_strength": loss, "chosen_strength": chosen,
+              "records": records}
+    (out / "strength.json").write_text(json.dumps(result, indent=1))
+    logger.info("chosen strength with examples (lowest held-out loss): %g", chosen)
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="T2L checkpoint (its extra.val_tasks are the held-out tasks)")
+    p.add_argument("--name", default="t2l-sft-m", help="row name prefix in the predictions")
+    p.add_argument("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    p.add_argument("--data", default=None)
+    p.add_argument("--embeddings", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--strengths", default=",".join(str(s) for s in STRENGTHS))
+    p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--out", required=True)
+    return p
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(parser().parse_args())
