@@ -12,12 +12,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from generator.apply import PerSampleLora
-from serve.engine import Delta, GenerationJob, LLMEngine, _select, _Sequence
+
+if TYPE_CHECKING:  # the engine imports this module; its types are named here for type checkers only
+    from serve.engine import GenerationJob, LLMEngine, _Sequence
+    from serve.results import Delta
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,13 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [extra, 0]
     return F.pad(t, pad)
+
+
+def _select(lora: PerSampleLora | None, idx: torch.Tensor) -> PerSampleLora | None:
+    """Keep rows `idx` of per-sample factors `(L, batch, ...)`."""
+    if lora is None:
+        return None
+    return PerSampleLora({m: t[:, idx] for m, t in lora.a.items()}, {m: t[:, idx] for m, t in lora.b.items()})
 
 
 def can_merge(cache) -> bool:
