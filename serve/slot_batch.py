@@ -43,12 +43,13 @@ class StaticDecoder:
         max_len = st.max_len or cfg.max_prompt_tokens + cfg.max_new_tokens
         if engine.max_positions:
             max_len = min(max_len, engine.max_positions)
+        max_len = -(-max_len // 64) * 64  # attention windows in whole 64-position blocks (aligned masks)
         n_kv = conf.num_key_value_heads or conf.num_attention_heads
         head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
         self.slots = KVSlots(conf.num_hidden_layers, cfg.max_batch_size, n_kv, max_len, head_dim, engine.device,
                              cfg.torch_dtype)
         self.pool = AdapterPool(engine.spec, engine.injector.targets, st.pool_slots or 2 * cfg.max_batch_size,
-                                st.pool_rank, engine.device, cfg.torch_dtype)
+                                st.pool_rank, engine.device, cfg.torch_dtype, cfg.max_batch_size, st.max_mix)
         self.step = StaticStep(engine.model, engine.spec, self.slots, self.pool, st, engine.device)
         self.batch_buckets = buckets(cfg.max_batch_size)
         self.windows = buckets(max_len, min(st.min_window, max_len))
@@ -93,6 +94,8 @@ class SlotBatch:
         self.n_tokens = 0
         self.adapters: set[str] = set()
         self._released = False
+        self._shape: tuple[int, int, bool] | None = None  # the next step's (bucket, mixture entries, sampling)
+        self._top_pos = 0  # largest position a live row writes in the next step, minus one
 
     @property
     def can_join(self) -> bool:
@@ -132,6 +135,7 @@ class SlotBatch:
         self.seqs += seqs
         for n, s in enumerate(slots):
             self.live[s], self.next_pos[s] = first + n, lengths[n]
+        self._shape, self._top_pos = None, max(self.next_pos.values())
         self.adapters |= {k for j in jobs for k, _ in j.adapters}
         return list(range(first, first + len(jobs)))
 
@@ -159,7 +163,7 @@ class SlotBatch:
                 index[r, j], weights[r, j] = pool_slots[key], float(w)
         temp = torch.tensor([float(s.job.temperature) for s in seqs])
         seeds = torch.tensor([_seed(s) for s in seqs], dtype=torch.long)
-        st.index[idx], st.weights[idx] = index.to(dev), weights.to(dev)
+        self.decoder.pool.assign(idx, index.to(dev), weights.to(dev))
         st.temperature[idx], st.seed[idx] = temp.to(dev), seeds.to(dev)
         st.top_p[idx] = torch.tensor([float(s.job.top_p) for s in seqs], device=dev)
         st.pos[idx] = torch.tensor(lengths, device=dev)
@@ -178,18 +182,20 @@ class SlotBatch:
             return []
         top = max(self.live) + 1
         chosen = st.tokens[:top].tolist()  # the one device sync per step
+        for s, j in self.live.items():
+            seq = self.seqs[j]
+            if seq.job.logprobs is not None:  # before the next step overwrites the logits
+                seq.pending_logprobs = [_logprob(eng.tokenizer, st.logits[s], chosen[s], seq.job.logprobs)]
+        if any(len(self.seqs[j].token_ids) + 1 < self.seqs[j].max_new for j in self.live.values()):
+            self._launch()  # the device runs the next step while the host hands out this one's tokens
         out, finished = [], []
         for s, j in sorted(self.live.items()):
             seq = self.seqs[j]
-            if seq.job.logprobs is not None:
-                seq.pending_logprobs = [_logprob(eng.tokenizer, st.logits[s], chosen[s], seq.job.logprobs)]
             out.append((j, eng._advance(seq, chosen[s], self.detokenize)))
             if seq.finished:
                 finished.append(s)
         self.n_tokens += len(out)
         self._free(finished)
-        if self.live:
-            self._launch()
         return out
 
     def _free(self, slots: list[int]) -> None:
@@ -200,15 +206,17 @@ class SlotBatch:
         self.decoder.slots.release(slots)
         idx = torch.tensor(slots, device=self.decoder.step.device)
         self.decoder.step.pos[idx] = 0  # freed rows of a bucket keep computing harmlessly at position 0
-        self.decoder.step.weights[idx] = 0.0
+        self._shape = None
 
     def _launch(self) -> None:
         dec = self.decoder
-        seqs = [self.seqs[j].job for j in self.live.values()]
-        b = dec.bucket([s + 1 for s in self.live], dec.batch_buckets)
-        window = dec.bucket([p + 1 for p in self.next_pos.values()], dec.windows)
-        k = max(1, max(len(j.adapters) for j in seqs))
-        dec.step.run(b, window, k, any(j.temperature > 0 for j in seqs), any(j.adapters for j in seqs))
+        if self._shape is None:  # (bucket, mixture entries, sampling) change only when rows join or leave
+            jobs = [self.seqs[j].job for j in self.live.values()]
+            self._shape = (dec.bucket([s + 1 for s in self.live], dec.batch_buckets),
+                           max(len(j.adapters) for j in jobs), any(j.temperature > 0 for j in jobs))
+        b, k, sample = self._shape
+        self._top_pos += 1
+        dec.step.run(b, dec.bucket([self._top_pos], dec.windows), k, sample)
         for s in self.next_pos:
             self.next_pos[s] += 1
 

@@ -107,13 +107,13 @@ class StaticStep:
         self.scale = self.head_dim ** -0.5
         pos = torch.arange(slots.max_len, device=device)[None]  # (1, max_len)
         cos, sin = model.model.rotary_emb(self.embed[:1, None], pos)  # (1, max_len, hd) each, the model's own rope
-        self.cos, self.sin = cos[0], sin[0]  # (max_len, hd)
-        n, k = slots.n_slots, cfg.max_mix
+        half = self.head_dim // 2
+        self.cos = cos[0]  # (max_len, hd)
+        self.sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # rotate_half's sign folded in
+        n = slots.n_slots
         i64 = dict(device=device, dtype=torch.long)
         self.tokens = torch.zeros(n, **i64)  # next input token per slot; the step writes the chosen one back
         self.pos = torch.zeros(n, **i64)  # position of that token
-        self.index = torch.zeros(n, k, **i64)  # adapter pool slots of each row's mixture (0: none)
-        self.weights = torch.zeros(n, k, device=device, dtype=torch.float32)
         self.temperature = torch.zeros(n, device=device)
         self.top_p = torch.ones(n, device=device)
         self.seed = torch.zeros(n, **i64)
@@ -125,65 +125,63 @@ class StaticStep:
 
     # ---- the math ------------------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * w  # HF Llama's order
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)  # one fused kernel on CUDA (fp32 inside)
 
-    def _linear(self, x: torch.Tensor, layer: int, group: str, lora) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, layer: int, group: str, b: int, k: int, residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x @ W^T (+ residual, in the same kernel) + each row's LoRA delta of `group` when k > 0."""
         w, bias = self.layers[layer][group]
-        y = F.linear(x, w, bias)
-        if lora is not None and group in self.pool.a:
-            index, weights = lora
-            y = y + lora_delta(x, self.pool.a[group][layer], self.pool.bt[group][layer], index, weights).to(y.dtype)
-        return y
+        if residual is not None:
+            y = torch.addmm(residual if bias is None else residual + bias, x, w.t())
+        else:
+            y = F.linear(x, w, bias)
+        factors = self.pool.row_factors(group, layer, b, k) if k and self.pool is not None else None
+        return y if factors is None else lora_delta(x, y, *factors)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x `(b, heads, hd)`; cos, sin `(b, 1, hd)`."""
+        """x `(b, heads, hd)`; cos `(b, 1, hd)`; sin `(b, 1, hd)` with the first half negated (rotate_half's sign)."""
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin)
 
-    def _attend(self, layer: int, q, k, v, rows, wpos, valid, window: int) -> torch.Tensor:
+    def _attend(self, layer: int, q, k, v, rows, wpos, bias, window: int) -> torch.Tensor:
         """q `(b, H, hd)`, k/v `(b, KV, hd)`; writes k/v at each row's position, attends its slot -> `(b, H*hd)`."""
         keys, values = self.slots.keys[layer], self.slots.values[layer]
         keys[rows, :, wpos] = k
         values[rows, :, wpos] = v
         b = q.shape[0]
-        kk, vv = keys[:b, :, :window], values[:b, :, :window]  # (b, KV, W, hd)
-        qg = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # (b, KV, G, hd)
-        scores = torch.matmul(qg, kk.transpose(-1, -2))  # (b, KV, G, W)
-        scores = torch.add(valid, scores.float(), alpha=self.scale)  # valid: 0 or -inf, (b, 1, 1, W)
-        probs = torch.softmax(scores, -1).to(q.dtype)
-        return torch.matmul(probs, vv).reshape(b, self.n_heads * self.head_dim)
+        qg = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # (b, KV, G, hd): G queries a kv head
+        out = F.scaled_dot_product_attention(qg, keys[:b, :, :window], values[:b, :, :window], attn_mask=bias,
+                                             scale=self.scale)  # (b, KV, G, hd)
+        return out.reshape(b, self.n_heads * self.head_dim)
 
-    def forward(self, b: int, window: int, k: int, sample: bool, use_lora: bool) -> None:
-        """One decode step for slots 0..b-1, reading and updating the buffers in place."""
+    def forward(self, b: int, window: int, k: int, sample: bool) -> None:
+        """One decode step for slots 0..b-1 (k: mixture entries per row, 0 for none), updating the buffers in place."""
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
-        tokens, pos = self.tokens[:b], self.pos[:b]
+        pos = self.pos[:b]
         wpos = pos.clamp(max=self.slots.max_len - 1)
         rows = torch.arange(b, device=self.device)
-        valid = torch.where(torch.arange(window, device=self.device)[None] <= pos[:, None], 0.0, float("-inf"))
-        valid = valid[:, None, None, :]  # (b, 1, 1, W)
+        bias = torch.where(torch.arange(window, device=self.device)[None] <= pos[:, None], 0.0, float("-inf"))
+        bias = bias.to(self.embed.dtype)[:, None, None, :]  # (b, 1, 1, W): 0 where a row may attend, -inf past it
         cos, sin = self.cos[wpos][:, None], self.sin[wpos][:, None]  # (b, 1, hd)
-        lora = (self.index[:b, :k], self.weights[:b, :k]) if use_lora and self.pool is not None else None
-        x = F.embedding(tokens, self.embed)  # (b, D)
+        x = F.embedding(self.tokens[:b], self.embed)  # (b, D)
         for i, layer in enumerate(self.layers):
-            qkv = self._linear(self._norm(x, layer["norm1"]), i, "qkv", lora)  # (b, (H + 2 KV) * hd)
+            qkv = self._linear(self._norm(x, layer["norm1"]), i, "qkv", b, k)  # (b, (H + 2 KV) * hd)
             qk = self._rope(qkv[:, : (nh + nkv) * hd].view(b, nh + nkv, hd), cos, sin)
             v = qkv[:, (nh + nkv) * hd:].view(b, nkv, hd)
-            attn = self._attend(i, qk[:, :nh], qk[:, nh:], v, rows, wpos, valid, window)
-            x = x + self._linear(attn, i, "o", lora)
-            gu = self._linear(self._norm(x, layer["norm2"]), i, "gate_up", lora)  # (b, 2 * inter)
-            gate, up = gu.chunk(2, dim=-1)
-            x = x + self._linear(layer["act"](gate) * up, i, "down", lora)
-        logits = F.linear(self._norm(x, self.final_norm), self.lm_head).float()  # (b, vocab)
-        self.logits[:b].copy_(logits)
+            attn = self._attend(i, qk[:, :nh], qk[:, nh:], v, rows, wpos, bias, window)
+            x = self._linear(attn, i, "o", b, k, residual=x)
+            gate, up = self._linear(self._norm(x, layer["norm2"]), i, "gate_up", b, k).chunk(2, dim=-1)
+            x = self._linear(layer["act"](gate) * up, i, "down", b, k, residual=x)
+        logits = self.logits[:b]
+        logits.copy_(F.linear(self._norm(x, self.final_norm), self.lm_head))  # (b, vocab) float32
         chosen = choose_tokens(logits, self.temperature[:b], self.top_p[:b], self.seed[:b], self.counter[:b], sample)
         self.tokens[:b].copy_(chosen)
         self.pos[:b].add_(1)
         self.counter[:b].add_(1)
 
     # ---- running: eager or graph replay --------------------------------------------------------------
-    def run(self, b: int, window: int, k: int, sample: bool, use_lora: bool) -> None:
-        key = (b, window, k, sample, use_lora)
+    def run(self, b: int, window: int, k: int, sample: bool) -> None:
+        key = (b, window, k, sample)
         if not self.use_graphs:
             self.forward(*key)
             return
@@ -221,6 +219,6 @@ class StaticStep:
             restore()
             return None
         restore()  # capture records without running, but keep the state exact either way
-        logger.info("captured the decode step for (batch, window, mix, sample, lora) %s in %.0f ms",
+        logger.info("captured the decode step for (batch, window, mix, sample) %s in %.0f ms",
                     key, 1e3 * (time.perf_counter() - t0))
         return graph

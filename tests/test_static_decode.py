@@ -45,6 +45,7 @@ def _engine(tiny, decode, **static):
 PROMPTS = ["hello there", "the quick brown fox jumps over", "one two three", "a", "what is the capital of France",
            "seven", "translate good morning", "x y z"]
 MIXES = {
+    "base model": [()] * 8,
     "one adapter": [(("a0", 1.0),)] * 8,
     "distinct adapters": [(("a0", 1.0),), (("a1", 1.0),), (("a2", 1.0),), (("a3", 1.0),), (), (("a1", 1.0),),
                           (("a2", 1.0),), (("a0", 1.0),)],
