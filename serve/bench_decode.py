@@ -83,6 +83,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+@torch.inference_mode()
 def decode(engine: LLMEngine, jobs: list[GenerationJob]) -> dict:
     """Decode `jobs` in one batch without text: tokens, seconds (prefill included), ms per decode step."""
     dev = engine.device
@@ -134,6 +135,7 @@ def engine_rows(engine: LLMEngine, prompts32: list[list[int]], prompts256: list[
             for name, (p, m) in rows.items()}
 
 
+@torch.inference_mode()
 def agreement(static: LLMEngine, dynamic: LLMEngine, prompts: list[list[int]], new_tokens: int) -> dict:
     """Greedy agreement of the static step with the dynamic engine (32 distinct adapters)."""
     jobs = _jobs(prompts, lambda i: ((f"a{i % 32}", 1.0),), new_tokens)
@@ -158,6 +160,7 @@ def agreement(static: LLMEngine, dynamic: LLMEngine, prompts: list[list[int]], n
             "first_step_logits": _first_logits(static, dynamic, jobs)}
 
 
+@torch.inference_mode()
 def _first_logits(static: LLMEngine, dynamic: LLMEngine, jobs: list[GenerationJob]) -> dict:
     """Largest |logit difference| after one decode step, against the typical top-1 margin."""
     outs = []
