@@ -165,6 +165,9 @@ class DecodeBatch:
         self.lora = _select(self.lora, idx)
         self.rows = [self.rows[r] for r in keep]
 
+    def release(self) -> None:
+        """Nothing to give back: the batch's caches go with it (`SlotBatch` returns its KV slots here)."""
+
     def log_done(self) -> None:
         dt = time.perf_counter() - self.t0
         eng = self.engine

@@ -290,13 +290,16 @@ class LLMEngine:
         if not jobs:
             return
         batch = self.new_batch(detokenize)
-        batch.add(jobs)  # sequence i is job i
-        while not batch.done:
-            deltas: list[Delta | None] = [None] * len(jobs)
-            for j, d in batch.step():
-                deltas[j] = d
-            yield deltas
-        batch.log_done()
+        try:
+            batch.add(jobs)  # sequence i is job i
+            while not batch.done:
+                deltas: list[Delta | None] = [None] * len(jobs)
+                for j, d in batch.step():
+                    deltas[j] = d
+                yield deltas
+            batch.log_done()
+        finally:
+            batch.release()  # a failed or abandoned stream gives its KV slots back
 
     def new_batch(self, detokenize: bool = True) -> DecodeBatch | SlotBatch:
         """An empty decode batch: on the static step's slots when this engine has them and they are free."""

@@ -129,8 +129,12 @@ class SlotBatch:
         cache, _, _, logits = eng._prefill(jobs, eng._per_sample(jobs))  # logits (rows, vocab)
         slots = dec.slots.take(len(jobs))
         lengths = [len(j.prompt_ids) for j in jobs]
-        dec.slots.fill(slots, lengths, [(layer.keys, layer.values) for layer in cache.layers])
-        self._set_rows(slots, seqs, pool_slots, lengths, logits)
+        try:
+            dec.slots.fill(slots, lengths, [(layer.keys, layer.values) for layer in cache.layers])
+            self._set_rows(slots, seqs, pool_slots, lengths, logits)
+        except Exception:
+            dec.slots.release(slots)
+            raise
         first = len(self.seqs)
         self.seqs += seqs
         for n, s in enumerate(slots):

@@ -141,3 +141,21 @@ def test_pool_refuses_what_it_cannot_hold(tiny):
         pool.slots_for({"y": _adapter(spec, 2)}, pinned={"x"})
     with pytest.raises(ValueError, match="does not hold"):
         pool.slots_for({"z": _adapter(spec, 3, targets=("o_proj",))})
+
+
+def test_failed_and_abandoned_streams_give_slots_back(engines):
+    from serve.engine import GenerationJob
+    from serve.errors import UnknownAdapter
+    from serve.slot_batch import SlotBatch
+
+    _, static = engines
+    ids = static.encode_prompt("hi")
+    with pytest.raises(UnknownAdapter):
+        static.generate([GenerationJob(ids, (("missing", 1.0),), 2)])
+    stream = static.stream([GenerationJob(ids, (("a0", 1.0),), 5, ignore_stop=True)] * 3)
+    next(stream)
+    stream.close()  # the client went away mid-way
+    assert static._static.slots.n_free == 8
+    batch = static.new_batch()
+    assert isinstance(batch, SlotBatch) and not isinstance(static.new_batch(), SlotBatch)  # one batch at a time
+    batch.release()
