@@ -8,6 +8,10 @@ from the adapters in the byte-bounded LRU cache (`AdapterBank.gather`) and set o
 for each forward, so a batch of 32 distinct adapters costs two extra batched matmuls per target module,
 the same as a batch sharing one adapter. Finished sequences are dropped from the batch (and the cache)
 once a quarter of the rows are done.
+
+That is the dynamic path (`serve/decode.py`), the CPU's. On cuda (`EngineConfig.decode`) a Llama-family
+model decodes on the static path instead (`serve/slot_batch.py`): KV slots, a GPU adapter pool and a fixed-
+shape step captured as CUDA graphs. `new_batch()` hands out either; both share prefill, adapters and output.
 """
 
 from __future__ import annotations
