@@ -131,8 +131,23 @@ def engine_rows(engine: LLMEngine, prompts32: list[list[int]], prompts256: list[
         f"{prefix}_b32_mix3": (prompts32, lambda i: tuple((f"a{(i + j) % 32}", w) for j, w in enumerate((.5, .3, .2)))),
         f"{prefix}_b{len(prompts256)}_{len(prompts256)}_adapters": (prompts256, lambda i: ((f"a{i}", 1.0),)),
     }
-    return {name: timed(lambda p=p, m=m: decode(engine, _jobs(p, m, new_tokens)), cap_s, repeats)
-            for name, (p, m) in rows.items()}
+    out = {}
+    for name, (p, m) in rows.items():
+        out[name] = guarded(name, lambda p=p, m=m: timed(lambda: decode(engine, _jobs(p, m, new_tokens)), cap_s,
+                                                         repeats))
+        print(f"  {name}: {out[name]}", flush=True)
+    return out
+
+
+def guarded(name: str, fn: Callable[[], dict]) -> dict:
+    """`fn()`, or the error it raised: a failing row is reported and the others still run."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        logger.exception("benchmark row %s failed", name)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 @torch.inference_mode()
@@ -270,14 +285,12 @@ def run(device: str, dtype: str, new_tokens: int, peft_tokens: int, repeats: int
         if time.perf_counter() - t_start > budget_s:
             results[name] = {"skipped": f"over the {budget_s:.0f} s budget"}
             continue
-        try:
-            got = fn()
-        except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
-            logger.exception("benchmark row %s failed", name)
-            got = {name: {"error": f"{type(e).__name__}: {e}"}}
+        got = guarded(name, fn)
+        got = {name: got} if "error" in got else got
         results |= got
-        for k, v in got.items():
-            print(f"  {k}: {v}", flush=True)
+        if name != "engine":
+            for k, v in got.items():
+                print(f"  {k}: {v}", flush=True)
     report = {"results": results, "summary": summarise(results, big_batch),
               "setup": {"device": device, "device_name": _device_name(dev), "dtype": dtype, "new_tokens": new_tokens,
                         "peft_new_tokens": peft_tokens, "model": "random weights, " + ("tiny" if tiny else
@@ -321,7 +334,7 @@ def table(results: dict[str, dict]) -> str:
         if "tokens_per_s" in v:
             lines.append(f"{k:<34} {v['tokens_per_s']:>10.0f} {v.get('ms_per_step', float('nan')):>8.2f} "
                          f"{v['warmup_s']:>9.1f}")
-        elif k == "agreement":
+        elif k == "agreement" and "teacher_forced" in v:
             lines.append(f"{'greedy agreement (teacher-forced)':<34} {v['teacher_forced']:>10.4f}   "
                          f"free-running {v['free_running']:.4f}, {v['sequences_identical']}/{v['sequences']} identical")
         else:
