@@ -141,7 +141,13 @@ class AdapterPool:
             self.bt[g][:, slot, row: row + ad.rank, col: col + d_out] = bt
 
 
-def lora_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
-    """y + each row's low-rank update of x: x `(b, d_in)`, y `(b, d_out)`, a `(b, W, d_in)`, bt `(b, W, d_out)`."""
-    h = torch.bmm(a, x.to(a.dtype)[:, :, None])  # (b, W, 1)
-    return torch.baddbmm(y[:, None].to(bt.dtype), h.transpose(1, 2), bt)[:, 0].to(y.dtype)  # (b, d_out)
+def lora_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, fused: bool = True
+               ) -> torch.Tensor:
+    """y + each row's low-rank update of x: x `(b, d_in)`, y `(b, d_out)`, a `(b, W, d_in)`, bt `(b, W, d_out)`.
+
+    fused: the add inside the second matmul (one rounding); else rounded before the add, as HF's path does.
+    """
+    h = torch.bmm(a, x.to(a.dtype)[:, :, None]).transpose(1, 2)  # (b, 1, W)
+    if fused:
+        return torch.baddbmm(y[:, None].to(bt.dtype), h, bt)[:, 0].to(y.dtype)  # (b, d_out)
+    return y + torch.bmm(h, bt)[:, 0].to(y.dtype)

@@ -118,6 +118,10 @@ def timed(fn: Callable[[], dict], cap_s: float, repeats: int) -> dict:
     return out
 
 
+def _distinct(i: int) -> tuple[tuple[str, float], ...]:
+    return ((f"a{i % 32}", 1.0),)
+
+
 def _jobs(prompts: list[list[int]], mix: Callable[[int], tuple], new_tokens: int) -> list[GenerationJob]:
     return [GenerationJob(p, mix(i), max_new_tokens=new_tokens, ignore_stop=True) for i, p in enumerate(prompts)]
 
@@ -198,6 +202,28 @@ def _first_logits(static: LLMEngine, dynamic: LLMEngine, jobs: list[GenerationJo
             "logit_std": round(float(outs[0].std()), 4)}
 
 
+def hf_numerics_rows(model, spec: ModelSpec, dev: torch.device, dtype: str, max_len: int, adapters,
+                     dynamic: LLMEngine, prompts: list[list[int]], new_tokens: int, cap_s: float,
+                     repeats: int) -> dict[str, dict]:
+    """The static step rounding where HF rounds (numerics='hf'): its speed and agreement; and the dynamic engine
+    against itself run as two half batches (how far HF's own bf16 tokens move with the batch shape)."""
+    eng = build_engine(model, spec, dev, dtype, "static", 32, max_len, adapters, numerics="hf")
+    mix = _distinct
+    out = {"engine_hf_numerics_b32_32_adapters": timed(lambda: decode(eng, _jobs(prompts, mix, new_tokens)), cap_s,
+                                                        repeats),
+           "agreement_hf_numerics": agreement(eng, dynamic, prompts, new_tokens)}
+    with torch.inference_mode():
+        jobs = _jobs(prompts, mix, new_tokens)
+        whole = [r.token_ids for r in dynamic.generate(jobs)]
+        halves = [r.token_ids for h in (jobs[:16], jobs[16:]) for r in dynamic.generate(h)]
+    same = sum(a == b for x, y in zip(whole, halves, strict=True) for a, b in zip(x, y, strict=True))
+    out["agreement_dynamic_b32_vs_2x16"] = {"free_running": round(same / sum(map(len, whole)), 4),
+                                            "sequences_identical": sum(x == y for x, y in zip(whole, halves,
+                                                                                              strict=True))}
+    eng._static = None
+    return out
+
+
 def _padded(prompts: list[list[int]], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     longest = max(map(len, prompts))
     ids = torch.full((len(prompts), longest), 2, dtype=torch.long)  # (batch, T), left-padded
@@ -246,10 +272,11 @@ def hf_rows(shape: dict, dev: torch.device, dtype: torch.dtype, prompts: list[li
 
 
 def build_engine(model, spec: ModelSpec, dev: torch.device, dtype: str, decode_mode: str, max_batch: int,
-                 max_len: int, adapters) -> LLMEngine:
+                 max_len: int, adapters, numerics: str = "fused") -> LLMEngine:
+    static = StaticDecodeConfig(max_len=max_len, pool_slots=max_batch + 32, pool_rank=8, max_mix=3, numerics=numerics)
     cfg = EngineConfig(max_batch_size=max_batch, max_prompt_tokens=max_len - 1, max_new_tokens=max_len, device=str(dev),
                        dtype=dtype, targets=("q_proj", "v_proj"), cache_bytes=8 << 30, decode=decode_mode,
-                       static=StaticDecodeConfig(max_len=max_len, pool_slots=max_batch + 32, pool_rank=8, max_mix=3))
+                       static=static)
     engine = LLMEngine(model, IdTokenizer(), spec, cfg, Registry())
     for i, ad in enumerate(adapters):
         engine.add_adapter(f"a{i}", ad)
@@ -276,6 +303,8 @@ def run(device: str, dtype: str, new_tokens: int, peft_tokens: int, repeats: int
     steps: list[tuple[str, Callable[[], dict]]] = [
         ("engine", lambda: engine_rows(static, p32, pbig, new_tokens, cap_s, repeats)),
         ("agreement", lambda: {"agreement": agreement(static, dynamic, p32, new_tokens)}),
+        ("hf_numerics", lambda: hf_numerics_rows(model, spec, dev, dtype, max_len, adapters[:32], dynamic, p32,
+                                                 new_tokens, cap_s, repeats)),
         ("engine_dynamic", lambda: {"engine_dynamic_b32_32_adapters": timed(
             lambda: decode(dynamic, _jobs(p32, lambda i: ((f"a{i % 32}", 1.0),), new_tokens)), cap_s, 1)}),
         ("hf", lambda: hf_rows(shape, dev, static.cfg.torch_dtype, p32, adapters[:32], new_tokens, peft_tokens,
@@ -322,9 +351,9 @@ def summarise(results: dict[str, dict], big: int) -> dict:
         out["b32_32_adapters_vs_hf_static_compile"] = round(d32 / tps["hf_static_compile_b32"], 2)
     if d32 and tps.get("engine_dynamic_b32_32_adapters"):
         out["b32_32_adapters_vs_dynamic_engine"] = round(d32 / tps["engine_dynamic_b32_32_adapters"], 2)
-    agree = results.get("agreement", {})
-    if "teacher_forced" in agree:
-        out["target_agreement_99pct"] = agree["teacher_forced"] >= 0.99
+    for name in ("agreement", "agreement_hf_numerics"):
+        if "teacher_forced" in results.get(name, {}):
+            out[f"target_{name}_99pct"] = results[name]["teacher_forced"] >= 0.99
     return out
 
 
@@ -334,8 +363,8 @@ def table(results: dict[str, dict]) -> str:
         if "tokens_per_s" in v:
             lines.append(f"{k:<34} {v['tokens_per_s']:>10.0f} {v.get('ms_per_step', float('nan')):>8.2f} "
                          f"{v['warmup_s']:>9.1f}")
-        elif k == "agreement" and "teacher_forced" in v:
-            lines.append(f"{'greedy agreement (teacher-forced)':<34} {v['teacher_forced']:>10.4f}   "
+        elif k.startswith("agreement") and "teacher_forced" in v:
+            lines.append(f"{k + ' (teacher-forced)':<34} {v['teacher_forced']:>10.4f}   "
                          f"free-running {v['free_running']:.4f}, {v['sequences_identical']}/{v['sequences']} identical")
         else:
             lines.append(f"{k:<34} {v}")

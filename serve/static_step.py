@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,9 @@ class StaticDecodeConfig:
     max_mix: int = 4  # most adapters mixed in one row
     cuda_graphs: bool = True  # capture one CUDA graph per shape on CUDA (never on the CPU)
     min_window: int = 64  # smallest attention window; windows double up to max_len
+    # fused: norm, residual adds and rotary fused into fewer kernels (one rounding each); hf: rounded where HF
+    # Llama rounds (bf16 tokens closer to the dynamic path's, a few more kernels per layer)
+    numerics: Literal["fused", "hf"] = "fused"
 
     def __post_init__(self) -> None:
         for name in ("max_len", "pool_slots"):
@@ -47,6 +51,8 @@ class StaticDecodeConfig:
         for name in ("pool_rank", "max_mix", "min_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.numerics not in ("fused", "hf"):
+            raise ValueError(f"numerics must be one of ['fused', 'hf'], got {self.numerics!r}")
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -105,6 +111,7 @@ class StaticStep:
                 "act": mlp.act_fn,
             })
         self.scale = self.head_dim ** -0.5
+        self.hf_numerics = cfg.numerics == "hf"
         pos = torch.arange(slots.max_len, device=device)[None]  # (1, max_len)
         cos, sin = model.model.rotary_emb(self.embed[:1, None], pos)  # (1, max_len, hd) each, the model's own rope
         half = self.head_dim // 2
@@ -125,23 +132,29 @@ class StaticStep:
 
     # ---- the math ------------------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.hf_numerics:  # HF Llama: normalise in fp32, round, then scale
+            return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * w
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)  # one fused kernel on CUDA (fp32 inside)
 
     def _linear(self, x: torch.Tensor, layer: int, group: str, b: int, k: int, residual: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """x @ W^T (+ residual, in the same kernel) + each row's LoRA delta of `group` when k > 0."""
         w, bias = self.layers[layer][group]
-        if residual is not None:
+        if residual is not None and not self.hf_numerics:
             y = torch.addmm(residual if bias is None else residual + bias, x, w.t())
+            residual = None
         else:
             y = F.linear(x, w, bias)
         factors = self.pool.row_factors(group, layer, b, k) if k and self.pool is not None else None
-        return y if factors is None else lora_delta(x, y, *factors)
+        if factors is not None:
+            y = lora_delta(x, y, *factors, fused=not self.hf_numerics)
+        return y if residual is None else residual + y
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x `(b, heads, hd)`; cos `(b, 1, hd)`; sin `(b, 1, hd)` with the first half negated (rotate_half's sign)."""
         half = x.shape[-1] // 2
-        return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin)
+        rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin if self.hf_numerics else torch.addcmul(x * cos, rotated, sin)
 
     def _attend(self, layer: int, q, k, v, rows, wpos, bias, window: int) -> torch.Tensor:
         """q `(b, H, hd)`, k/v `(b, KV, hd)`; writes k/v at each row's position, attends its slot -> `(b, H*hd)`."""

@@ -75,6 +75,16 @@ def test_static_step_matches_engine_greedy(engines, case):
     assert [len(t) for t in got] == [6 + 2 * i for i in range(8)]
 
 
+def test_hf_numerics_match_engine_greedy(tiny, engines):
+    from serve.engine import GenerationJob
+
+    dynamic = engines[0]
+    static = _engine(tiny, "static", numerics="hf")
+    jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=8, ignore_stop=True)
+            for p, mix in zip(PROMPTS, MIXES["mixture"], strict=True)]
+    assert [r.token_ids for r in static.generate(jobs)] == [r.token_ids for r in dynamic.generate(jobs)]
+
+
 def test_rows_join_and_leave_by_slot(engines):
     """Sequences joining between steps reuse freed slots and decode as if alone; logprobs match the engine's."""
     from serve.engine import GenerationJob
