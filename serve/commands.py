@@ -150,6 +150,13 @@ def bench_serve(
     throughput with 1 vs 8 vs N distinct adapters against PEFT; writes results/bench_serve.json."""
     if requests < 1 or requests > 1000:
         raise typer.BadParameter("requests must be in [1, 1000]")
+    if engine_only and device.startswith("cuda"):  # the static step against HF and PEFT, random weights
+        from serve.bench_decode import run as run_decode
+
+        run_decode(device, dtype, new_tokens=max(new_tokens, 64), peft_tokens=8, repeats=max(repeats, 3), cap_s=20.0,
+                   budget_s=200.0, tiny=False, big_batch=256, out=str(RESULTS / "bench_engine_cuda.json"))
+        typer.echo(f"engine figures merged into {write_serve_results({})}")
+        return
     if engine_only:
         from serve.bench_engine import run_benchmark
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from generator.apply import PerSampleLora
-from serve.engine import Delta, GenerationJob, LLMEngine, _select, _Sequence
+
+if TYPE_CHECKING:  # the engine imports this module; its types are named here for type checkers only
+    from serve.engine import GenerationJob, LLMEngine, _Sequence
+    from serve.results import Delta
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,13 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [extra, 0]
     return F.pad(t, pad)
+
+
+def _select(lora: PerSampleLora | None, idx: torch.Tensor) -> PerSampleLora | None:
+    """Keep rows `idx` of per-sample factors `(L, batch, ...)`."""
+    if lora is None:
+        return None
+    return PerSampleLora({m: t[:, idx] for m, t in lora.a.items()}, {m: t[:, idx] for m, t in lora.b.items()})
 
 
 def can_merge(cache) -> bool:
@@ -153,6 +164,9 @@ class DecodeBatch:
         self.mask, self.next_pos, self.logits = self.mask[idx], self.next_pos[idx], self.logits[idx]
         self.lora = _select(self.lora, idx)
         self.rows = [self.rows[r] for r in keep]
+
+    def release(self) -> None:
+        """Nothing to give back: the batch's caches go with it (`SlotBatch` returns its KV slots here)."""
 
     def log_done(self) -> None:
         dt = time.perf_counter() - self.t0

@@ -405,12 +405,11 @@ class LLM:
             yield step
 
     async def _pump(self) -> None:
-        """Continuous batching: one running `DecodeBatch`; queued @serve.batch batches join it between steps."""
-        from serve.decode import DecodeBatch
-
+        """Continuous batching: one running decode batch (`DecodeBatch`, or `SlotBatch` on the static step);
+        queued @serve.batch batches join it between steps."""
         loop = asyncio.get_running_loop()
         limit = self.engine.cfg.max_batch_size
-        batch: DecodeBatch | None = None
+        batch = None
         owners: dict[int, tuple[_Group, int]] = {}  # sequence index -> (its @serve.batch batch, position)
         groups: list[_Group] = []
         while True:
@@ -418,7 +417,7 @@ class LLM:
                                                        <= limit)):
                 group = _Group(*self._waiting.pop(0))
                 groups.append(group)
-                batch = batch or DecodeBatch(self.engine)
+                batch = batch or self.engine.new_batch()
                 await self._admit(loop, batch, group, owners)
             if batch is None or batch.done:
                 if batch is not None and batch.seqs:

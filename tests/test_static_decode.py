@@ -1,0 +1,171 @@
+"""The static decode step (KV slots, adapter pool, fixed-shape step; eager on the CPU) against today's engine,
+on the tiny random Llama with SmolLM2's tokenizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from serve_fixtures import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from serve.engine import load_model
+
+    return load_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")))
+
+
+def _adapter(spec, seed, rank=4, targets=("q_proj", "v_proj"), scale=0.3):
+    from generator.lora import LoraAdapter
+
+    g = torch.Generator().manual_seed(seed)
+    a = {m: scale * torch.randn(spec.n_layers, rank, spec.shapes[m][0], generator=g) for m in targets}
+    b = {m: scale * torch.randn(spec.n_layers, spec.shapes[m][1], rank, generator=g) for m in targets}
+    return LoraAdapter(spec.name, rank, 2.0 * rank, a, b)
+
+
+def _engine(tiny, decode, **static):
+    from serve.engine import EngineConfig, LLMEngine
+    from serve.metrics import Registry
+    from serve.static_step import StaticDecodeConfig
+
+    model, tok, spec = tiny
+    cfg = EngineConfig(max_batch_size=8, max_new_tokens=32, max_prompt_tokens=64, decode=decode,
+                       static=StaticDecodeConfig(pool_slots=4, pool_rank=4, min_window=16, **static))
+    eng = LLMEngine(copy.deepcopy(model), tok, spec, cfg, Registry())
+    for i, ad in enumerate([_adapter(spec, 1), _adapter(spec, 2), _adapter(spec, 3, rank=2),
+                            _adapter(spec, 4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"))]):
+        eng.add_adapter(f"a{i}", ad)
+    return eng
+
+
+PROMPTS = ["hello there", "the quick brown fox jumps over", "one two three", "a", "what is the capital of France",
+           "seven", "translate good morning", "x y z"]
+MIXES = {
+    "base model": [()] * 8,
+    "one adapter": [(("a0", 1.0),)] * 8,
+    "distinct adapters": [(("a0", 1.0),), (("a1", 1.0),), (("a2", 1.0),), (("a3", 1.0),), (), (("a1", 1.0),),
+                          (("a2", 1.0),), (("a0", 1.0),)],
+    "mixture": [(("a0", 0.5), ("a1", 0.3), ("a2", 0.2)), (("a3", 0.6), ("a0", 0.4)), (("a1", 1.0),), (),
+                (("a2", 0.7), ("a3", 0.3)), (("a0", 0.2), ("a1", 0.2), ("a2", 0.3), ("a3", 0.3)), (("a0", 1.0),),
+                (("a1", 0.5), ("a2", 0.5))],
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny):
+    return _engine(tiny, "dynamic"), _engine(tiny, "static")
+
+
+@pytest.mark.parametrize("case", list(MIXES))
+def test_static_step_matches_engine_greedy(engines, case):
+    from serve.engine import GenerationJob
+    from serve.slot_batch import SlotBatch
+
+    dynamic, static = engines
+    assert static._static is not None and isinstance(static.new_batch(), SlotBatch)
+    jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=6 + 2 * i, ignore_stop=True)
+            for i, (p, mix) in enumerate(zip(PROMPTS, MIXES[case], strict=True))]
+    want = [r.token_ids for r in dynamic.generate(jobs)]
+    got = [r.token_ids for r in static.generate(jobs)]
+    assert got == want
+    assert [len(t) for t in got] == [6 + 2 * i for i in range(8)]
+
+
+def test_hf_numerics_match_engine_greedy(tiny, engines):
+    from serve.engine import GenerationJob
+
+    dynamic = engines[0]
+    static = _engine(tiny, "static", numerics="hf")
+    jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=8, ignore_stop=True)
+            for p, mix in zip(PROMPTS, MIXES["mixture"], strict=True)]
+    assert [r.token_ids for r in static.generate(jobs)] == [r.token_ids for r in dynamic.generate(jobs)]
+
+
+def test_rows_join_and_leave_by_slot(engines):
+    """Sequences joining between steps reuse freed slots and decode as if alone; logprobs match the engine's."""
+    from serve.engine import GenerationJob
+
+    dynamic, static = engines
+    jobs = [GenerationJob(dynamic.encode_prompt(PROMPTS[i]), MIXES["mixture"][i], 3 + i, ignore_stop=True,
+                          logprobs=2 if i == 1 else None) for i in range(6)]
+    alone = [dynamic.generate([j])[0] for j in jobs]
+    batch = static.new_batch(detokenize=False)
+    got: dict[int, list[int]] = {}
+    lps: dict[int, list] = {}
+    ids = batch.add(jobs[:2])
+    step = 0
+    while not batch.done or step < 6:
+        if step == 2:
+            ids += batch.add(jobs[2:4])
+        if step == 5:  # the first rows are finished by now: their slots go to the newcomers
+            ids += batch.add(jobs[4:])
+        for j, d in batch.step():
+            got.setdefault(j, []).extend(d.token_ids)
+            lps.setdefault(j, []).extend(d.logprobs or [])
+        step += 1
+    batch.log_done()
+    assert [got[i] for i in ids] == [r.token_ids for r in alone]
+    want = alone[1].logprobs
+    assert [x.token for x in lps[ids[1]]] == [x.token for x in want]
+    assert [x.logprob for x in lps[ids[1]]] == pytest.approx([x.logprob for x in want], abs=1e-4)
+    assert static._static.slots.n_free == 8
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(engines):
+    from serve.engine import GenerationJob
+
+    _, static = engines
+    ids = static.encode_prompt("seed me")
+    job = GenerationJob(ids, (("a1", 1.0),), 10, temperature=0.9, top_p=0.8, seed=7, ignore_stop=True)
+    alone = static.generate([job])[0].token_ids
+    crowd = static.generate([GenerationJob(static.encode_prompt("other"), (), 4, ignore_stop=True), job,
+                             GenerationJob(ids, (), 10, temperature=1.0, seed=8, ignore_stop=True)])
+    assert crowd[1].token_ids == alone and len(crowd[2].token_ids) == 10
+
+
+def test_device_sampler_greedy_rows_and_nucleus():
+    from serve.device_sampling import choose_tokens, hash_uniform
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, -1.0], [3.0, 0.0, 2.9, 0.0]])
+    temp, top_p = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.01])
+    seed, counter = torch.tensor([1, 2]), torch.tensor([0, 0])
+    assert choose_tokens(logits, temp, top_p, seed, counter, sample=True).tolist() == [1, 0]  # top_p keeps 1 token
+    u = hash_uniform(torch.tensor([5, 5, 6]), torch.tensor([0, 1, 0]), 1000)
+    assert 0.0 < float(u.min()) and float(u.max()) < 1.0 and abs(float(u.mean()) - 0.5) < 0.05
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+
+
+def test_pool_refuses_what_it_cannot_hold(tiny):
+    from serve.adapter_pool import AdapterPool
+
+    spec = tiny[2]
+    pool = AdapterPool(spec, ("q_proj", "v_proj"), n_slots=1, rank=4, device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="pool_rank"):
+        pool.slots_for({"big": _adapter(spec, 1, rank=8)})
+    assert pool.slots_for({"x": _adapter(spec, 1)}) == {"x": 1}
+    with pytest.raises(ValueError, match="pool_slots"):
+        pool.slots_for({"y": _adapter(spec, 2)}, pinned={"x"})
+    with pytest.raises(ValueError, match="does not hold"):
+        pool.slots_for({"z": _adapter(spec, 3, targets=("o_proj",))})
+
+
+def test_failed_and_abandoned_streams_give_slots_back(engines):
+    from serve.engine import GenerationJob
+    from serve.errors import UnknownAdapter
+    from serve.slot_batch import SlotBatch
+
+    _, static = engines
+    ids = static.encode_prompt("hi")
+    with pytest.raises(UnknownAdapter):
+        static.generate([GenerationJob(ids, (("missing", 1.0),), 2)])
+    stream = static.stream([GenerationJob(ids, (("a0", 1.0),), 5, ignore_stop=True)] * 3)
+    next(stream)
+    stream.close()  # the client went away mid-way
+    assert static._static.slots.n_free == 8
+    batch = static.new_batch()
+    assert isinstance(batch, SlotBatch) and not isinstance(static.new_batch(), SlotBatch)  # one batch at a time
+    batch.release()
