@@ -8,6 +8,7 @@ compare two inputs side by side, route, search and delete in the library, a 422 
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -144,6 +145,12 @@ def _visible_text(driver, selector: str) -> str:
     return el.text if el.is_displayed() else ""
 
 
+def _save_page(driver, path: Path) -> None:
+    """A PNG of the whole page at the current width (Chromium's DevTools screenshot beyond the viewport)."""
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
 def _screenshot_dir(tmp_path: Path) -> Path:
     """results/ for a real service (the README's screenshot); the test's own directory for the tiny one."""
     return RESULTS if EXTERNAL_URL else tmp_path
@@ -165,7 +172,7 @@ def test_generate_then_compare_base_and_adapted(driver, service, tmp_path):
     assert error.startswith("422") and "description" in error
     assert not _css(driver, "#generate-result").is_displayed()
 
-    description = "Answer with the opposite of the given word."
+    description = "Classify the sentiment of a product review as positive or negative."
     _type(driver, "#description", description)
     _css(driver, "#generate-btn").click()
     result = _wait(driver, lambda d: _visible_text(d, "#generate-result"))
@@ -173,7 +180,7 @@ def test_generate_then_compare_base_and_adapted(driver, service, tmp_path):
     assert re.search(r"Adapter\s+\S+", result) and re.search(r"\d+ ms round trip", result) and "Path" in result
     assert "Adapter:" in _css(driver, "#compare-adapter").text
 
-    inputs = ["The film was wonderful.", "The food was cold."]
+    inputs = ["I loved this phone, the battery lasts for days.", "It broke after a week and nobody answered my emails."]
     _type(driver, "#inputs", "\n".join(inputs))
     _css(driver, "#max-tokens").clear()
     _css(driver, "#max-tokens").send_keys("24")
@@ -189,8 +196,12 @@ def test_generate_then_compare_base_and_adapted(driver, service, tmp_path):
         assert cell.find_element("css selector", ".text").text.strip()
     labels = [c.find_element("css selector", ".label").text.lower() for c in cells]
     assert labels[0].startswith("base") and labels[1] == "adapted"
-    driver.execute_script("window.scrollTo(0, 0)")
-    assert driver.save_screenshot(str(_screenshot_dir(tmp_path) / "playground.png"))
+
+    _type(driver, "#route-input", inputs[0])  # the router's view of the same input, for the screenshot
+    _css(driver, "#route-btn").click()
+    _wait(driver, lambda d: d.find_elements("css selector", "#route-result li, #route-result .note"))
+    assert not _css(driver, "#route-error").is_displayed()
+    _save_page(driver, _screenshot_dir(tmp_path) / "playground.png")
 
 
 def test_route_search_and_delete(driver, service, tmp_path):
@@ -249,4 +260,16 @@ def test_phone_width_has_one_column_and_no_sideways_scroll(driver, service, tmp_
     left = {s: _css(driver, s).rect["x"] for s in ("#generate-card", "#route-card", "#library-card")}
     assert len(set(left.values())) == 1, left  # the cards are stacked
     assert _css(driver, "#generate-card").rect["width"] <= width
+
+    first = _wait(driver, lambda d: d.find_elements("css selector", "#library-list li"))[0]
+    first.find_element("css selector", "button[data-action='use']").click()  # a library adapter, then compare
+    assert first.find_element("css selector", ".desc").get_attribute("title").startswith(
+        _css(driver, "#description").get_attribute("value"))
+    _type(driver, "#inputs", "Good morning, how are you?")
+    _css(driver, "#compare-btn").click()
+    cells = _wait(driver, lambda d: (cs := d.find_elements("css selector", "#compare-rows .answer"))
+                  and all(c.get_attribute("data-state") == "done" for c in cs) and cs)
+    assert cells[0].rect["x"] == cells[1].rect["x"] and cells[0].rect["y"] < cells[1].rect["y"]  # stacked too
+    assert driver.execute_script("return document.documentElement.scrollWidth") <= width
+    driver.execute_script("arguments[0].scrollIntoView()", _css(driver, "#compare-card"))
     assert driver.save_screenshot(str(_screenshot_dir(tmp_path) / "playground-phone.png"))

@@ -191,7 +191,7 @@ async function compare() {
   const jobs = [];
   for (const input of inputs) {
     const row = el("div", "pair");
-    const base = answerCell(`base (${state.baseModel})`);
+    const base = answerCell(`base (${state.baseModel.split("/").pop()})`);
     const adapted = answerCell("adapted");
     row.append(el("div", "input", input), base, adapted);
     rows.append(row);
