@@ -74,6 +74,7 @@ def driver():
         pytest.skip(f"no Chromium or chromedriver on PATH: {INSTALL}")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, to catch CSP violations
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1280,800", "--hide-scrollbars", "--force-device-scale-factor=1"):
         options.add_argument(arg)
@@ -202,6 +203,8 @@ def test_generate_then_compare_base_and_adapted(driver, service, tmp_path):
     _wait(driver, lambda d: d.find_elements("css selector", "#route-result li, #route-result .note"))
     assert not _css(driver, "#route-error").is_displayed()
     _save_page(driver, _screenshot_dir(tmp_path) / "playground.png")
+    console = [e["message"] for e in driver.get_log("browser")]
+    assert not [m for m in console if "Content Security Policy" in m or "Uncaught" in m], console
 
 
 def test_route_search_and_delete(driver, service, tmp_path):

@@ -24,7 +24,10 @@ export class ApiError extends Error {
     }
     const err = body && body.error;
     if (err && err.message) return new ApiError(resp.status, err.code || err.type, err.message, err.param);
-    if (body && body.detail) return new ApiError(resp.status, "error", JSON.stringify(body.detail), null);
+    if (body && body.detail) {
+      const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+      return new ApiError(resp.status, "error", detail, null);
+    }
     return new ApiError(resp.status, "http_error", resp.statusText || "the request failed", null);
   }
 }
