@@ -9,6 +9,7 @@ compare two inputs side by side, route, search and delete in the library, a 422 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ INSTALL = ("install the browser with `apt-get install -y chromium chromium-drive
            "`pip install -e '.[dev]'`; `.ci/run` does both")
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 EXTERNAL_URL = os.environ.get("HYPERLORA_PLAYGROUND_URL")
+RECORD_FETCHES = """window.sent = []; const f = window.fetch;
+window.fetch = (path, init) => { window.sent.push([path, init && init.body]); return f(path, init); };"""
 
 
 # ---- the static files, without a browser ------------------------------------------------------------
@@ -185,9 +188,16 @@ def test_generate_then_compare_base_and_adapted(driver, service, tmp_path):
     _type(driver, "#inputs", "\n".join(inputs))
     _css(driver, "#max-tokens").clear()
     _css(driver, "#max-tokens").send_keys("24")
+    driver.execute_script(RECORD_FETCHES)
     _css(driver, "#compare-btn").click()
     cells = _wait(driver, lambda d: (cs := d.find_elements("css selector", "#compare-rows .answer"))
                   and all(c.get_attribute("data-state") in ("done", "error") for c in cs) and cs)
+    sent = [json.loads(body) for path, body in driver.execute_script("return window.sent") if
+            path == "/v1/chat/completions"]
+    adapter_id = re.search(r"Adapter\s+(\S+)", result).group(1)
+    assert sorted((b["model"], b["messages"][0]["content"]) for b in sent) == sorted(
+        (model, f"{description}\n\n{x}") for x in inputs for model in (_base_model(url), adapter_id))
+    assert all(b["stream"] is True and len(b["messages"]) == 1 for b in sent)  # same user turn for both
     rows = driver.find_elements("css selector", "#compare-rows .pair")
     assert [r.find_element("css selector", ".input").text for r in rows] == inputs
     assert len(cells) == 4
@@ -241,6 +251,10 @@ def test_route_search_and_delete(driver, service, tmp_path):
     _wait(driver, lambda d: not d.find_elements("css selector", "#library-list li"))
     assert not _css(driver, "#library-error").is_displayed()
     assert httpx.get(f"{url}/v1/adapters/{made['id']}", timeout=30).status_code == 404
+
+
+def _base_model(url: str) -> str:
+    return httpx.get(f"{url}/healthz", timeout=30).json()["base_model"]
 
 
 def _has_strategy(url: str) -> bool:
