@@ -20,7 +20,7 @@ serve: $(STAMP)
 	$(VENV)/bin/hyperlora serve
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider  # -rs: say why a test skipped (e.g. no Chromium)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

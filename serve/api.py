@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from generator.peft_io import AdapterFormatError, load_peft, save_peft
-from serve import completions
+from serve import completions, playground
 from serve.errors import Invalid, InvalidAdapter, ServiceError, TooLarge, WrongBaseModel, as_service_error
 from serve.gateway import GatewayState, same_base_model
 from serve.metrics import REGISTRY, render_prometheus
@@ -155,6 +155,7 @@ def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | N
     _upload_route(app, state)
     _other_routes(app, state)
     completions.add_routes(app, state)
+    playground.add_routes(app)  # the page at `/` (serve/static/)
     return app
 
 
