@@ -79,11 +79,21 @@ class AdapterGenerator(ABC):
         a, b = self.factors(emb)
         out = [
             LoraAdapter(self.spec.name, self.rank, self.alpha, {m: t[i] for m, t in a.items()},
-                        {m: t[i] for m, t in b.items()},
-                        metadata={"description": d, "instruction": d, "generator": self.name})
+                        {m: t[i] for m, t in b.items()}, metadata=self.metadata(d))
             for i, d in enumerate(descriptions)
         ]
         return out
+
+    def metadata(self, description: str) -> dict[str, str]:
+        """What a generated adapter carries (its `hyperlora.json`): the description, which is also its instruction,
+        and, when the checkpoint chose one on held-out tasks, the strength to use it at when the prompt already
+        holds in-context examples (`training/strength.py`)."""
+        meta = {"description": description, "instruction": description, "generator": self.name}
+        strength = getattr(getattr(self, "net", None), "cfg", None)
+        strength = getattr(strength, "extra", {}).get("strength_with_examples")
+        if strength is not None:
+            meta["strength_with_examples"] = f"{float(strength):g}"
+        return meta
 
 
 @register_generator("t2l")

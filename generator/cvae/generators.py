@@ -102,7 +102,7 @@ class LatentGenerator(AdapterGenerator):
     def _adapters(self, descriptions: Sequence[str], a: dict, b: dict) -> list[LoraAdapter]:
         return [LoraAdapter(self.spec.name, self.rank, self.alpha, {m: t[i].cpu() for m, t in a.items()},
                             {m: t[i].cpu() for m, t in b.items()},
-                            metadata={"description": d, "instruction": d, "generator": self.name})
+                            metadata=self.metadata(d))
                 for i, d in enumerate(descriptions)]
 
     @torch.no_grad()
