@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> None:
 
             train_lora_library(cfg, LoraTrainConfig(steps=args.library_steps, per_task=args.library_per_task,
                                                     tasks_per_batch=args.tasks_per_batch, lr=args.library_lr),
-                               work / "lora-library")
+                               work / "lora-library", only=args.library_only.split(",") if args.library_only else None)
         elif stage == "dev-library":  # each dev task's own LoRA (never seen by the generators): `eval strategy`
             from training.lora_library import train_lora_library
 
@@ -96,6 +96,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--library-steps", type=int, default=100)
     p.add_argument("--library-per-task", type=int, default=4)
     p.add_argument("--library-lr", type=float, default=1e-3)
+    p.add_argument("--library-only", default=None, help="library: only these train tasks (comma-separated names)")
     p.add_argument("--tasks-per-batch", type=int, default=146)
     p.add_argument("--multitask-steps", type=int, default=300)
     p.add_argument("--multitask-batch", type=int, default=64)
