@@ -24,7 +24,7 @@ from ray import serve
 from generator.lora import LoraAdapter
 from serve.config import ServeConfig
 from serve.engine import Delta, GenerationJob, load_engine
-from serve.errors import InvalidAdapter, ServiceError, UnknownAdapter, WrongBaseModel
+from serve.errors import GenerationFailed, InvalidAdapter, ServiceError, UnknownAdapter, WrongBaseModel
 from serve.metrics import REGISTRY
 from serve.protocol import Accepted, LLMRequest, LLMResult, fold, public_model_name, same_base_model
 
@@ -341,6 +341,10 @@ class LLM:
         async for item in steps:
             if isinstance(item, _Failed):
                 raise item.error
+            if item.finish_reason == "error":  # this request alone failed; its batch-mates carry on
+                self._drains.add(task := asyncio.ensure_future(_drain(steps)))
+                task.add_done_callback(self._drains.discard)
+                raise GenerationFailed(item.error or "generation failed")
             yield item
             if item.finish_reason is not None:
                 # answer now; the batch ends this request's stream one step later, consumed in the background
@@ -409,12 +413,25 @@ class LLM:
         try:
             seq_ids = await loop.run_in_executor(self._executor, batch.add, [group.items[p].job for p in ok])
         except Exception as e:  # noqa: BLE001 - e.g. a prompt that leaves no room to generate
+            if len(ok) == 1:
+                group.failed[ok[0]] = e
+                return
+            # `add` fails before it changes the batch: admit one by one, so only the culprit fails
             for p in ok:
-                group.failed[p] = e
+                await self._admit_one(loop, batch, group, p, owners)
             return
         for j, p in zip(seq_ids, ok, strict=True):
             owners[j] = (group, p)
             group.live.add(p)
+
+    async def _admit_one(self, loop, batch, group: _Group, pos: int, owners: dict[int, tuple[_Group, int]]) -> None:
+        try:
+            (j,) = await loop.run_in_executor(self._executor, batch.add, [group.items[pos].job])
+        except Exception as e:  # noqa: BLE001 - reported to this request only
+            group.failed[pos] = e
+            return
+        owners[j] = (group, pos)
+        group.live.add(pos)
 
     async def health(self) -> dict[str, Any]:
         return {"cached_adapters": len(self.engine.cache), "cache_bytes": self.engine.cache.nbytes,
