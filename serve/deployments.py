@@ -265,11 +265,14 @@ class LLM:
     """The base model with per-sample adapters: concurrent requests are decoded as one batch."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        from generator.sanity import base_norms_from_model
         from retriever.library import AdapterLibrary
 
         cfg = _configure(config)
         self.engine = load_engine(cfg.base_model, cfg.engine)
         self.library = AdapterLibrary(cfg.library_root(), self.engine.spec)
+        self.limits = cfg.adapter_limits
+        self.base_norms = base_norms_from_model(self.engine.model, self.engine.spec)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-decode")
         self._drains: set[asyncio.Future] = set()
         self._waiting: list[tuple[list[_Queued], asyncio.Queue]] = []  # @serve.batch batches not yet decoding
@@ -298,7 +301,17 @@ class LLM:
         if not same_base_model(record.base_model, self.engine.spec.name):
             raise WrongBaseModel(f"adapter {adapter_id!r} is for {public_model_name(record.base_model)}, but this "
                                  f"service serves {public_model_name(self.engine.spec.name)}")
-        self.engine.add_adapter(adapter_id, adapter)
+        self._add(adapter_id, adapter)
+
+    def _add(self, key: str, adapter: LoraAdapter) -> None:
+        """Into the engine's cache, once it passes the sanity limits (every way in: library, inline, reloads)."""
+        from generator.sanity import AdapterRejected, check_adapter
+
+        try:
+            check_adapter(adapter, self.limits, self.base_norms)
+        except AdapterRejected as e:
+            raise InvalidAdapter(f"adapter {key!r} was refused: {e}") from e
+        self.engine.add_adapter(key, adapter)
 
     async def _ensure_adapters(self, req: LLMRequest) -> None:
         for key, _ in req.adapters:
@@ -307,7 +320,7 @@ class LLM:
                 if not isinstance(value, LoraAdapter):
                     req.inline[key] = value = await value  # an ObjectRef from the gateway
                 if key not in self.engine.cache:
-                    await asyncio.to_thread(self.engine.add_adapter, key, value)
+                    await asyncio.to_thread(self._add, key, value)
             else:
                 await self._library_adapter(key)
                 if key not in self.engine.cache:  # the multiplex LRU still knew it, the byte LRU had dropped it
@@ -318,7 +331,7 @@ class LLM:
         for key, _ in req.adapters:
             if key not in self.engine.cache:
                 if key in req.inline:
-                    self.engine.add_adapter(key, req.inline[key])
+                    self._add(key, req.inline[key])
                 else:
                     self._load_from_library(key)
 

@@ -274,3 +274,23 @@ class ErrorBody(BaseModel):
     """Every error response: never a stack trace."""
 
     error: ErrorDetail
+
+
+ERROR_MEANINGS = {
+    400: "Bad adapter or request values (invalid weights, wrong base model, a generation that failed).",
+    401: "The API key is missing or wrong.",
+    403: "No API key is configured and the request is not from a local program.",
+    404: "No such adapter or model.",
+    405: "Method not allowed (the Allow header lists the allowed ones).",
+    413: "Body, text, list or prompt over a limit (the error's `limit` says which).",
+    422: "A field is missing, malformed or out of range (the error's `param` names it).",
+    500: "Internal error (logged on the server).",
+    503: "A model deployment is not ready.",
+    504: "A model deployment did not answer in time.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route: these codes plus the ones every route may return (413, 422, 500, 504)."""
+    return {c: {"model": ErrorBody, "description": ERROR_MEANINGS[c]}
+            for c in sorted({*codes, 413, 422, 500, 504})}
