@@ -133,7 +133,7 @@ def test_generate_list_get_delete(client):
     a = body["adapters"][0]
     assert a["saved"] is False and a["id"].startswith("tmp-") and a["rank"] == 4
     listed = {x["id"] for x in client.get("/v1/adapters").json()["data"]}
-    assert a["id"] in listed
+    assert a["id"] not in listed  # unsaved adapters are not listed to other clients; fetched by id
     assert client.get(f"/v1/adapters/{a['id']}").json()["descriptions"] == ["Reply like a pirate."]
     assert client.delete(f"/v1/adapters/{a['id']}", headers=AUTH).json()["deleted"] is True
     assert client.get(f"/v1/adapters/{a['id']}").status_code == 404

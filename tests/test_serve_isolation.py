@@ -98,3 +98,51 @@ def test_one_poisoned_request_in_a_batch_of_eight(tiny, poison_weight):
     mates = [r for i, r in enumerate(together) if i != 3]
     assert [r.token_ids for r in mates] == [r.token_ids for r in alone]
     assert all(r.finish_reason == "length" and r.error is None for r in mates)
+
+
+def test_poisoned_request_fails_alone_in_the_llm_deployment(tmp_path, monkeypatch):
+    """The same through the LLM deployment's own batching (its class run without Ray): eight concurrent
+    requests, one whose adapter poisons its row gets GenerationFailed (a 400), seven get their completions."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from serve.config import ServeConfig
+    from serve.deployments import LLM
+    from serve.errors import GenerationFailed
+    from serve.protocol import LLMRequest
+
+    model_dir = build_tiny_model(tmp_path / "tiny-llama")
+    cfg = ServeConfig(base_model=str(model_dir), library=str(tmp_path / "library"), default_library=False,
+                      torch_threads=1, engine={"max_batch_size": 8, "max_new_tokens": 8},
+                      llm_batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.2})
+    replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: replica)  # @serve.batch asks, outside Serve too
+    llm = LLM.func_or_class(cfg.model_dump())
+    spec = llm.engine.spec
+    good = _adapter(spec, 1)
+    poison = _adapter(spec, 2)
+    for m in poison.a:
+        poison.a[m].fill_(1e30)
+        poison.b[m].fill_(1e30)
+    llm.engine.cache.put("poison", poison)  # already cached: the request's inline copy is not checked again
+
+    def request(i: int) -> LLMRequest:
+        if i == 3:
+            return LLMRequest(prompt="poisoned", adapters=(("poison", 1.0),), inline={"poison": poison},
+                              max_new_tokens=4)
+        mix = (("good", 1.0),) if i % 2 else ()
+        return LLMRequest(prompt=f"prompt number {i}", adapters=mix, inline={"good": good} if mix else {},
+                          max_new_tokens=4, temperature=0.7 * (i % 3 == 2), seed=i)
+
+    async def run():
+        together = await asyncio.gather(*(llm.generate(request(i)) for i in range(8)), return_exceptions=True)
+        alone = [await llm.generate(request(i)) for i in range(8) if i != 3]
+        return together, alone
+
+    together, alone = asyncio.run(run())
+    assert isinstance(together[3], GenerationFailed) and together[3].status == 400
+    mates = [r for i, r in enumerate(together) if i != 3]
+    assert all(not isinstance(r, BaseException) for r in mates), mates
+    assert [r.text for r in mates] == [r.text for r in alone] and all(r.completion_tokens for r in mates)

@@ -145,6 +145,16 @@ def test_mutation_auth():
     check_mutation({}, "::1", None, "HYPERLORA_API_KEY")
     with pytest.raises(Forbidden, match="HYPERLORA_API_KEY is unset"):
         check_mutation({}, "10.1.2.3", None, "HYPERLORA_API_KEY")
+    local = {"host": "127.0.0.1:8000", "content-type": "application/json"}
+    check_mutation({**local, "origin": "http://127.0.0.1:8000"}, "127.0.0.1", None, "HYPERLORA_API_KEY")
+    check_mutation({**local, "content-type": "application/octet-stream"}, "127.0.0.1", None, "HYPERLORA_API_KEY")
+    for signal in ({"origin": "http://evil.example"}, {"origin": "null"}, {"referer": "http://localhost:3000/x"},
+                   {"sec-fetch-site": "cross-site"}, {"content-type": "multipart/form-data; boundary=x"},
+                   {"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain"}):
+        with pytest.raises(Forbidden, match="not web pages"):  # any site a local user visits could send these
+            check_mutation({**local, **signal}, "127.0.0.1", None, "HYPERLORA_API_KEY")
+    check_mutation({"authorization": "Bearer k1", "origin": "http://evil.example"}, "10.1.2.3", "k1",
+                   "HYPERLORA_API_KEY")  # with the key, the origin does not matter
     check_mutation({"authorization": "Bearer k1"}, "10.1.2.3", "k1", "HYPERLORA_API_KEY")
     check_mutation({"x-api-key": "k1"}, "10.1.2.3", "k1", "HYPERLORA_API_KEY")
     for headers in ({}, {"authorization": "Bearer k2"}, {"authorization": "k1"}, {"x-api-key": ""}):
