@@ -195,9 +195,12 @@ def test_download_loads_in_peft_with_the_services_logits(client, service, tmp_pa
             zipfile.ZipFile(io.BytesIO(resp.content)).extractall(out)
         else:
             tarfile.open(fileobj=io.BytesIO(resp.content)).extractall(out, filter="data")
-        assert sorted(p.name for p in (out / aid).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(p.name for p in (out / aid).iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                 "hyperlora.json"]
+        assert json.loads((out / aid / "hyperlora.json").read_text())["instruction"] == "Write a limerick."
     prompt = "Tell me a story about"
-    svc = client.post("/v1/completions", json={"model": aid, "prompt": prompt, "max_tokens": 4, "logprobs": 3}).json()
+    svc = client.post("/v1/completions", json={"model": aid, "prompt": prompt, "max_tokens": 4, "logprobs": 3,
+                                               "use_instruction": False}).json()  # the raw prompt, as PEFT gets it
     lp = svc["choices"][0]["logprobs"]
     base = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
@@ -217,7 +220,7 @@ def test_unsaved_adapter_downloads_too(client):
     aid = client.post("/v1/adapters", json={"description": "Be terse."}).json()["adapters"][0]["id"]
     r = client.get(f"/v1/adapters/{aid}/download")
     names = tarfile.open(fileobj=io.BytesIO(r.content)).getnames()
-    assert names == [f"{aid}/adapter_config.json", f"{aid}/adapter_model.safetensors"]
+    assert names == [f"{aid}/adapter_config.json", f"{aid}/adapter_model.safetensors", f"{aid}/hyperlora.json"]
 
 
 @pytest.mark.parametrize("kind", ["tar.gz", "zip"])
