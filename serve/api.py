@@ -422,7 +422,8 @@ def _other_routes(app: FastAPI, state: GatewayState) -> None:
         return JSONResponse({"status": "ok", "base_model": state.model_name, "library_adapters": len(state.library),
                              "unsaved_adapters": len(state.ephemeral.infos()),
                              "uptime_s": round(time.time() - state.started, 1),
-                             "generator_trained": info["generator"]["trained"], **info})
+                             "generator_trained": info["generator"]["trained"],
+                             "default_library": info["generator"].get("default_library"), **info})
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses=errors())
     async def metrics() -> PlainTextResponse:

@@ -103,6 +103,7 @@ def _random_adapter(spec, seed=3, scale=0.3, base_model=None):
 def test_healthz_and_models(client, service, lib_ids):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["library_adapters"] >= len(TASKS) and h["generator_trained"] is True
+    assert h["default_library"] == {"state": "off"}  # default_library: false in this config
     models = client.get("/v1/models").json()
     ids = {m["id"] for m in models["data"]}
     assert Path(service[2].name).name in ids and "auto" in ids and set(lib_ids.values()) <= ids
