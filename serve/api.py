@@ -133,6 +133,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8): like malformed JSON
+            return error_response(422, f"the request body cannot be parsed ({exc.detail}); send UTF-8 JSON",
+                                  "invalid_value", "body")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         resp = error_response(exc.status_code, str(exc.detail), code)
         resp.headers.update(exc.headers or {})

@@ -31,13 +31,17 @@ class Plan:
     instruction: str | None = None  # what the adapters ask to have in front of the input (serve.instructions)
 
 
+# a completion is JSON, or server-sent events with `stream: true`
+STREAMABLE = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+
+
 def add_routes(app: FastAPI, state: GatewayState) -> None:
-    @app.post("/v1/completions", tags=["completions"], responses=errors(400, 404, 503))
+    @app.post("/v1/completions", tags=["completions"], responses={**STREAMABLE, **errors(400, 404, 503)})
     async def create_completion(body: CompletionRequest):
         """OpenAI text completions; `prompt` may be a list (one choice per prompt, decoded in one batch)."""
         return await _serve(state, body, chat=False)
 
-    @app.post("/v1/chat/completions", tags=["completions"], responses=errors(400, 404, 503))
+    @app.post("/v1/chat/completions", tags=["completions"], responses={**STREAMABLE, **errors(400, 404, 503)})
     async def create_chat_completion(body: ChatCompletionRequest):
         """OpenAI chat completions with the base model's chat template."""
         return await _serve(state, body, chat=True)

@@ -181,6 +181,10 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "auto", "prompt": "Translate to French: good morning", "max_tokens": 32},
+        {"model": "base", "prompt": "2+2=", "max_tokens": 4, "task_description": "Answer with a number."}]})
+
     prompt: Text | list[Text] = Field(description="A prompt, or several (one choice each).")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
@@ -216,6 +220,9 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "auto", "messages": [{"role": "user", "content": "Is this review positive? I loved it."}]}]})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

@@ -52,6 +52,9 @@ class RecordingBackends:
     async def info(self):
         return {"generator": {"trained": True}, "router": {}, "llm": {}}
 
+    async def snapshots(self):
+        return []
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
