@@ -8,6 +8,7 @@ from typing import Any
 
 from ray import serve
 
+from serve.api import build_api
 from serve.config import ServeConfig
 from serve.metrics import REGISTRY
 from serve.protocol import public_model_name
@@ -49,6 +50,4 @@ class Gateway:
             logger.warning("could not ask the generator whether it is trained: %s", e)
 
     def __serve_build_asgi_app__(self):
-        from serve.api import build_api
-
         return build_api(self.state, on_startup=self._generator_trained)
