@@ -79,7 +79,8 @@ def test_generate_writes_a_peft_dir_and_prints_the_time(cli, no_shipped_checkpoi
     assert result.exit_code == 0, result.output
     assert FRESH_WARNING in result.stderr
     assert re.search(r"generated a rank-8 LoRA on q_proj, v_proj \([\d,]+ params\) in [\d.]+ ms -> ", result.stdout)
-    assert sorted(p.name for p in (tmp_path / "pirate").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in (tmp_path / "pirate").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "hyperlora.json"]
+    assert load_peft(tmp_path / "pirate").metadata["instruction"] == "Answer every question like a pirate."
     cfg = json.loads((tmp_path / "pirate" / CONFIG_NAME).read_text())
     assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert load_peft(tmp_path / "pirate").b["v_proj"].shape == (30, 192, 8)

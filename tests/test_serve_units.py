@@ -258,3 +258,16 @@ def test_lookup_refuses_an_adapter_of_another_base_model():
     assert "Mistral-7B" in e.value.message and "SmolLM2-135M-Instruct" in e.value.message and e.value.status == 400
     with pytest.raises(UnknownAdapter):
         state.lookup("nope")
+
+
+def test_console_says_whether_an_api_key_is_set(monkeypatch):
+    from serve.commands import api_key_notice
+    from serve.config import ServeConfig
+
+    cfg = ServeConfig(api_key_env="HL_NOTICE_KEY")
+    monkeypatch.delenv("HL_NOTICE_KEY", raising=False)
+    text, warn = api_key_notice(cfg)
+    assert warn and "HL_NOTICE_KEY is NOT set" in text and "local programs" in text
+    monkeypatch.setenv("HL_NOTICE_KEY", "k")
+    text, warn = api_key_notice(cfg)
+    assert not warn and "HL_NOTICE_KEY is set" in text and "Bearer" in text
