@@ -207,6 +207,9 @@ def test_405_carries_allow_and_models_by_id(client, world):
     assert client.get("/v1/models/base").json()["kind"] == "base"
     assert client.get("/v1/models/auto").json()["kind"] == "router"
     assert client.get("/v1/models/nope").status_code == 404
+    openai = pytest.importorskip("openai")
+    oc = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    assert oc.models.retrieve(aid).id == aid  # what the official client calls
 
 
 def test_openapi_declares_errors_and_one_of(client):
