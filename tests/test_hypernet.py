@@ -206,7 +206,7 @@ def test_generator_makes_smollm2_adapters_in_one_batch(smollm2_spec, encoder, va
         ad.check_finite()
         assert (ad.rank, ad.target_modules, ad.base_model) == (8, ("q_proj", "v_proj"), smollm2_spec.name)
         assert ad.a["v_proj"].shape == (30, 8, 576) and ad.b["v_proj"].shape == (30, 192, 8)
-        assert ad.metadata == {"description": d, "generator": "t2l"}
+        assert ad.metadata == {"description": d, "instruction": d, "generator": "t2l"}
     assert (adapters[0].b["q_proj"] - adapters[1].b["q_proj"]).abs().max() > 0
 
 
