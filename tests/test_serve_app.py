@@ -481,7 +481,7 @@ def test_50_concurrent_mixed_requests(client, service, lib_ids):
             assert body["choices"][0]["text"] == expected[(m, p)], (m, p)
 
 
-FUZZ_EXAMPLES = 15  # per operation and mode: about 450 requests, a minute or two on the tiny model
+FUZZ_EXAMPLES = 100  # per operation and mode (hypothesis stops early where the inputs run out): ~1,000 requests
 
 
 def test_schemathesis_no_5xx_and_schema_conformance(client, service, lib_ids):
@@ -509,7 +509,7 @@ def test_schemathesis_no_5xx_and_schema_conformance(client, service, lib_ids):
     for path, body in valid:
         r = schema[path]["POST"].Case(body=body).call_and_validate(base_url=url, headers=AUTH, checks=checks)
         assert r.status_code == 200, (path, r.text)
-    failures = []
+    failures, sent = [], []
     for result in schema.get_all_operations():
         op = result.ok()
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
@@ -517,6 +517,7 @@ def test_schemathesis_no_5xx_and_schema_conformance(client, service, lib_ids):
                       suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case):
+                sent.append(case.operation.label)
                 case.call_and_validate(base_url=url, headers=AUTH, checks=checks, timeout=120)
 
             try:
@@ -525,6 +526,8 @@ def test_schemathesis_no_5xx_and_schema_conformance(client, service, lib_ids):
                 if "Unable to satisfy assumptions" not in str(e):  # no schema-invalid input exists for it
                     failures.append(f"{op.label} ({mode.value}): {str(e)[:2000]}")
     assert not failures, "\n\n".join(failures)
+    assert len(set(sent)) == len(list(schema.get_all_operations()))  # every operation was exercised
+    assert len(sent) > 500  # a real run, not a handful of requests
 
 
 def test_replica_crash_keeps_saved_adapters(client):
