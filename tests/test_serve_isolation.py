@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from serve_fixtures import build_tiny_model
+from serve_fixtures import build_tiny_model, outside_serve, private_module
 
 
 @pytest.fixture(scope="module")
@@ -100,28 +100,10 @@ def test_one_poisoned_request_in_a_batch_of_eight(tiny, poison_weight):
     assert all(r.finish_reason == "length" and r.error is None for r in mates)
 
 
-def _private_deployments(monkeypatch):
-    """A private copy of serve/deployments.py: running a deployment class in-process binds its @serve.batch queue
-    to the class, which would then no longer pickle for the Serve app other tests build."""
-    import importlib.util
-    import sys
-
-    import serve.deployments
-
-    spec = importlib.util.spec_from_file_location("_isolated_deployments", serve.deployments.__file__)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_poisoned_request_fails_alone_in_the_llm_deployment(tmp_path, monkeypatch):
     """The same through the LLM deployment's own batching (its class run without Ray): eight concurrent
     requests, one whose adapter poisons its row gets GenerationFailed (a 400), seven get their completions."""
     import asyncio
-    from types import SimpleNamespace
-
-    from ray import serve
 
     from serve.config import ServeConfig
     from serve.errors import GenerationFailed
@@ -131,9 +113,10 @@ def test_poisoned_request_fails_alone_in_the_llm_deployment(tmp_path, monkeypatc
     cfg = ServeConfig(base_model=str(model_dir), library=str(tmp_path / "library"), default_library=False,
                       torch_threads=1, engine={"max_batch_size": 8, "max_new_tokens": 8},
                       llm_batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.2})
-    replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: replica)  # @serve.batch asks, outside Serve too
-    llm = _private_deployments(monkeypatch).LLM.func_or_class(cfg.model_dump())
+    outside_serve(monkeypatch)
+    import serve.deployments
+
+    llm = private_module(monkeypatch, serve.deployments).LLM.func_or_class(cfg.model_dump())
     spec = llm.engine.spec
     good = _adapter(spec, 1)
     poison = _adapter(spec, 2)
