@@ -98,7 +98,8 @@ class Router:
         return out
 
     async def info(self) -> dict[str, Any]:
-        await asyncio.to_thread(self.router.refresh)
+        """What the index holds now, without waiting for a re-sync (keying a freshly filled library takes a
+        minute or two on the CPU; /healthz must answer meanwhile)."""
         return {"adapters": self.router.n_adapters, "index": self.router.index_type}
 
     async def metrics(self) -> list[dict[str, Any]]:
