@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from generator.config import GeneratorConfig, build_generator, load_spec
-from generator.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
+from generator.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, resolve_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def info(checkpoint: str | None = CkptOpt, generator: str = GenOpt, base_model: 
     targets = list(gen.net.cfg.target_modules) if hasattr(gen, "net") else []
     n_lora = spec.lora_params(targets, gen.rank)
     typer.echo(f"base model:      {spec.name} ({spec.n_layers} layers)")
+    typer.echo(f"  local path     {resolve_base_model(base_model)}  (load the base from here for PEFT, offline)")
     for m in targets:
         typer.echo(f"  target {m:<9} d_in={spec.shapes[m][0]} d_out={spec.shapes[m][1]}")
     typer.echo(f"adapter:         rank {gen.rank}, alpha {gen.alpha}, {n_lora:,} params "

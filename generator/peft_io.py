@@ -155,6 +155,9 @@ def load_peft(path: str | Path, spec: ModelSpec | None = None) -> LoraAdapter:
     state = _read_weights(d)
     found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for key, t in state.items():
+        if not t.dtype.is_floating_point:
+            raise AdapterFormatError(f"{key} is {str(t.dtype).removeprefix('torch.')}; LoRA factors must be "
+                                     f"floating point (float32, float16 or bfloat16)")
         m = _KEY.match(key)
         if m is None or m.group(3) not in MODULE_PARENTS or MODULE_PARENTS[m.group(3)] != m.group(2):
             raise AdapterFormatError(f"unknown tensor key {key!r}; expected base_model.model.model.layers.<i>."

@@ -91,7 +91,8 @@ def build_default_library(root: str | Path | None = None, generator=None, traine
     lock = library.root / "locks" / "default"
     lock.mkdir(parents=True, exist_ok=True)
     with dir_lock(lock):  # one builder at a time (e.g. several service replicas starting together)
-        ids = _current_default_ids(library, origin)
+        names = {n for n in tasks} | {d.name for d in trained}
+        ids = _current_default_ids(library, origin, names, "trained" if trained else "generated")
         if trained:
             _add_trained(library, trained, tasks, ids, origin, progress)
         else:
@@ -100,8 +101,11 @@ def build_default_library(root: str | Path | None = None, generator=None, traine
     return library
 
 
-def _current_default_ids(library: AdapterLibrary, origin: str) -> dict[str, str]:
-    """task -> id of the default adapters already in the library; a set of another origin is removed first."""
+def _current_default_ids(library: AdapterLibrary, origin: str, names: set[str], source: str) -> dict[str, str]:
+    """task -> id of the default adapters already in the library; a set of another origin is removed first.
+
+    Idempotent by task name: an adapter of a default task (same source) that the manifest does not record, e.g.
+    one added just before a crash or a restart, is adopted instead of being made again."""
     path = library.root / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -114,6 +118,11 @@ def _current_default_ids(library: AdapterLibrary, origin: str) -> dict[str, str]
         for i in ids.values():
             library.remove(i)
         ids = {}
+    elif manifest.get("origin") == origin:
+        known = set(ids.values())
+        for r in library.list():  # oldest first
+            if r.name in names and r.name not in ids and r.source == source and r.id not in known:
+                ids[r.name] = r.id
     write_json_atomic(path, {"origin": origin, "ids": ids})
     return ids
 

@@ -37,6 +37,8 @@ from retriever.records import (
     InvalidAdapterId,
     check_fields,
     check_id,
+    check_instruction,
+    check_strength,
     new_id,
     now_iso,
 )
@@ -221,8 +223,11 @@ class AdapterLibrary:
     # -- writing
     def add(self, adapter: LoraAdapter, name: str, descriptions: Sequence[str], source: str,
             sample_inputs: Sequence[str] = ()) -> AdapterRecord:
-        """Store `adapter` under a new id, atomically; raise ValueError naming what was wrong."""
+        """Store `adapter` under a new id, atomically; raise ValueError naming what was wrong. Its instruction is
+        `adapter.metadata["instruction"]` (kept in its hyperlora.json and in the record)."""
         name, descriptions, source, sample_inputs = check_fields(name, descriptions, source, sample_inputs)
+        instruction = check_instruction(adapter.metadata.get("instruction"))
+        strength = check_strength(adapter.metadata.get("strength_with_examples"))
         adapter.check_finite()
         if self.spec is not None:
             adapter.check_fits(self.spec)
@@ -236,7 +241,8 @@ class AdapterLibrary:
                     id=adapter_id, name=name, descriptions=descriptions, source=source,  # type: ignore[arg-type]
                     base_model=self.spec.name if self.spec else adapter.base_model, rank=adapter.rank,
                     target_modules=list(adapter.target_modules), created=now_iso(),
-                    sha256=sha256_file(stage / WEIGHTS_NAME), sample_inputs=sample_inputs,
+                    sha256=sha256_file(stage / WEIGHTS_NAME), sample_inputs=sample_inputs, instruction=instruction,
+                    strength_with_examples=strength,
                 )
                 write_json_durable(stage / METADATA_NAME, record.to_file())
                 _make_readable(stage)

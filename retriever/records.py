@@ -85,6 +85,30 @@ def check_fields(name: str, descriptions: Sequence[str], source: str,
     return name.strip(), descriptions, source, sample_inputs
 
 
+def check_strength(value: object) -> float | None:
+    """An adapter's strength with in-context examples: None, or a number in [0, 1] (a string from hyperlora.json)."""
+    if value is None:
+        return None
+    try:
+        strength = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"strength_with_examples must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength_with_examples must be in [0, 1], got {strength}")
+    return strength
+
+
+def check_instruction(instruction: object) -> str | None:
+    """An adapter's instruction (what to put in front of every input): None, or a non-empty string."""
+    if instruction is None:
+        return None
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError("instruction must be a non-empty string or absent")
+    if len(instruction) > MAX_TEXT_CHARS:
+        raise ValueError(f"instruction has {len(instruction)} characters; at most {MAX_TEXT_CHARS} are allowed")
+    return instruction.strip()
+
+
 @dataclass
 class AdapterRecord:
     """What the library knows about one adapter; `metadata.json` in the adapter's directory."""
@@ -99,6 +123,9 @@ class AdapterRecord:
     created: str  # ISO 8601, UTC
     sha256: str  # of adapter_model.safetensors
     sample_inputs: list[str] = field(default_factory=list)  # a few inputs of its task, when known
+    instruction: str | None = None  # put in front of every input (generator.prompt); from its hyperlora.json
+    strength_with_examples: float | None = None  # its weight when the prompt holds in-context examples (a generated
+    # adapter's checkpoint chose it on held-out tasks: training/strength.py); None: full strength
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe, no file paths."""
@@ -122,7 +149,8 @@ class AdapterRecord:
             raise ValueError("sha256 must be 64 lowercase hex digits")
         return cls(id=d["id"], name=name, descriptions=descriptions, source=source, base_model=str(d["base_model"]),
                    rank=d["rank"], target_modules=[str(m) for m in d["target_modules"]], created=str(d["created"]),
-                   sha256=d["sha256"], sample_inputs=samples)
+                   sha256=d["sha256"], sample_inputs=samples, instruction=check_instruction(d.get("instruction")),
+                   strength_with_examples=check_strength(d.get("strength_with_examples")))
 
     def to_file(self) -> dict[str, Any]:
         return {"format": METADATA_FORMAT, **self.to_dict()}

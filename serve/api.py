@@ -18,12 +18,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from generator.peft_io import AdapterFormatError, load_peft, save_peft
-from serve import completions, playground
-from serve.errors import Invalid, InvalidAdapter, ServiceError, TooLarge, WrongBaseModel, as_service_error
-from serve.gateway import GatewayState, same_base_model
+from generator.peft_io import save_peft
+from serve import completions, playground, upload_routes
+from serve.errors import (
+    Invalid,
+    ServiceError,
+    UnknownAdapter,
+    UnknownModel,
+    as_service_error,
+)
 from serve.metrics import REGISTRY, render_prometheus
-from serve.protocol import public_model_name
 from serve.schemas import (
     AdapterInfo,
     AdapterList,
@@ -35,11 +39,13 @@ from serve.schemas import (
     RouteRequest,
     RouteResponse,
     RouteResult,
+    errors,
 )
-from serve.uploads import collect_files, extract_archive, pack_dir
+from serve.state import GatewayState, check_texts
+from serve.upload_routes import UPLOAD_PATH
+from serve.uploads import pack_dir
 
 logger = logging.getLogger(__name__)
-UPLOAD_PATH = "/v1/adapters/upload"
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None, **extra: Any) -> JSONResponse:
@@ -47,20 +53,9 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
                         status_code=status)
 
 
-def check_texts(texts: list[str], what: str, max_items: int, max_chars: int) -> list[str]:
-    """422 for empty strings, 413 for too many or too long ones."""
-    if len(texts) > max_items:
-        raise TooLarge(f"{len(texts)} {what}s given; the limit is {max_items}", param=what, limit=max_items)
-    for i, t in enumerate(texts):
-        if not t.strip():
-            raise Invalid(f"{what} #{i} is empty", param=what)
-        if len(t) > max_chars:
-            raise TooLarge(f"{what} #{i} is {len(t)} characters; the limit is {max_chars}", param=what, limit=max_chars)
-    return [t.strip() for t in texts]
-
-
 class BodyLimit:
-    """ASGI middleware: a body over the limit (declared or streamed) is answered with 413."""
+    """ASGI middleware: a body over the limit is answered with 413, whether its length is declared or it comes
+    chunked. The body is read here (up to the limit) and handed on whole, so no route sees a cut-off body."""
 
     def __init__(self, app, state: GatewayState) -> None:
         self.app, self.state = app, state
@@ -72,36 +67,58 @@ class BodyLimit:
         limit = limits.max_upload_bytes if scope["path"].rstrip("/") == UPLOAD_PATH else limits.max_body_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            resp = error_response(413, f"the request body is {int(declared)} bytes; the limit is {limit}",
-                                  "too_large", "body", limit=limit)
-            return await resp(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+            return await _too_large(f"the request body is {int(declared)} bytes", limit)(scope, receive, send)
+        chunks, seen = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise TooLarge(f"the request body exceeds {limit} bytes", param="body", limit=limit)
-            return msg
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return await _too_large("the request body exceeds the limit", limit)(scope, receive, send)
+            if not msg.get("more_body", False):
+                break
+        whole = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        return await self.app(scope, limited, send)
+        async def replay():
+            return whole.pop() if whole else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _too_large(what: str, limit: int) -> JSONResponse:
+    return error_response(413, f"{what}; the limit is {limit} bytes", "too_large", "body", limit=limit)
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     parts, first = [], None
-    for e in errors[:5]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+    # our own checks (value_error) say more than the "not a string" of the other branch of a union: first
+    errors = sorted(errors, key=lambda e: e.get("type") != "value_error")
+    for e in errors[:5]:  # union branches show up in `loc` as e.g. "function-after[...]" or "list[...]": dropped
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body" and "[" not in str(x))
         first = first or loc or None
         parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
     return "; ".join(parts), first
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = [{k: v for k, v in e.items() if k not in ("input", "ctx", "url")} for e in exc.errors()]
+        for e in errors:
+            e["loc"] = [x for x in e.get("loc", ()) if "[" not in str(x)]
         message, param = _validation_message(errors)
         body = jsonable_encoder({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                            "code": "invalid_value"}, "detail": errors})
@@ -113,8 +130,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8): like malformed JSON
+            return error_response(422, f"the request body cannot be parsed ({exc.detail}); send UTF-8 JSON",
+                                  "invalid_value", "body")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, str(exc.detail), code)
+        resp = error_response(exc.status_code, str(exc.detail), code)
+        resp.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names the first route of the path only: every route's methods
+            resp.headers["Allow"] = ", ".join(_allowed_methods(request))
+        return resp
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -138,6 +162,12 @@ def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | N
                   description="LoRA adapters from a sentence, a routed adapter library, and OpenAI-compatible "
                               "completions with per-request adapters or mixtures.")
     app.add_middleware(BodyLimit, state=state)
+    if state.cfg.cors_origins:  # off unless configured: a web page of another origin gets no CORS grant
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.cfg.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "X-API-Key",
+                                                                                  "Content-Type"])
     install_error_handlers(app)
     latency = REGISTRY.histogram("hyperlora_http_request_seconds", "Gateway request latency.",
                                  tag_keys=("route", "status"))
@@ -152,7 +182,7 @@ def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | N
         return response
 
     _adapter_routes(app, state)
-    _upload_route(app, state)
+    upload_routes.add_routes(app, state)
     _other_routes(app, state)
     completions.add_routes(app, state)
     playground.add_routes(app)  # the page at `/` (serve/static/)
@@ -160,7 +190,8 @@ def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | N
 
 
 def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
-    @app.post("/v1/adapters", response_model=GenerateAdaptersResponse, tags=["adapters"])
+    @app.post("/v1/adapters", response_model=GenerateAdaptersResponse, tags=["adapters"],
+              responses=errors(400, 401, 403, 503))
     async def generate_adapters(body: GenerateAdaptersRequest, request: Request) -> GenerateAdaptersResponse:
         """The best adapter per description (`strategy`: generate, retrieve or auto; see `decisions` for the path
         taken, the matched library tasks and the confidence); with `save`, generated ones are added to the library."""
@@ -177,6 +208,9 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
         if refused is not None:
             raise Invalid(f"out of scope: {refused['warning']} (confidence {refused['confidence']:.2f} is under the "
                           "service's reject_below)", param="description")
+        for i, adapter in enumerate(adapters):
+            if adapter is not None:  # generated or mixed here (a library adapter was checked when it was added)
+                state.check_adapter(adapter, f"the adapter made for description #{i}", "description")
         infos = []
         for text, adapter, decision in zip(texts, adapters, decisions, strict=True):
             name = body.name or text[:200]
@@ -187,23 +221,25 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
                 record = await asyncio.to_thread(_save, state, adapter, name, text, body.sample_inputs)
                 infos.append(state.record_info(record))
             else:
-                infos.append(remember(state, adapter, name, [text], list(body.sample_inputs)))
+                infos.append(state.remember(adapter, name, [text], list(body.sample_inputs)))
         # only the default generator can be a fresh one: the others are served only from checkpoints
         trained = state.generator_trained or kind != state.generator
         return GenerateAdaptersResponse(adapters=infos, generation_ms=round(ms, 2), generator=kind,
                                         generator_trained=trained, decisions=decisions)
 
-    @app.get("/v1/adapters", response_model=AdapterList, tags=["adapters"])
+    @app.get("/v1/adapters", response_model=AdapterList, tags=["adapters"], responses=errors())
     async def list_adapters() -> AdapterList:
+        """The library's adapters. Unsaved generated adapters are not listed (they belong to whoever made them);
+        each is fetched and used by the id its generation returned."""
         records = await asyncio.to_thread(state.library.list)
-        return AdapterList(data=[state.record_info(r) for r in records] + state.ephemeral.infos())
+        return AdapterList(data=[state.record_info(r) for r in records])
 
-    @app.get("/v1/adapters/{adapter_id}", response_model=AdapterInfo, tags=["adapters"])
+    @app.get("/v1/adapters/{adapter_id}", response_model=AdapterInfo, tags=["adapters"], responses=errors(400, 404))
     async def get_adapter(adapter_id: str) -> AdapterInfo:
         return state.lookup(adapter_id)[0]
 
     @app.get("/v1/adapters/{adapter_id}/download", tags=["adapters"],
-             responses={200: {"content": {"application/gzip": {}, "application/zip": {}}}})
+             responses={200: {"content": {"application/gzip": {}, "application/zip": {}}}, **errors(400, 404)})
     async def download_adapter(adapter_id: str, format: Literal["tar.gz", "zip"] = Query("tar.gz")) -> Response:
         """The adapter as an archive of its PEFT directory (adapter_config.json + adapter_model.safetensors)."""
         info, _ = state.lookup(adapter_id)
@@ -212,7 +248,8 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
         return Response(data, media_type=media,
                         headers={"Content-Disposition": f'attachment; filename="{info.id}.{format}"'})
 
-    @app.delete("/v1/adapters/{adapter_id}", response_model=DeletedAdapter, tags=["adapters"])
+    @app.delete("/v1/adapters/{adapter_id}", response_model=DeletedAdapter, tags=["adapters"],
+                responses=errors(400, 401, 403, 404))
     async def delete_adapter(adapter_id: str, request: Request) -> DeletedAdapter:
         state.authorize(request)
         info, _ = state.lookup(adapter_id)
@@ -222,18 +259,6 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
             await asyncio.to_thread(state.library.remove, adapter_id)
         logger.info("deleted adapter %s (%s)", adapter_id, "library" if info.saved else "unsaved")
         return DeletedAdapter(id=adapter_id)
-
-
-def remember(state: GatewayState, adapter, name: str, descriptions: list[str], samples: list[str]) -> AdapterInfo:
-    """Keep an unsaved generated adapter in gateway memory and share it with LLM replicas by reference."""
-    from retriever.records import now_iso
-
-    adapter = adapter.to("cpu")
-    info = AdapterInfo(id=state.new_ephemeral_id(), name=name, descriptions=descriptions, source="generated",
-                       saved=False, base_model=state.model_name, rank=adapter.rank,
-                       target_modules=list(adapter.target_modules), created=now_iso(), sample_inputs=samples)
-    state.ephemeral.put(adapter, info, state.backends.share)
-    return info
 
 
 def _save(state: GatewayState, adapter, name: str, description: str, samples: list[str]):
@@ -257,98 +282,8 @@ def _archive(state: GatewayState, info: AdapterInfo, fmt: str) -> bytes:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _upload_route(app: FastAPI, state: GatewayState) -> None:
-    @app.post(UPLOAD_PATH, response_model=AdapterInfo, status_code=201, tags=["adapters"],
-              openapi_extra={"requestBody": {"content": {
-                  "multipart/form-data": {"schema": {"type": "object", "properties": {
-                      "file": {"type": "string", "format": "binary", "description": ".zip/.tar/.tar.gz of a PEFT dir"},
-                      "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                      "name": {"type": "string"}, "description": {"type": "string"},
-                      "sample_inputs": {"type": "array", "items": {"type": "string"}}}}},
-                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-    async def upload_adapter(request: Request) -> AdapterInfo:
-        """Add a user's PEFT LoRA adapter: multipart (`file` archive or `files`) or a raw archive body whose
-        name/description come as query parameters. Pickle files, NaN/Inf weights and shapes that do not fit
-        the base model are refused with 400."""
-        state.authorize(request)
-        lim = state.cfg.limits
-        tmp = Path(tempfile.mkdtemp(prefix="hyperlora-up-"))
-        try:
-            fields, files = await _read_upload(request, lim)
-            name = (fields.get("name") or ["uploaded adapter"])[0]
-            descriptions = check_texts(fields.get("description") or fields.get("descriptions") or [],
-                                       "description", lim.max_descriptions, lim.max_description_chars)
-            if not descriptions:
-                raise Invalid("give at least one `description` of what the adapter does", param="description")
-            samples = fields.get("sample_inputs") or []
-            d = tmp / "adapter"
-            if "file" in files:
-                await asyncio.to_thread(extract_archive, files["file"][0][1], d, lim.max_upload_bytes,
-                                        lim.max_upload_files)
-            else:
-                pairs = [f for v in files.values() for f in v]
-                await asyncio.to_thread(collect_files, pairs, d, lim.max_upload_bytes, lim.max_upload_files)
-            record = await asyncio.to_thread(_add_upload, state, d, name, descriptions, samples)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return state.record_info(record)
-
-
-async def _read_upload(request: Request, lim) -> tuple[dict[str, list[str]], dict[str, list[tuple[str, bytes]]]]:
-    ctype = request.headers.get("content-type", "")
-    fields: dict[str, list[str]] = {}
-    files: dict[str, list[tuple[str, bytes]]] = {}
-    if ctype.startswith("multipart/form-data"):
-        try:
-            form = await request.form(max_files=lim.max_upload_files, max_fields=64,
-                                      max_part_size=lim.max_description_chars * 4 + 1024)
-        except ServiceError:
-            raise
-        except Exception as e:  # noqa: BLE001 - python-multipart / starlette parse errors
-            raise InvalidAdapter(f"the multipart body cannot be parsed: {e}") from e
-        for key, value in form.multi_items():
-            if isinstance(value, str):
-                fields.setdefault(key, []).append(value)
-            else:
-                files.setdefault(key, []).append((value.filename or key, await value.read()))
-    else:
-        body = await request.body()
-        if not body:
-            raise Invalid("the upload is empty: send a multipart form or an archive body", param="file")
-        files["file"] = [("upload", body)]
-        for key in ("name", "description", "descriptions", "sample_inputs"):
-            vals = request.query_params.getlist(key)
-            if vals:
-                fields[key] = vals
-    if not files:
-        raise Invalid("no file in the upload: send `file` (an archive) or `files` (the PEFT files)", param="file")
-    return fields, files
-
-
-def _add_upload(state: GatewayState, d: Path, name: str, descriptions: list[str], samples: list[str]):
-    from retriever.records import check_fields
-
-    try:
-        check_fields(name, descriptions, "uploaded", samples)
-    except ValueError as e:
-        raise Invalid(str(e)) from e
-    try:
-        adapter = load_peft(d)  # JSON and safetensors only; refuses pickles; checks finiteness
-    except (AdapterFormatError, ValueError) as e:
-        raise InvalidAdapter(str(e)) from e
-    if not same_base_model(adapter.base_model, state.spec.name):
-        raise WrongBaseModel(f"the adapter was made for {public_model_name(adapter.base_model)}, but this service "
-                             f"serves {state.model_name}", param="file")
-    try:
-        adapter.check_fits(state.spec)
-    except ValueError as e:
-        raise WrongBaseModel(f"the adapter (for {public_model_name(adapter.base_model) or 'an unnamed model'}) "
-                             f"does not fit {state.model_name}: {e}", param="file") from e
-    return state.library.add(adapter, name, descriptions, "uploaded", samples)
-
-
 def _other_routes(app: FastAPI, state: GatewayState) -> None:
-    @app.post("/v1/route", response_model=RouteResponse, tags=["routing"])
+    @app.post("/v1/route", response_model=RouteResponse, tags=["routing"], responses=errors(503))
     async def route(body: RouteRequest) -> RouteResponse:
         lim = state.cfg.limits
         texts = check_texts(body.texts, "input", lim.max_route_inputs, lim.max_prompt_chars)
@@ -360,17 +295,30 @@ def _other_routes(app: FastAPI, state: GatewayState) -> None:
             for i, r in enumerate(routes)]
         return RouteResponse(routes=results, route_ms=round(1e3 * (time.perf_counter() - t0), 2))
 
-    @app.get("/v1/models", response_model=ModelList, tags=["models"])
+    @app.get("/v1/models", response_model=ModelList, tags=["models"], responses=errors())
     async def models() -> ModelList:
         records = await asyncio.to_thread(state.library.list)
         created = int(state.started)
         cards = [ModelCard(id=state.model_name, kind="base", created=created),
                  ModelCard(id="auto", kind="router", created=created, name="route each request to library adapters")]
         cards += [ModelCard(id=r.id, name=r.name, created=created) for r in records]
-        cards += [ModelCard(id=i.id, name=i.name, created=created) for i in state.ephemeral.infos()]
         return ModelList(data=cards)
 
-    @app.get("/healthz", tags=["ops"])
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, tags=["models"], responses=errors(404))
+    async def get_model(model_id: str) -> ModelCard:
+        """One model: the base model, `auto`, or an adapter id (unsaved ones too)."""
+        created = int(state.started)
+        if model_id in state.base_names:
+            return ModelCard(id=state.model_name, kind="base", created=created)
+        if model_id == "auto":
+            return ModelCard(id="auto", kind="router", created=created, name="route each request to library adapters")
+        try:
+            info, _ = state.lookup(model_id)
+        except UnknownAdapter:
+            raise UnknownModel(f"no model {model_id[:80]!r} (see GET /v1/models)", param="model_id") from None
+        return ModelCard(id=info.id, name=info.name, created=created)
+
+    @app.get("/healthz", tags=["ops"], responses=errors(503))
     async def healthz() -> JSONResponse:
         try:
             info = await asyncio.wait_for(state.backends.info(), 10.0)
@@ -379,9 +327,10 @@ def _other_routes(app: FastAPI, state: GatewayState) -> None:
         return JSONResponse({"status": "ok", "base_model": state.model_name, "library_adapters": len(state.library),
                              "unsaved_adapters": len(state.ephemeral.infos()),
                              "uptime_s": round(time.time() - state.started, 1),
-                             "generator_trained": info["generator"]["trained"], **info})
+                             "generator_trained": info["generator"]["trained"],
+                             "default_library": info["generator"].get("default_library"), **info})
 
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses=errors())
     async def metrics() -> PlainTextResponse:
         """Our counters and latency histograms in Prometheus text format (one replica of each deployment)."""
         snaps = [("gateway", REGISTRY.snapshot())] + await state.backends.snapshots()

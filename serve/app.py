@@ -13,8 +13,9 @@ from typing import Any
 from ray.serve import Application
 
 from serve.config import ServeConfig
-from serve.deployments import LLM, Generator, Router
+from serve.deployments import LLM, Router
 from serve.gateway import Gateway
+from serve.generator_deployment import Generator
 
 
 def build_app(args: dict[str, Any] | ServeConfig) -> Application:

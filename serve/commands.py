@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -36,6 +37,18 @@ def _warn_untrained(cfg) -> None:
                     "service generates adapters with a FRESHLY INITIALISED hypernetwork. They are well-formed but "
                     "carry no task knowledge. Train one with `hyperlora train hypernet` or pass --checkpoint.",
                     fg=typer.colors.RED, bold=True, err=True)
+
+
+def api_key_notice(cfg) -> tuple[str, bool]:
+    """What the console says about the API key: (text, whether it is a warning)."""
+
+    if os.environ.get(cfg.api_key_env):
+        return (f"{cfg.api_key_env} is set: saving, uploading and deleting adapters need it "
+                f"(`Authorization: Bearer <key>` or `X-API-Key`).", False)
+    return (f"{cfg.api_key_env} is NOT set: saving, uploading and deleting adapters are accepted only from local "
+            f"programs on this machine (loopback, no web-page Origin/Referer of another site, no form posts); "
+            f"anyone who can reach {cfg.host}:{cfg.port} can still read adapters and run completions. Set "
+            f"{cfg.api_key_env} before serving on another address than 127.0.0.1.", True)
 
 
 def start_service(cfg, wait_s: float = 900.0) -> str:
@@ -85,6 +98,8 @@ def serve_command(
     cfg = ServeConfig.from_yaml(config, host=host, port=port, library=library, checkpoint=checkpoint,
                                 base_model=base_model)
     _warn_untrained(cfg)
+    notice, warn = api_key_notice(cfg)
+    typer.secho(notice, fg=typer.colors.YELLOW if warn else typer.colors.GREEN, bold=warn, err=warn)
     typer.echo(f"starting hyperlora on {cfg.host}:{cfg.port} (first start converts the base model and builds the "
                f"default library: a minute or two)...")
     url = start_service(cfg)

@@ -15,9 +15,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.errors import Invalid, ServiceError, TooLarge, UnknownAdapter, UnknownModel, as_service_error
-from serve.gateway import GatewayState
+from serve.instructions import has_examples, messages_with_instruction, pick_instruction, prompt_with_instruction
 from serve.protocol import LLMRequest, LLMResult
-from serve.schemas import AdapterUse, ChatCompletionRequest, CompletionRequest
+from serve.schemas import AdapterUse, ChatCompletionRequest, CompletionRequest, errors
+from serve.state import GatewayState, check_texts
 
 
 @dataclass
@@ -27,15 +28,20 @@ class Plan:
     adapters: tuple[tuple[str, float], ...]
     inline: dict[str, Any]
     use: AdapterUse
+    instruction: str | None = None  # what the adapters ask to have in front of the input (serve.instructions)
+
+
+# a completion is JSON, or server-sent events with `stream: true`
+STREAMABLE = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
 
 
 def add_routes(app: FastAPI, state: GatewayState) -> None:
-    @app.post("/v1/completions", tags=["completions"])
+    @app.post("/v1/completions", tags=["completions"], responses={**STREAMABLE, **errors(400, 404, 503)})
     async def create_completion(body: CompletionRequest):
         """OpenAI text completions; `prompt` may be a list (one choice per prompt, decoded in one batch)."""
         return await _serve(state, body, chat=False)
 
-    @app.post("/v1/chat/completions", tags=["completions"])
+    @app.post("/v1/chat/completions", tags=["completions"], responses={**STREAMABLE, **errors(400, 404, 503)})
     async def create_chat_completion(body: ChatCompletionRequest):
         """OpenAI chat completions with the base model's chat template."""
         return await _serve(state, body, chat=True)
@@ -81,8 +87,6 @@ def _prompts(state: GatewayState, body: CompletionRequest | ChatCompletionReques
 
 async def plan_adapters(state: GatewayState, body, texts: list[str]) -> list[Plan]:
     """Resolve `model` / `adapters` / `task_description` into each prompt's adapter mixture."""
-    from serve.api import check_texts, remember
-
     model, n = body.model, len(texts)
     is_base = model in state.base_names
     if (body.task_description is not None or body.adapters is not None) and not (is_base or model == "auto"):
@@ -91,23 +95,26 @@ async def plan_adapters(state: GatewayState, body, texts: list[str]) -> list[Pla
         lim = state.cfg.limits
         desc = check_texts([body.task_description], "task_description", 1, lim.max_description_chars)[0]
         adapters, _ = await state.backends.generate([desc], state.generator)
-        info = remember(state, adapters[0], desc[:200], [desc], [])
+        state.check_adapter(adapters[0], "the adapter generated for task_description", "task_description")
+        info = state.remember(adapters[0], desc[:200], [desc], [])
         ref = state.ephemeral.get(info.id).ref
         use = AdapterUse(adapters=[{"id": info.id, "weight": 1.0}], generated_adapter=info.id)
-        return [Plan(((info.id, 1.0),), {info.id: ref}, use)] * n
+        return [Plan(((info.id, 1.0),), {info.id: ref}, use, info.instruction)] * n
     if body.adapters is not None:
         if len(body.adapters) > state.cfg.limits.max_mixture:
             raise TooLarge(f"{len(body.adapters)} adapters in the mixture; the limit is {state.cfg.limits.max_mixture}",
                            param="adapters", limit=state.cfg.limits.max_mixture)
         weights: dict[str, float] = {}
-        inline = {}
+        inline, instructions = {}, {}
         for aw in body.adapters:
-            _, ref = state.lookup(aw.id)
+            info, ref = state.lookup(aw.id)
             weights[aw.id] = weights.get(aw.id, 0.0) + aw.weight
+            instructions[aw.id] = info.instruction
             if ref is not None:
                 inline[aw.id] = ref
         use = AdapterUse(adapters=[{"id": k, "weight": w} for k, w in weights.items()])
-        return [Plan(tuple(weights.items()), inline, use)] * n
+        instruction = pick_instruction([(w, instructions[k]) for k, w in weights.items()])
+        return [Plan(tuple(weights.items()), inline, use, instruction)] * n
     if is_base:
         return [Plan((), {}, AdapterUse(adapters=[]))] * n
     if model == "auto":
@@ -118,15 +125,17 @@ async def plan_adapters(state: GatewayState, body, texts: list[str]) -> list[Pla
                 plans.append(Plan((), {}, AdapterUse(adapters=[], routed=True, abstained=True)))
             else:
                 mix = tuple(zip(r["ids"], r["weights"], strict=True))
-                plans.append(Plan(mix, {}, AdapterUse(adapters=[{"id": i, "weight": w} for i, w in mix], routed=True)))
+                instruction = pick_instruction([(w, state.instruction_of(i)) for i, w in mix])
+                plans.append(Plan(mix, {}, AdapterUse(adapters=[{"id": i, "weight": w} for i, w in mix], routed=True),
+                                  instruction))
         return plans
     try:
-        _, ref = state.lookup(model)
+        info, ref = state.lookup(model)
     except UnknownAdapter:
         raise UnknownModel(f"model {model[:80]!r} is neither the base model ({state.model_name}), 'auto', nor an "
                            f"adapter id (see GET /v1/models)", param="model") from None
     use = AdapterUse(adapters=[{"id": model, "weight": 1.0}])
-    return [Plan(((model, 1.0),), {model: ref} if ref is not None else {}, use)] * n
+    return [Plan(((model, 1.0),), {model: ref} if ref is not None else {}, use, info.instruction)] * n
 
 
 async def _serve(state: GatewayState, body, chat: bool):
@@ -134,11 +143,14 @@ async def _serve(state: GatewayState, body, chat: bool):
     _check_sampling(state, body, max_new)
     prompts, messages, route_texts = _prompts(state, body, chat)
     plans = await plan_adapters(state, body, route_texts)
-    reqs = [LLMRequest(prompt=p, messages=messages, adapters=plan.adapters, inline=dict(plan.inline),
-                       max_new_tokens=max_new, temperature=body.temperature or 0.0,
+    plans = [_instructed(_with_examples(state, plan, messages), p, messages, body.use_instruction)
+             for p, plan in zip(prompts, plans, strict=True)]
+    reqs = [LLMRequest(prompt=None if msgs is not None else p, messages=msgs, adapters=plan.adapters,
+                       inline=dict(plan.inline), max_new_tokens=max_new, temperature=body.temperature or 0.0,
                        top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=body.stops,
                        logprobs=None if chat else body.logprobs)
-            for p, plan in zip(prompts, plans, strict=True)]
+            for p, (plan, msgs) in zip(prompts, plans, strict=True)]
+    plans = [plan for plan, _ in plans]
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if body.stream:
         return await _stream(state, reqs, plans, body, chat, rid)
@@ -158,6 +170,31 @@ async def _serve(state: GatewayState, body, chat: bool):
     return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": body.model, "choices": choices, "usage": usage,
                          "hyperlora": plans[0].use.model_dump()})
+
+
+def _with_examples(state: GatewayState, plan: Plan, messages: list[dict[str, str]] | None) -> Plan:
+    """With example turns in the chat, each adapter at its `strength_with_examples` (full strength when unset)."""
+    if not plan.adapters or not has_examples(messages):
+        return plan
+    scaled = tuple((i, w * (state.strength_of(i) or 1.0)) for i, w in plan.adapters)
+    if scaled == plan.adapters:
+        return plan
+    use = plan.use.model_copy(update={"adapters": [{"id": i, "weight": w} for i, w in scaled]})
+    return Plan(scaled, plan.inline, use, plan.instruction)
+
+
+def _instructed(plan: Plan, prompt: str | None, messages: list[dict[str, str]] | None, use: bool
+                ) -> tuple[Plan, list[dict[str, str]] | None]:
+    """The plan with the instruction it applied recorded, and the messages to send (None: the raw prompt)."""
+    instruction = plan.instruction if use else None
+    if messages is not None:
+        messages, applied = messages_with_instruction(messages, instruction)
+    else:
+        messages, applied = prompt_with_instruction(prompt or "", instruction)
+    if applied is None:
+        return plan, messages
+    return Plan(plan.adapters, plan.inline, plan.use.model_copy(update={"instruction": applied}),
+                plan.instruction), messages
 
 
 def _legacy_logprobs(lps) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from generator.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
+from generator.sanity import AdapterLimits
 from serve.engine import EngineConfig
 
 DEPLOYMENT_NAMES = ("Gateway", "Generator", "Router", "LLM")
@@ -81,6 +82,8 @@ class ServeConfig(BaseModel):
     retriever: dict[str, Any] = Field(default_factory=dict)  # RetrieverConfig fields (top_k, index, ...)
     strategy: dict[str, Any] = Field(default_factory=dict)  # StrategyConfig fields: how POST /v1/adapters picks
     #                          generate / retrieve / mix (default strategy, thresholds, reject_below for a 422, ...)
+    adapter_limits: AdapterLimits = Field(default_factory=AdapterLimits)  # what an uploaded, generated or loaded
+    # adapter must keep to (generator.sanity): entry magnitude and update norm relative to the base weight
     # -- the LLM engine and batching
     engine: EngineConfig = Field(default_factory=EngineConfig)
     llm_batch: BatchSettings = Field(  # the LLM's @serve.batch (capped by engine.max_batch_size)
@@ -92,7 +95,8 @@ class ServeConfig(BaseModel):
     torch_threads: int | None = Field(None, ge=1)  # torch threads of each model replica; None: every core
     # -- the gateway
     ephemeral_bytes: int = Field(256 << 20, ge=1)  # unsaved generated adapters kept in gateway memory (LRU)
-    api_key_env: str = "HYPERLORA_API_KEY"  # env var holding the key mutations need; unset: localhost only
+    api_key_env: str = "HYPERLORA_API_KEY"  # env var holding the key mutations need; unset: local programs only
+    cors_origins: list[str] = Field(default_factory=list)  # web origins allowed to call the API; empty: CORS off
     limits: Limits = Field(default_factory=Limits)
     request_timeout_s: float = Field(300.0, gt=0)  # a call from the gateway to another deployment
     # -- where `hyperlora serve` listens and what each deployment gets (serve run/deploy: the YAML's own sections)

@@ -1,5 +1,6 @@
-"""The model deployments: `Generator` (the hypernetwork), `Router` (the retriever and its FAISS index) and
-`LLM` (the base model, a byte-bounded adapter cache, and batched multi-adapter decoding).
+"""The model deployments `Router` (the retriever and its FAISS index) and `LLM` (the base model, a byte-bounded
+adapter cache, and batched multi-adapter decoding), and what every deployment shares; `Generator` (the
+hypernetworks) is in serve/generator_deployment.py.
 
 Each takes the whole `ServeConfig` (as a dict, so `serve deploy` can pass it) and is bound into the
 application by `serve.app.build_app`.
@@ -15,17 +16,15 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ray import serve
 
 from generator.lora import LoraAdapter
 from serve.config import ServeConfig
 from serve.engine import Delta, GenerationJob, load_engine
-from serve.errors import InvalidAdapter, ServiceError, UnknownAdapter, WrongBaseModel
+from serve.errors import GenerationFailed, InvalidAdapter, ServiceError, UnknownAdapter, WrongBaseModel
 from serve.metrics import REGISTRY
 from serve.protocol import Accepted, LLMRequest, LLMResult, fold, public_model_name, same_base_model
 
@@ -59,131 +58,6 @@ def _configure(config: dict[str, Any] | ServeConfig) -> ServeConfig:
 def _set_batching(method, settings) -> None:
     method.set_max_batch_size(settings.max_batch_size)
     method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-
-
-@serve.deployment(name="Generator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
-class Generator:
-    """Descriptions -> LoRA adapters; concurrent requests share one hypernetwork forward (`@serve.batch`)."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        from generator.config import build_generator, load_spec
-
-        cfg = _configure(config)
-        self.gen = build_generator(cfg.generator_config(), load_spec(cfg.base_model))
-        if not self.gen.trained:
-            logger.warning("NO TRAINED HYPERNETWORK CHECKPOINT: serving a FRESHLY INITIALISED %s generator; its "
-                           "adapters are well-formed but carry no task knowledge", self.gen.name)
-        self.gens = {self.gen.name: self.gen} | load_other_generators(cfg, self.gen)
-        if cfg.default_library:
-            self._fill_library(cfg)
-        self.strategy = _description_strategy(cfg, self.gen)
-        _set_batching(self.generate, cfg.generator_batch)
-        _set_batching(self.adapt, cfg.generator_batch)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="hypernet")  # one warm thread for torch
-        self._seconds = REGISTRY.histogram("hyperlora_generation_seconds", "One batched hypernetwork call.")
-        self._count = REGISTRY.counter("hyperlora_generated_adapters", "Adapters generated.")
-
-    def _fill_library(self, cfg: ServeConfig) -> None:
-        """An empty library gets the default one (trained LoRAs if present, else adapters this generator makes)."""
-        from retriever.default import ensure_default_library
-
-        t0 = time.perf_counter()
-        library = ensure_default_library(cfg.library_root(), self.gen, spec=self.gen.spec, progress=False)
-        logger.info("library %s holds %d adapters (checked/filled in %.1f s)", library.root.name, len(library),
-                    time.perf_counter() - t0)
-
-    async def info(self) -> dict[str, Any]:
-        return {"generator": self.gen.name, "trained": bool(self.gen.trained), "rank": self.gen.rank,
-                "alpha": self.gen.alpha, "base_model": public_model_name(self.gen.spec.name),
-                "generators": sorted(self.gens)}
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def generate(self, requests: list[tuple[str, list[str]]]) -> list[tuple[list[LoraAdapter], float]]:
-        """Each request is (generator name, descriptions); one batched call per generator named in the batch."""
-        out: list[tuple[list[LoraAdapter], float] | None] = [None] * len(requests)
-        for kind in dict.fromkeys(k for k, _ in requests):
-            mine = [i for i, (k, _) in enumerate(requests) if k == kind]
-            if kind not in self.gens:
-                raise ValueError(f"generator {kind!r} is not served here; available: {', '.join(sorted(self.gens))}")
-            flat = [d for i in mine for d in requests[i][1]]
-            t0 = time.perf_counter()
-            adapters = await asyncio.get_running_loop().run_in_executor(self._executor, self.gens[kind].generate,
-                                                                        flat)
-            dt = time.perf_counter() - t0
-            self._seconds.observe(dt)
-            self._count.inc(len(adapters))
-            logger.info("generated %d adapter(s) with %s for %d request(s) in one batch in %.1f ms",
-                        len(adapters), kind, len(mine), 1e3 * dt)
-            j = 0
-            for i in mine:
-                n = len(requests[i][1])
-                out[i] = (adapters[j: j + n], 1e3 * dt)
-                j += n
-        return out
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def adapt(self, requests: list[tuple[str, list[str], str | None]]) -> list[tuple[list[dict], list, float]]:
-        """Each request is (generator, descriptions, strategy): every description is embedded once (one call for the
-        batch), matched against the library and decided (retriever/strategy.py); the generated or mixed adapters
-        come from that same embedding. Returns per request (decisions, adapters or None for library ones, ms)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._adapt, requests)
-
-    def _adapt(self, requests: list[tuple[str, list[str], str | None]]) -> list[tuple[list[dict], list, float]]:
-        t0 = time.perf_counter()
-        unknown = sorted({k for k, _, _ in requests} - set(self.gens))
-        if unknown:
-            raise ValueError(f"generator {unknown[0]!r} is not served here; available: {', '.join(sorted(self.gens))}")
-        flat = [d for _, texts, _ in requests for d in texts]
-        vectors = self.strategy.embed(flat)  # (n, dim)
-        bounds = np.cumsum([0] + [len(texts) for _, texts, _ in requests])
-        decisions = [d for (_, _, strategy), a, b in zip(requests, bounds[:-1], bounds[1:], strict=True)
-                     for d in self.strategy.decide_vectors(vectors[a:b], strategy)]
-        kinds = [k for k, texts, _ in requests for _ in texts]
-        generated: dict[int, LoraAdapter] = {}
-        for kind in dict.fromkeys(kinds):
-            rows = [i for i, d in enumerate(decisions) if kinds[i] == kind and d.needs_generation and not d.rejected]
-            if rows:
-                made = self.gens[kind].generate_embedded(torch.from_numpy(vectors[rows]), [flat[i] for i in rows])
-                generated.update(zip(rows, made, strict=True))
-                self._count.inc(len(made))
-        adapters = [None if d.rejected else self.strategy.build(d, generated.get(i)) for i, d in enumerate(decisions)]
-        dt = time.perf_counter() - t0
-        self._seconds.observe(dt)
-        logger.info("adapted %d description(s) from %d request(s) in %.1f ms: %s", len(flat), len(requests),
-                    1e3 * dt, ", ".join(d.path for d in decisions))
-        return [([d.to_dict() for d in decisions[a:b]], adapters[a:b], 1e3 * dt)
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-    async def metrics(self) -> list[dict[str, Any]]:
-        return REGISTRY.snapshot()
-
-
-def _description_strategy(cfg: ServeConfig, gen):
-    """The retriever's description-level decision over the service's library, sharing the generator's encoder."""
-    from retriever.library import AdapterLibrary
-    from retriever.strategy import DescriptionStrategy
-
-    library = AdapterLibrary(cfg.library_root(), gen.spec)
-    return DescriptionStrategy(library, gen.encoder, cfg.strategy_config(), cfg.retriever_config())
-
-
-def load_other_generators(cfg: ServeConfig, default) -> dict[str, Any]:
-    """`cfg.other_generators` that have a checkpoint, sharing the default generator's encoder."""
-    from generator.generate import GENERATORS, default_checkpoint
-    from generator.models import DEFAULT_BASE_MODEL
-
-    out = {}
-    for kind, ckpt in cfg.other_generators.items():
-        if kind == default.name:
-            continue
-        path = ckpt or (default_checkpoint(kind) if cfg.base_model == DEFAULT_BASE_MODEL else None)
-        if path is None:
-            logger.info("generator %s is not served: no checkpoint for %s (set other_generators.%s)", kind,
-                        cfg.base_model, kind)
-            continue
-        out[kind] = GENERATORS[kind].from_checkpoint(path, default.encoder, default.spec, cfg.device)
-        logger.info("also serving generator %s from %s", kind, Path(path).name)
-    return out
 
 
 @serve.deployment(name="Router", max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
@@ -224,7 +98,8 @@ class Router:
         return out
 
     async def info(self) -> dict[str, Any]:
-        await asyncio.to_thread(self.router.refresh)
+        """What the index holds now, without waiting for a re-sync (keying a freshly filled library takes a
+        minute or two on the CPU; /healthz must answer meanwhile)."""
         return {"adapters": self.router.n_adapters, "index": self.router.index_type}
 
     async def metrics(self) -> list[dict[str, Any]]:
@@ -310,11 +185,14 @@ class LLM:
     """The base model with per-sample adapters: concurrent requests are decoded as one batch."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        from generator.sanity import base_norms_from_model
         from retriever.library import AdapterLibrary
 
         cfg = _configure(config)
         self.engine = load_engine(cfg.base_model, cfg.engine)
         self.library = AdapterLibrary(cfg.library_root(), self.engine.spec)
+        self.limits = cfg.adapter_limits
+        self.base_norms = base_norms_from_model(self.engine.model, self.engine.spec)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-decode")
         self._drains: set[asyncio.Future] = set()
         self._waiting: list[tuple[list[_Queued], asyncio.Queue]] = []  # @serve.batch batches not yet decoding
@@ -343,7 +221,17 @@ class LLM:
         if not same_base_model(record.base_model, self.engine.spec.name):
             raise WrongBaseModel(f"adapter {adapter_id!r} is for {public_model_name(record.base_model)}, but this "
                                  f"service serves {public_model_name(self.engine.spec.name)}")
-        self.engine.add_adapter(adapter_id, adapter)
+        self._add(adapter_id, adapter)
+
+    def _add(self, key: str, adapter: LoraAdapter) -> None:
+        """Into the engine's cache, once it passes the sanity limits (every way in: library, inline, reloads)."""
+        from generator.sanity import AdapterRejected, check_adapter
+
+        try:
+            check_adapter(adapter, self.limits, self.base_norms)
+        except AdapterRejected as e:
+            raise InvalidAdapter(f"adapter {key!r} was refused: {e}") from e
+        self.engine.add_adapter(key, adapter)
 
     async def _ensure_adapters(self, req: LLMRequest) -> None:
         for key, _ in req.adapters:
@@ -352,7 +240,7 @@ class LLM:
                 if not isinstance(value, LoraAdapter):
                     req.inline[key] = value = await value  # an ObjectRef from the gateway
                 if key not in self.engine.cache:
-                    await asyncio.to_thread(self.engine.add_adapter, key, value)
+                    await asyncio.to_thread(self._add, key, value)
             else:
                 await self._library_adapter(key)
                 if key not in self.engine.cache:  # the multiplex LRU still knew it, the byte LRU had dropped it
@@ -363,7 +251,7 @@ class LLM:
         for key, _ in req.adapters:
             if key not in self.engine.cache:
                 if key in req.inline:
-                    self.engine.add_adapter(key, req.inline[key])
+                    self._add(key, req.inline[key])
                 else:
                     self._load_from_library(key)
 
@@ -386,6 +274,10 @@ class LLM:
         async for item in steps:
             if isinstance(item, _Failed):
                 raise item.error
+            if item.finish_reason == "error":  # this request alone failed; its batch-mates carry on
+                self._drains.add(task := asyncio.ensure_future(_drain(steps)))
+                task.add_done_callback(self._drains.discard)
+                raise GenerationFailed(item.error or "generation failed")
             yield item
             if item.finish_reason is not None:
                 # answer now; the batch ends this request's stream one step later, consumed in the background
@@ -453,12 +345,25 @@ class LLM:
         try:
             seq_ids = await loop.run_in_executor(self._executor, batch.add, [group.items[p].job for p in ok])
         except Exception as e:  # noqa: BLE001 - e.g. a prompt that leaves no room to generate
+            if len(ok) == 1:
+                group.failed[ok[0]] = e
+                return
+            # `add` fails before it changes the batch: admit one by one, so only the culprit fails
             for p in ok:
-                group.failed[p] = e
+                await self._admit_one(loop, batch, group, p, owners)
             return
         for j, p in zip(seq_ids, ok, strict=True):
             owners[j] = (group, p)
             group.live.add(p)
+
+    async def _admit_one(self, loop, batch, group: _Group, pos: int, owners: dict[int, tuple[_Group, int]]) -> None:
+        try:
+            (j,) = await loop.run_in_executor(self._executor, batch.add, [group.items[pos].job])
+        except Exception as e:  # noqa: BLE001 - reported to this request only
+            group.failed[pos] = e
+            return
+        owners[j] = (group, pos)
+        group.live.add(pos)
 
     async def health(self) -> dict[str, Any]:
         return {"cached_adapters": len(self.engine.cache), "cache_bytes": self.engine.cache.nbytes,

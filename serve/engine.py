@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +35,7 @@ from serve.decode import DecodeBatch
 from serve.errors import InvalidAdapter, PromptTooLong, UnknownAdapter
 from serve.metrics import REGISTRY, SIZE_BUCKETS, Registry
 from serve.results import Delta, TokenLogprob
+from serve.sampling import RowSampling, choose_tokens, make_generator
 from serve.slot_batch import SlotBatch, StaticDecoder
 from serve.static_step import StaticDecodeConfig
 
@@ -98,9 +98,10 @@ class GenerationJob:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "error"]
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # why a sequence that finished with "error" failed
 
     @property
     def completion_tokens(self) -> int:
@@ -184,9 +185,10 @@ class _Sequence:
     max_new: int
     token_ids: list[int] = field(default_factory=list)
     emitted: str = ""  # text already handed out
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "error"] | None = None
     generator: torch.Generator | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None  # set when this row could not be sampled; the sequence ends with it
 
     @property
     def finished(self) -> bool:
@@ -285,7 +287,7 @@ class LLMEngine:
                 lps[i] += d.logprobs or []
                 if d.finish_reason is not None:
                     seqs_out[i] = GenerationResult(texts[i], ids[i], d.finish_reason, len(jobs[i].prompt_ids),
-                                                   lps[i] if jobs[i].logprobs is not None else None)
+                                                   lps[i] if jobs[i].logprobs is not None else None, d.error)
         return [r for r in seqs_out if r is not None]
 
     @torch.inference_mode()
@@ -317,10 +319,7 @@ class LLMEngine:
         if max_new < 1:
             raise PromptTooLong(f"the prompt ({len(job.prompt_ids)} tokens) leaves no room to generate within "
                                 f"{self.max_positions} positions", param="prompt", limit=self.max_positions)
-        gen = None
-        if job.temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(job.seed if job.seed is not None else int.from_bytes(os.urandom(7), "little"))
+        gen = make_generator(job.seed, self.device) if job.temperature > 0 else None
         return _Sequence(job, max_new, generator=gen)
 
     def _prefill(self, jobs, lora):
@@ -346,21 +345,15 @@ class LLMEngine:
         return out.logits[:, -1].float()  # (rows, vocab)
 
     def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> torch.Tensor:
-        """Next token per row: argmax, or a temperature / nucleus sample with the job's generator."""
-        tokens = logits.argmax(-1)  # (rows,)
-        sampled = [r for r, s in enumerate(seqs) if s.job.temperature > 0]
-        for r in sampled:
-            job = seqs[r].job
-            probs = torch.softmax(logits[r] / job.temperature, -1)
-            if job.top_p < 1.0:
-                p_sorted, order = probs.sort(descending=True)
-                cut = (p_sorted.cumsum(-1) - p_sorted) >= job.top_p
-                p_sorted[cut] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, p_sorted)
-            tokens[r] = torch.multinomial(probs, 1, generator=seqs[r].generator)[0]
-        wants = [r for r, s in enumerate(seqs) if s.job.logprobs is not None]
+        """Next token per row (serve.sampling); a row that cannot be sampled gets the pad token and an error."""
+        rows = [RowSampling(s.job.temperature, s.job.top_p, s.generator) for s in seqs]
+        tokens, failed = choose_tokens(logits, rows, self.pad_id)  # (rows,)
+        for r in failed:
+            seqs[r].error = ("the model's next-token scores were not finite for this request (its adapter or "
+                             "mixture is numerically unstable)")
+        wants = [r for r, s in enumerate(seqs) if s.job.logprobs is not None and r not in failed]
         if wants:
-            lp = torch.log_softmax(logits[wants], -1)  # (n, vocab)
+            lp = torch.log_softmax(logits[wants].float(), -1)  # (n, vocab)
             for n, r in enumerate(wants):
                 k = seqs[r].job.logprobs or 0
                 top_v, top_i = lp[n].topk(k) if k else (lp.new_zeros(0), tokens.new_zeros(0))
@@ -372,6 +365,9 @@ class LLMEngine:
         return tokens
 
     def _advance(self, seq: _Sequence, token: int, detokenize: bool) -> Delta:
+        if seq.error is not None:
+            seq.finish_reason = "error"
+            return Delta("", [], "error", error=seq.error)
         seq.token_ids.append(token)
         job = seq.job
         if token in self.stop_token_ids and not job.ignore_stop:

@@ -77,6 +77,13 @@ class Invalid(ServiceError):
     status, code = 422, "invalid_value"
 
 
+class GenerationFailed(ServiceError):
+    """One request's decoding could not go on (e.g. its adapter made the next-token scores non-finite); the
+    other requests of its batch carry on."""
+
+    status, code = 400, "generation_failed"
+
+
 class Overloaded(ServiceError):
     status, code = 503, "overloaded"
 

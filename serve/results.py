@@ -15,9 +15,10 @@ class TokenLogprob:
 
 @dataclass
 class Delta:
-    """What one decode step added to one sequence."""
+    """What one decode step added to one sequence; finish_reason "error" ends it alone, `error` says why."""
 
     text: str
     token_ids: list[int]
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "error"] | None = None
     logprobs: list[TokenLogprob] | None = None
+    error: str | None = None

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_SEED, MIN_TEMPERATURE
+
+
+def encodable(text: str) -> str:
+    """Refuse text that cannot be encoded as UTF-8 (a lone surrogate such as JSON's "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a character that is not valid Unicode text (a lone surrogate at position "
+                         f"{e.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]  # every string a request carries
+
+
+def _exactly_one(a: str, b: str) -> dict[str, Any]:
+    """The JSON schema of "exactly one of `a` and `b`" (checked by the model's validator too)."""
+    return {"oneOf": [{"required": [a], "not": {"required": [b]}}, {"required": [b], "not": {"required": [a]}}]}
 
 # ---- adapters -------------------------------------------------------------------------------------------
 
@@ -12,16 +32,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class GenerateAdaptersRequest(BaseModel):
     """`description` or `descriptions` (one adapter each); `save` adds them to the library."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one("description", "descriptions"))
 
-    description: str | None = Field(None, description="One sentence saying what the adapter should do.")
-    descriptions: list[str] | None = Field(None, min_length=1, description="Several, one adapter each.")
+    description: Text | None = Field(None, description="One sentence saying what the adapter should do.")
+    descriptions: list[Text] | None = Field(None, min_length=1, description="Several, one adapter each.")
     save: bool = Field(False, description="Add the adapters to the library (needs the API key).")
-    generator: str | None = Field(None, min_length=1, max_length=32,
+    generator: Text | None = Field(None, min_length=1, max_length=32,
                                   description="Which generator makes them: t2l (Text-to-LoRA), cvae (ICM-LoRA) or sg "
                                               "(semantic-guided), as served; default: the service's (t2l).")
-    name: str | None = Field(None, min_length=1, max_length=200, description="Library name (default: the description).")
-    sample_inputs: list[str] = Field(default_factory=list, max_length=100,
+    name: Text | None = Field(None, min_length=1, max_length=200,
+                              description="Library name (default: the description).")
+    sample_inputs: list[Text] = Field(default_factory=list, max_length=100,
                                      description="A few inputs of the task, used as the adapter's routing key.")
     strategy: Literal["generate", "retrieve", "auto"] | None = Field(
         None, description="generate: always a generated adapter; retrieve: the library adapter whose descriptions "
@@ -53,6 +74,8 @@ class AdapterInfo(BaseModel):
     created: str
     sha256: str | None = None
     sample_inputs: list[str] = Field(default_factory=list)
+    instruction: str | None = None  # put in front of every input when completing with it (see the README)
+    strength_with_examples: float | None = None  # its weight when a chat request holds example turns (None: 1)
 
 
 class MatchedTask(BaseModel):
@@ -109,10 +132,10 @@ class DeletedAdapter(BaseModel):
 
 
 class RouteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one("input", "inputs"))
 
-    input: str | None = None
-    inputs: list[str] | None = Field(None, min_length=1)
+    input: Text | None = None
+    inputs: list[Text] | None = Field(None, min_length=1)
     top_k: int = Field(3, ge=1, le=64)
 
     @model_validator(mode="after")
@@ -150,7 +173,7 @@ class RouteResponse(BaseModel):
 class AdapterWeight(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1, max_length=128)
+    id: Text = Field(min_length=1, max_length=128)
     weight: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
 
 
@@ -159,16 +182,28 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=256, description="Base model name, an adapter id, or `auto`.")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False, description="Default 0: greedy.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    model: Text = Field(min_length=1, max_length=256, description="Base model name, an adapter id, or `auto`.")
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+                                      description=f"0 (the default): greedy; else in [{MIN_TEMPERATURE}, "
+                                                  f"{MAX_TEMPERATURE}].")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False,
+                                description="Nucleus sampling mass in (0, 1]; the most likely token always stays.")
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: bool = False
     stream_options: dict[str, Any] | None = None  # {"include_usage": true} adds a final usage chunk
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    task_description: str | None = Field(None, min_length=1, description="Generate an adapter for this and use it.")
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED, description="A 64-bit integer.")
+    task_description: Text | None = Field(None, min_length=1, description="Generate an adapter for this and use it.")
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, description="A weighted mixture of adapters.")
+    use_instruction: bool = Field(True, description="Put the adapter's instruction in front of the prompt, in the "
+                                                    "chat template, when the adapter carries one (see the README).")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float | None) -> float | None:
+        if v is not None and 0.0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"a positive temperature must be at least {MIN_TEMPERATURE}; use 0 for greedy")
+        return v
 
     @model_validator(mode="after")
     def _extensions(self):
@@ -184,7 +219,11 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="A prompt, or several (one choice each).")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "auto", "prompt": "Translate to French: good morning", "max_tokens": 32},
+        {"model": "base", "prompt": "2+2=", "max_tokens": 4, "task_description": "Answer with a number."}]})
+
+    prompt: Text | list[Text] = Field(description="A prompt, or several (one choice each).")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = Field(False, description="Not supported; must be false.")
@@ -204,14 +243,14 @@ class CompletionRequest(_Sampling):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     @property
     def text(self) -> str:
@@ -219,6 +258,9 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "auto", "messages": [{"role": "user", "content": "Is this review positive? I loved it."}]}]})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -248,6 +290,7 @@ class AdapterUse(BaseModel):
     routed: bool = False  # model="auto" chose them
     abstained: bool = False  # model="auto" found none close enough and used the base model
     generated_adapter: str | None = None  # id of the adapter made from task_description
+    instruction: str | None = None  # the adapter's instruction put in front of the prompt, if one was
 
 
 class ModelCard(BaseModel):
@@ -262,3 +305,37 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+    limit: int | None = None  # on 413: the limit that was exceeded
+
+
+class ErrorBody(BaseModel):
+    """Every error response: never a stack trace."""
+
+    error: ErrorDetail
+
+
+ERROR_MEANINGS = {
+    400: "Bad adapter or request values (invalid weights, wrong base model, a generation that failed).",
+    401: "The API key is missing or wrong.",
+    403: "No API key is configured and the request is not from a local program.",
+    404: "No such adapter or model.",
+    405: "Method not allowed (the Allow header lists the allowed ones).",
+    413: "Body, text, list or prompt over a limit (the error's `limit` says which).",
+    422: "A field is missing, malformed or out of range (the error's `param` names it).",
+    500: "Internal error (logged on the server).",
+    503: "A model deployment is not ready.",
+    504: "A model deployment did not answer in time.",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route: these codes plus the ones every route may return (413, 422, 500, 504)."""
+    return {c: {"model": ErrorBody, "description": ERROR_MEANINGS[c]}
+            for c in sorted({*codes, 413, 422, 500, 504})}

@@ -17,10 +17,11 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from generator.peft_io import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME
+from generator.peft_io import CONFIG_NAME, PICKLE_SUFFIXES, SIDECAR_NAME, WEIGHTS_NAME
 from serve.errors import InvalidAdapter, TooLarge
 
-KEPT = (CONFIG_NAME, WEIGHTS_NAME)
+REQUIRED = (CONFIG_NAME, WEIGHTS_NAME)
+KEPT = (*REQUIRED, SIDECAR_NAME)  # the sidecar (optional) carries the adapter's instruction
 IGNORED = ("README.md", "metadata.json", "training_args.json")
 
 
@@ -55,7 +56,7 @@ class _Collector:
             raise InvalidAdapter(f"refusing pickle-based file {base!r}: upload adapter_model.safetensors instead")
         if base not in KEPT:
             raise InvalidAdapter(f"unexpected file {base!r} in the upload: a PEFT LoRA adapter is "
-                                 f"{CONFIG_NAME} plus {WEIGHTS_NAME}")
+                                 f"{CONFIG_NAME} plus {WEIGHTS_NAME} (and optionally {SIDECAR_NAME})")
         if base in self.files:
             raise InvalidAdapter(f"the upload holds {base} twice: send one adapter per upload")
         if declared is not None and self.total + declared > self.max_bytes:
@@ -73,7 +74,7 @@ class _Collector:
         self.files[base] = data
 
     def write(self, dest: Path) -> Path:
-        missing = [n for n in KEPT if n not in self.files]
+        missing = [n for n in REQUIRED if n not in self.files]
         if missing:
             raise InvalidAdapter(f"the upload lacks {' and '.join(missing)}: send a PEFT LoRA adapter directory")
         dest.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,8 @@ def tiny_service(tmp: Path, port: int):
         base_model=str(model_dir), checkpoint=str(ckpt), other_generators={"cvae": str(cvae)},
         library=str(tmp / "library"), default_library=False,
         retriever={"abstain_threshold": 0.3}, strategy={"reject_below": 0.01},
+        # the tiny model's random weights are small: its random test adapters change them ~20x (SmolLM2: < 0.4x)
+        adapter_limits={"max_relative_update": 100.0},
         engine={"max_batch_size": 16, "max_new_tokens": 64, "max_prompt_tokens": 256, "cache_bytes": 8 << 20},
         llm_batch={"max_batch_size": 16, "batch_wait_timeout_s": 0.05}, torch_threads=1,
         limits={"max_body_bytes": 64 << 10, "max_upload_bytes": 4 << 20, "max_description_chars": 500,
@@ -105,3 +107,26 @@ def tiny_service(tmp: Path, port: int):
         deployments={"Gateway": small, "Generator": small, "Router": small, "LLM": small},
     )
     return cfg, spec
+
+
+def private_module(monkeypatch, module):
+    """A private copy of a deployments module: running a deployment class in-process binds its @serve.batch queue
+    to the class, which would then no longer pickle for the Serve app other tests build."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"_private_{module.__name__.replace('.', '_')}", module.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, copy)  # dataclasses look their module up while it loads
+    spec.loader.exec_module(copy)
+    return copy
+
+
+def outside_serve(monkeypatch) -> None:
+    """Let @serve.batch queues be made outside a replica (they ask the replica context for a limit)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: replica)

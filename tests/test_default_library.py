@@ -87,6 +87,18 @@ def test_generated_by_the_hypernetwork_otherwise(tmp_path, tiny_spec, encoder):
     assert more.list()[:3] == records and len(more) == 4  # only the missing task was generated
 
 
+def test_a_restart_adopts_default_adapters_by_task_name(tmp_path, tiny_spec, encoder):
+    """A fill killed after adding adapters but before recording them: the next start adds none twice."""
+    gen = _generator(tiny_spec, encoder, 0)
+    lib = build_default_library(tmp_path / "lib", gen, trained_dir=tmp_path / "none", limit=3, progress=False)
+    manifest = tmp_path / "lib" / "default.json"
+    data = json.loads(manifest.read_text())
+    data["ids"] = {}  # as if the crash came before the manifest was written
+    manifest.write_text(json.dumps(data))
+    again = build_default_library(tmp_path / "lib", gen, trained_dir=tmp_path / "none", limit=3, progress=False)
+    assert again.list() == lib.list() and len(json.loads(manifest.read_text())["ids"]) == 3
+
+
 def test_a_new_checkpoint_or_a_trained_library_replaces_the_default_set(tmp_path, tiny_spec, encoder):
     root = tmp_path / "lib"
     old = build_default_library(root, _generator(tiny_spec, encoder, 0), trained_dir=tmp_path / "none", limit=2,

@@ -145,6 +145,16 @@ def test_mutation_auth():
     check_mutation({}, "::1", None, "HYPERLORA_API_KEY")
     with pytest.raises(Forbidden, match="HYPERLORA_API_KEY is unset"):
         check_mutation({}, "10.1.2.3", None, "HYPERLORA_API_KEY")
+    local = {"host": "127.0.0.1:8000", "content-type": "application/json"}
+    check_mutation({**local, "origin": "http://127.0.0.1:8000"}, "127.0.0.1", None, "HYPERLORA_API_KEY")
+    check_mutation({**local, "content-type": "application/octet-stream"}, "127.0.0.1", None, "HYPERLORA_API_KEY")
+    for signal in ({"origin": "http://evil.example"}, {"origin": "null"}, {"referer": "http://localhost:3000/x"},
+                   {"sec-fetch-site": "cross-site"}, {"content-type": "multipart/form-data; boundary=x"},
+                   {"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain"}):
+        with pytest.raises(Forbidden, match="not web pages"):  # any site a local user visits could send these
+            check_mutation({**local, **signal}, "127.0.0.1", None, "HYPERLORA_API_KEY")
+    check_mutation({"authorization": "Bearer k1", "origin": "http://evil.example"}, "10.1.2.3", "k1",
+                   "HYPERLORA_API_KEY")  # with the key, the origin does not matter
     check_mutation({"authorization": "Bearer k1"}, "10.1.2.3", "k1", "HYPERLORA_API_KEY")
     check_mutation({"x-api-key": "k1"}, "10.1.2.3", "k1", "HYPERLORA_API_KEY")
     for headers in ({}, {"authorization": "Bearer k2"}, {"authorization": "k1"}, {"x-api-key": ""}):
@@ -248,3 +258,16 @@ def test_lookup_refuses_an_adapter_of_another_base_model():
     assert "Mistral-7B" in e.value.message and "SmolLM2-135M-Instruct" in e.value.message and e.value.status == 400
     with pytest.raises(UnknownAdapter):
         state.lookup("nope")
+
+
+def test_console_says_whether_an_api_key_is_set(monkeypatch):
+    from serve.commands import api_key_notice
+    from serve.config import ServeConfig
+
+    cfg = ServeConfig(api_key_env="HL_NOTICE_KEY")
+    monkeypatch.delenv("HL_NOTICE_KEY", raising=False)
+    text, warn = api_key_notice(cfg)
+    assert warn and "HL_NOTICE_KEY is NOT set" in text and "local programs" in text
+    monkeypatch.setenv("HL_NOTICE_KEY", "k")
+    text, warn = api_key_notice(cfg)
+    assert not warn and "HL_NOTICE_KEY is set" in text and "Bearer" in text

@@ -1,0 +1,293 @@
+"""What the HTTP routes share: the gateway's state (library, unsaved adapters, auth, adapter lookup), its
+handles to the model deployments, and the request checks every route uses.
+
+Imports go one way: `serve.gateway` (the deployment) -> `serve.api` / `serve.completions` (routes) -> this
+module (state); nothing here imports a route module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from generator.lora import LoraAdapter
+from generator.spec import ModelSpec
+from serve.config import ServeConfig
+from serve.errors import Forbidden, Invalid, InvalidAdapter, TooLarge, Unauthorized, UnknownAdapter, WrongBaseModel
+from serve.protocol import Accepted, LLMRequest, LLMResult, public_model_name, same_base_model
+from serve.schemas import AdapterInfo, encodable
+
+logger = logging.getLogger(__name__)
+LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
+EPHEMERAL_PREFIX = "tmp-"
+# bodies a web page can send to another origin without a CORS preflight (an HTML form, or fetch "no-cors")
+FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded", "text/plain"})
+
+
+def cross_site_signal(headers: dict[str, str]) -> str | None:
+    """Why a request may come from a web page of another origin, or None: an `Origin` / `Referer` naming another
+    host than `Host`, `Sec-Fetch-Site: cross-site|same-site`, or a form-type body."""
+    host = headers.get("host", "").lower()
+    for name in ("origin", "referer"):
+        value = headers.get(name)
+        if value and (value == "null" or urlsplit(value).netloc.lower() != host):
+            return f"its {name.title()} ({value[:80]}) is another origin than this service's ({host or 'unknown'})"
+    if headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+        return "the browser marked it Sec-Fetch-Site: " + headers["sec-fetch-site"]
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in FORM_TYPES:
+        return f"it is a {ctype} post, which any web page can send (send the archive as the request body, " \
+               f"Content-Type: application/octet-stream)"
+    return None
+
+
+def check_mutation(headers: dict[str, str], client_host: str | None, api_key: str | None, env_name: str) -> None:
+    """Mutations need the API key when one is set. Without one, only a loopback client may mutate, and only with
+    no sign of a web page of another origin behind the request (any site a local user visits could send it)."""
+    if api_key:
+        auth = headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+        if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise Unauthorized("this endpoint changes the library: send the API key as `Authorization: Bearer <key>`")
+        return
+    if client_host not in LOCAL_HOSTS:
+        raise Forbidden(f"{env_name} is unset, so the library can be changed from localhost only")
+    why = cross_site_signal(headers)
+    if why:
+        raise Forbidden(f"{env_name} is unset, so the library can be changed only by local programs, not web pages; "
+                        f"this request was refused because {why}. Set {env_name} and send it as "
+                        f"`Authorization: Bearer <key>` to allow it")
+
+
+def check_texts(texts: list[str], what: str, max_items: int, max_chars: int) -> list[str]:
+    """422 for empty or non-Unicode strings, 413 for too many or too long ones."""
+    if len(texts) > max_items:
+        raise TooLarge(f"{len(texts)} {what}s given; the limit is {max_items}", param=what, limit=max_items)
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise Invalid(f"{what} #{i} is empty", param=what)
+        if len(t) > max_chars:
+            raise TooLarge(f"{what} #{i} is {len(t)} characters; the limit is {max_chars}", param=what, limit=max_chars)
+        try:
+            encodable(t)
+        except ValueError as e:
+            raise Invalid(f"{what} #{i} {e}", param=what) from None
+    return [t.strip() for t in texts]
+
+
+@dataclass
+class _Ephemeral:
+    info: AdapterInfo
+    adapter: LoraAdapter  # on the CPU
+    share: Callable[[LoraAdapter], Any] | None  # makes what LLM requests carry (a Ray object reference)
+    _ref: Any = None
+
+    @property
+    def ref(self) -> Any:
+        """What LLM requests carry: put in the object store on first use, not on the generate path."""
+        if self._ref is None:
+            self._ref = self.share(self.adapter) if self.share is not None else self.adapter
+        return self._ref
+
+
+class EphemeralStore:
+    """Generated adapters that were not saved: kept in this gateway's memory, least recently used dropped."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, _Ephemeral] = OrderedDict()
+        self.nbytes = 0
+
+    def put(self, adapter: LoraAdapter, info: AdapterInfo, share: Callable[[LoraAdapter], Any] | None) -> None:
+        size = adapter.nbytes()
+        while self._items and self.nbytes + size > self.max_bytes:
+            old_id, old = self._items.popitem(last=False)
+            self.nbytes -= old.adapter.nbytes()
+            logger.info("dropped unsaved adapter %s from gateway memory (LRU)", old_id)
+        self._items[info.id] = _Ephemeral(info, adapter, share)
+        self.nbytes += size
+
+    def get(self, adapter_id: str) -> _Ephemeral | None:
+        item = self._items.get(adapter_id)
+        if item is not None:
+            self._items.move_to_end(adapter_id)
+        return item
+
+    def remove(self, adapter_id: str) -> bool:
+        item = self._items.pop(adapter_id, None)
+        if item is not None:
+            self.nbytes -= item.adapter.nbytes()
+        return item is not None
+
+    def infos(self) -> list[AdapterInfo]:
+        return [e.info for e in self._items.values()]
+
+
+class Backends:
+    """The gateway's calls to the model deployments, through Serve handles."""
+
+    def __init__(self, generator, router, llm, timeout_s: float) -> None:
+        self.generator, self.router, self.llm = generator, router, llm
+        self.timeout_s = timeout_s
+
+    async def generate(self, descriptions: list[str], generator: str) -> tuple[list[LoraAdapter], float]:
+        return await asyncio.wait_for(self.generator.generate.remote((generator, descriptions)), self.timeout_s)
+
+    async def adapt(self, descriptions: list[str], generator: str,
+                    strategy: str | None) -> tuple[list[dict[str, Any]], list[LoraAdapter | None], float]:
+        """(decisions, adapters, ms): the description strategy's choice per description (retriever/strategy.py)."""
+        return await asyncio.wait_for(self.generator.adapt.remote((generator, descriptions, strategy)),
+                                      self.timeout_s)
+
+    async def route(self, inputs: list[str], top_k: int) -> list[dict[str, Any]]:
+        return await asyncio.wait_for(self.router.route.remote((inputs, top_k)), self.timeout_s)
+
+    def _llm(self, req: LLMRequest):
+        main = req.main_adapter()
+        return self.llm.options(multiplexed_model_id=main) if main else self.llm
+
+    async def complete(self, req: LLMRequest) -> LLMResult:
+        return await asyncio.wait_for(self._llm(req).generate.remote(req), self.timeout_s)
+
+    def stream(self, req: LLMRequest) -> AsyncIterator[Accepted | Any]:
+        return self._llm(req).options(stream=True).generate_stream.remote(req)
+
+    def share(self, adapter: LoraAdapter) -> Any:
+        """A reference LLM replicas can fetch the adapter by, put in the object store once."""
+        import ray
+
+        return ray.put(adapter)
+
+    async def info(self) -> dict[str, Any]:
+        gen, rt, llm = await asyncio.gather(self.generator.info.remote(), self.router.info.remote(),
+                                            self.llm.health.remote())
+        return {"generator": gen, "router": rt, "llm": llm}
+
+    async def snapshots(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        parts = await asyncio.gather(self.generator.metrics.remote(), self.router.metrics.remote(),
+                                     self.llm.metrics.remote(), return_exceptions=True)
+        return [(name, snap) for name, snap in zip(("generator", "router", "llm"), parts, strict=True)
+                if not isinstance(snap, BaseException)]
+
+
+@dataclass
+class GatewayState:
+    """What the HTTP handlers share."""
+
+    cfg: ServeConfig
+    spec: ModelSpec
+    library: Any  # retriever.library.AdapterLibrary
+    backends: Backends
+    ephemeral: EphemeralStore
+    generator_trained: bool = True
+    generator: str = "t2l"  # the default generator
+    generators: tuple[str, ...] = ("t2l",)  # every generator the Generator deployment serves
+    base_names: frozenset[str] = field(default_factory=frozenset)
+    started: float = field(default_factory=time.time)
+    base_norms: Any = None  # generator.sanity.BaseNorms of the base model, read on first use ({}: unknown)
+
+    def check_adapter(self, adapter: LoraAdapter, what: str, param: str | None = None) -> None:
+        """400 naming the limit when `adapter` is not fit to store or serve (generator.sanity)."""
+        from generator.sanity import AdapterRejected, check_adapter
+
+        if self.base_norms is None:
+            self.base_norms = self._read_base_norms()
+        try:
+            check_adapter(adapter, self.cfg.adapter_limits, self.base_norms)
+        except AdapterRejected as e:
+            raise InvalidAdapter(f"{what} was refused: {e}", param=param) from e
+
+    def _read_base_norms(self):
+        from generator.models import resolve_base_model
+        from generator.sanity import base_norms_from_dir
+
+        try:
+            norms = base_norms_from_dir(resolve_base_model(self.cfg.base_model), self.spec)
+        except (OSError, ValueError) as e:
+            logger.warning("cannot read the base weights' norms (%s): adapters are bounded by magnitude only", e)
+            return {}
+        if not norms:
+            logger.warning("no safetensors base weights: adapters are bounded by factor magnitude only")
+        return norms or {}
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.cfg.api_key_env) or None
+
+    def authorize(self, request) -> None:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        host = request.client.host if request.client else None
+        check_mutation(headers, host, self.api_key(), self.cfg.api_key_env)
+
+    @property
+    def model_name(self) -> str:
+        return public_model_name(self.spec.name)
+
+    def record_info(self, record) -> AdapterInfo:
+        d = record.to_dict()
+        d["base_model"] = public_model_name(d["base_model"])
+        return AdapterInfo(saved=True, **{k: d[k] for k in AdapterInfo.model_fields if k in d and k != "object"})
+
+    def lookup(self, adapter_id: str) -> tuple[AdapterInfo, Any | None]:
+        """An adapter's info and, for an unsaved one, what carries it to the LLM; 404 or 400 otherwise."""
+        from retriever.library import AdapterNotFound, InvalidAdapterId
+
+        eph = self.ephemeral.get(adapter_id)
+        if eph is not None:
+            return eph.info, eph.ref
+        try:
+            record = self.library.get(adapter_id)
+        except (AdapterNotFound, InvalidAdapterId):
+            raise UnknownAdapter(f"no adapter with id {adapter_id[:80]!r}", param="id") from None
+        if not same_base_model(record.base_model, self.spec.name):
+            raise WrongBaseModel(f"adapter {adapter_id} was made for {public_model_name(record.base_model)}, but this "
+                                 f"service serves {self.model_name}", param="id")
+        return self.record_info(record), None
+
+    def instruction_of(self, adapter_id: str) -> str | None:
+        """A library adapter's instruction (None when it has none or is gone)."""
+        from retriever.library import AdapterNotFound, InvalidAdapterId
+
+        try:
+            return self.library.get(adapter_id).instruction
+        except (AdapterNotFound, InvalidAdapterId):
+            return None
+
+    def strength_of(self, adapter_id: str) -> float | None:
+        """An adapter's strength with in-context examples (None: full strength, or it is gone)."""
+        from retriever.library import AdapterNotFound, InvalidAdapterId
+
+        eph = self.ephemeral.get(adapter_id)
+        if eph is not None:
+            return eph.info.strength_with_examples
+        try:
+            return self.library.get(adapter_id).strength_with_examples
+        except (AdapterNotFound, InvalidAdapterId):
+            return None
+
+    def new_ephemeral_id(self) -> str:
+        return EPHEMERAL_PREFIX + uuid.uuid4().hex
+
+    def remember(self, adapter: LoraAdapter, name: str, descriptions: list[str], samples: list[str]) -> AdapterInfo:
+        """Keep an unsaved generated adapter in gateway memory and share it with LLM replicas by reference."""
+        from retriever.records import check_strength, now_iso
+
+        adapter = adapter.to("cpu")
+        info = AdapterInfo(id=self.new_ephemeral_id(), name=name, descriptions=descriptions, source="generated",
+                           saved=False, base_model=self.model_name, rank=adapter.rank,
+                           target_modules=list(adapter.target_modules), created=now_iso(), sample_inputs=samples,
+                           instruction=adapter.metadata.get("instruction"),
+                           strength_with_examples=check_strength(adapter.metadata.get("strength_with_examples")),
+                           )
+        self.ephemeral.put(adapter, info, self.backends.share)
+        return info
+
+
