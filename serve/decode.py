@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from generator.apply import PerSampleLora
+from serve.results import log_batch_done
 
 if TYPE_CHECKING:  # the engine imports this module; its types are named here for type checkers only
     from serve.engine import GenerationJob, LLMEngine, _Sequence
@@ -169,10 +170,4 @@ class DecodeBatch:
         """Nothing to give back: the batch's caches go with it (`SlotBatch` returns its KV slots here)."""
 
     def log_done(self) -> None:
-        dt = time.perf_counter() - self.t0
-        eng = self.engine
-        eng._batch_s.observe(dt)
-        eng._batch_size.observe(len(self.seqs))
-        eng._tokens.inc(self.n_tokens)
-        logger.info("generated %d tokens for %d sequences (%d distinct adapters) in %.1f ms (%.0f tokens/s)",
-                    self.n_tokens, len(self.seqs), len(self.adapters), 1e3 * dt, self.n_tokens / max(dt, 1e-9))
+        log_batch_done(self, "dynamic")

@@ -25,7 +25,7 @@ from serve.adapter_pool import AdapterPool
 from serve.device_sampling import choose_tokens
 from serve.errors import PromptTooLong, UnknownAdapter
 from serve.kv_slots import KVSlots
-from serve.results import Delta, TokenLogprob
+from serve.results import Delta, TokenLogprob, log_batch_done
 from serve.static_step import StaticStep, buckets, supports
 
 if TYPE_CHECKING:
@@ -225,13 +225,7 @@ class SlotBatch:
             self.next_pos[s] += 1
 
     def log_done(self) -> None:
-        dt = time.perf_counter() - self.t0
-        eng = self.engine
-        eng._batch_s.observe(dt)
-        eng._batch_size.observe(len(self.seqs))
-        eng._tokens.inc(self.n_tokens)
-        logger.info("generated %d tokens for %d sequences (%d distinct adapters) in %.1f ms (%.0f tokens/s, static)",
-                    self.n_tokens, len(self.seqs), len(self.adapters), 1e3 * dt, self.n_tokens / max(dt, 1e-9))
+        log_batch_done(self, "static")
         self.release()
 
     def release(self) -> None:

@@ -3,7 +3,10 @@ checkpoint and a small library, all on disk, and a `ServeConfig` pointing at the
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -107,6 +110,38 @@ def tiny_service(tmp: Path, port: int):
         deployments={"Gateway": small, "Generator": small, "Router": small, "LLM": small},
     )
     return cfg, spec
+
+
+@contextlib.contextmanager
+def running_service(cfg, port: int, api_key: str) -> Iterator[str]:
+    """The app of `cfg` served on loopback `port` with `api_key` for the Gateway; yields its base URL once healthy,
+    and shuts Serve (and Ray, if it started it) down after."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    cfg.deployments["Gateway"].ray_actor_options = {"runtime_env": {"env_vars": {"HYPERLORA_API_KEY": api_key}},
+                                                    "num_cpus": 0}
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="hyperlora", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while httpx.get(f"{url}/healthz", timeout=30).status_code != 200:
+        if time.time() > deadline:
+            raise TimeoutError("the service did not become healthy in 120 s")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        serve.delete("hyperlora")
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
 
 
 def private_module(monkeypatch, module):

@@ -50,7 +50,7 @@ def test_add_get_load_list_remove_round_trip(lib, tiny_spec):
 def test_record_to_dict_is_json_safe_without_paths(lib, tiny_spec):
     d = _add(lib, tiny_spec).to_dict()
     assert set(d) == {"id", "name", "descriptions", "source", "base_model", "rank", "target_modules", "created",
-                      "sha256", "sample_inputs", "instruction"}
+                      "sha256", "sample_inputs", "instruction", "strength_with_examples"}
     text = json.dumps(d)
     assert str(lib.root) not in text and "/" not in d["id"]
     assert AdapterRecord.from_dict(d) == lib.get(d["id"])

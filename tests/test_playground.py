@@ -13,14 +13,13 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from serve_fixtures import TASKS, free_port, tiny_service
+from serve_fixtures import TASKS, free_port, running_service, tiny_service
 
 API_KEY = "playground-key-42"
 INSTALL = ("install the browser with `apt-get install -y chromium chromium-driver` (Debian) and Selenium with "
@@ -92,30 +91,11 @@ def service(tmp_path_factory, driver):
     if EXTERNAL_URL:
         yield EXTERNAL_URL.rstrip("/"), None
         return
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from serve.app import build_app
-
+    pytest.importorskip("ray")
     port = free_port()
     cfg, _ = tiny_service(tmp_path_factory.mktemp("playground"), port)
-    cfg.deployments["Gateway"].ray_actor_options = {"runtime_env": {"env_vars": {"HYPERLORA_API_KEY": API_KEY}},
-                                                    "num_cpus": 0}
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="hyperlora", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while httpx.get(f"{url}/healthz", timeout=30).status_code != 200:
-        assert time.time() < deadline, "the service did not become healthy"
-        time.sleep(0.5)
-    yield url, API_KEY
-    serve.delete("hyperlora")
-    serve.shutdown()
-    if started_ray:
-        ray.shutdown()
+    with running_service(cfg, port, API_KEY) as url:
+        yield url, API_KEY
 
 
 def _wait(driver, cond, timeout=180):

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from serve_fixtures import TASKS, free_port, tiny_service
+from serve_fixtures import TASKS, free_port, running_service, tiny_service
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -23,32 +23,14 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """(base_url, cfg, spec, library) of the app on the tiny model, started once for this module."""
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
+    pytest.importorskip("ray")
     from retriever.library import AdapterLibrary
-    from serve.app import build_app
 
     tmp = tmp_path_factory.mktemp("service")
     port = free_port()
     cfg, spec = tiny_service(tmp, port)
-    env = {"runtime_env": {"env_vars": {"HYPERLORA_API_KEY": API_KEY}}, "num_cpus": 0}
-    cfg.deployments["Gateway"].ray_actor_options = env
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="hyperlora", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while httpx.get(f"{url}/healthz", timeout=30).status_code != 200:
-        assert time.time() < deadline, "the service did not become healthy"
-        time.sleep(0.5)
-    yield url, cfg, spec, AdapterLibrary(cfg.library_root(), spec)
-    serve.delete("hyperlora")
-    serve.shutdown()
-    if started_ray:
-        ray.shutdown()
+    with running_service(cfg, port, API_KEY) as url:
+        yield url, cfg, spec, AdapterLibrary(cfg.library_root(), spec)
 
 
 @pytest.fixture(scope="module")
