@@ -199,9 +199,10 @@ def test_generate_then_compare_base_and_adapted(driver, service, tmp_path):
 
 def test_route_search_and_delete(driver, service, tmp_path):
     url, key = service
-    made = httpx.post(f"{url}/v1/adapters", json={"description": "Reply like a pirate would, arr.",
-                                                   "strategy": "generate"} if _has_strategy(url) else
-                      {"description": "Reply like a pirate would, arr."}, timeout=60).json()["adapters"][0]
+    body = {"description": "Reply like a pirate would, arr.", "save": True}  # saved: the library lists it
+    body |= {"strategy": "generate"} if _has_strategy(url) else {}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    made = httpx.post(f"{url}/v1/adapters", json=body, headers=headers, timeout=60).json()["adapters"][0]
     _open(driver, url)
 
     sample = TASKS["french"][1][0]
