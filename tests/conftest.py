@@ -59,6 +59,16 @@ def encoder():
     return TaskEncoder.load()
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, tokenizer, spec) of the tiny Llama as the serving engine loads it (pristine: deep-copy to inject)."""
+    from serve_fixtures import build_tiny_model
+
+    from serve.engine import load_model
+
+    return load_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")))
+
+
 def random_adapter(spec, targets=("q_proj", "v_proj"), rank=4, alpha=8.0, seed=0, scale=0.1):
     """A LoraAdapter with random A and B (B non-zero, so it changes the model)."""
     from generator.lora import LoraAdapter

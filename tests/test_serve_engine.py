@@ -6,24 +6,11 @@ import copy
 
 import pytest
 import torch
-from serve_fixtures import build_tiny_model
+from conftest import random_adapter
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model, tokenizer, spec) of the tiny Llama; the model is the pristine copy, deep-copy before injecting."""
-    from serve.engine import load_model
-
-    return load_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")))
-
-
-def _adapter(spec, seed, scale=0.3, targets=("q_proj", "v_proj"), rank=4):
-    from generator.lora import LoraAdapter
-
-    g = torch.Generator().manual_seed(seed)
-    a = {m: scale * torch.randn(spec.n_layers, rank, spec.shapes[m][0], generator=g) for m in targets}
-    b = {m: scale * torch.randn(spec.n_layers, spec.shapes[m][1], rank, generator=g) for m in targets}
-    return LoraAdapter(spec.name, rank, 2.0 * rank, a, b)
+def _adapter(spec, seed, rank=4, targets=("q_proj", "v_proj"), scale=0.3):
+    return random_adapter(spec, targets, rank, alpha=2.0 * rank, seed=seed, scale=scale)
 
 
 def _engine(tiny, **cfg):

@@ -7,23 +7,11 @@ import copy
 
 import pytest
 import torch
-from serve_fixtures import build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from serve.engine import load_model
-
-    return load_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")))
+from conftest import random_adapter
 
 
 def _adapter(spec, seed, rank=4, targets=("q_proj", "v_proj"), scale=0.3):
-    from generator.lora import LoraAdapter
-
-    g = torch.Generator().manual_seed(seed)
-    a = {m: scale * torch.randn(spec.n_layers, rank, spec.shapes[m][0], generator=g) for m in targets}
-    b = {m: scale * torch.randn(spec.n_layers, spec.shapes[m][1], rank, generator=g) for m in targets}
-    return LoraAdapter(spec.name, rank, 2.0 * rank, a, b)
+    return random_adapter(spec, targets, rank, alpha=2.0 * rank, seed=seed, scale=scale)
 
 
 def _engine(tiny, decode, **static):
