@@ -7,14 +7,8 @@ import copy
 
 import pytest
 import torch
+from conftest import random_adapter
 from serve_fixtures import build_tiny_model, outside_serve, private_module
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from serve.engine import load_model
-
-    return load_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")))
 
 
 def _engine(tiny):
@@ -26,12 +20,7 @@ def _engine(tiny):
 
 
 def _adapter(spec, seed, scale=0.3):
-    from generator.lora import LoraAdapter
-
-    g = torch.Generator().manual_seed(seed)
-    a = {m: scale * torch.randn(spec.n_layers, 4, spec.shapes[m][0], generator=g) for m in ("q_proj", "v_proj")}
-    b = {m: scale * torch.randn(spec.n_layers, spec.shapes[m][1], 4, generator=g) for m in ("q_proj", "v_proj")}
-    return LoraAdapter(spec.name, 4, 8.0, a, b)
+    return random_adapter(spec, rank=4, alpha=8.0, seed=seed, scale=scale)
 
 
 def test_sampling_ranges_and_safe_rows():
