@@ -12,7 +12,6 @@ stops at <|im_end|>. Answers of a row are computed once per distinct adapter, so
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from generator.models import DEFAULT_BASE_MODEL
 from generator.peft_io import CONFIG_NAME
 from retriever.calibrate import EVALUATION_SLICE
-from retriever.evaluate import heldout, rouge_l, spread
+from retriever.evaluate import heldout, rouge_l, spread, write_report
 from retriever.library import AdapterLibrary
 from retriever.strategy import STRATEGY_NAMES, DescriptionStrategy, StrategyConfig
 from retriever.tasks import load_sni
@@ -230,8 +229,4 @@ def format_eval(result: dict) -> str:
 
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, md = out_dir / "strategy.json", out_dir / "strategy.md"
-    js.write_text(json.dumps(result, indent=2))
-    md.write_text(format_eval(result) + "\n")
-    return js, md
+    return write_report(result, out_dir, "strategy", format_eval(result))

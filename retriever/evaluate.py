@@ -243,9 +243,14 @@ def format_eval(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
+def write_report(result: dict, out_dir: Path, stem: str, markdown: str) -> tuple[Path, Path]:
+    """`result` as `{stem}.json` and its `markdown` as `{stem}.md` in `out_dir` (every retriever evaluation)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    js, md = out_dir / "routing.json", out_dir / "routing.md"
+    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     js.write_text(json.dumps(result, indent=2))
-    md.write_text(format_eval(result) + "\n")
+    md.write_text(markdown + "\n")
     return js, md
+
+
+def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    return write_report(result, out_dir, "routing", format_eval(result))
