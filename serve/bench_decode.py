@@ -19,9 +19,7 @@ Imports only torch, transformers, peft, `generator` and `serve.engine` (no Ray, 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 import torch
 
 from generator.spec import ModelSpec
-from serve.bench_engine import DTYPE_ALIASES, random_adapters
+from serve.bench_engine import DTYPE_ALIASES, device_name, random_adapters, software_versions, write_report
 from serve.engine import EngineConfig, GenerationJob, LLMEngine
 from serve.metrics import Registry
 from serve.static_step import StaticDecodeConfig
@@ -296,7 +294,7 @@ def run(device: str, dtype: str, new_tokens: int, peft_tokens: int, repeats: int
     max_len = 48 + new_tokens + 1
     static = build_engine(model, spec, dev, dtype, "static", max(32, big_batch), max_len, adapters)
     dynamic = build_engine(model, spec, dev, dtype, "dynamic", 32, max_len, adapters[:32])
-    print(f"decode benchmark on {device} ({_device_name(dev)}), {dtype}, {new_tokens} new tokens, random weights of "
+    print(f"decode benchmark on {device} ({device_name(dev)}), {dtype}, {new_tokens} new tokens, random weights of "
           f"{'a tiny Llama' if tiny else 'SmolLM2-135M'}'s shape, rank-8 q/v adapters; CUDA graphs: "
           f"{static._static.step.use_graphs}", flush=True)
     results: dict[str, dict] = {}
@@ -321,19 +319,13 @@ def run(device: str, dtype: str, new_tokens: int, peft_tokens: int, repeats: int
             for k, v in got.items():
                 print(f"  {k}: {v}", flush=True)
     report = {"results": results, "summary": summarise(results, big_batch),
-              "setup": {"device": device, "device_name": _device_name(dev), "dtype": dtype, "new_tokens": new_tokens,
+              "setup": {"device": device, "device_name": device_name(dev), "dtype": dtype, "new_tokens": new_tokens,
                         "peft_new_tokens": peft_tokens, "model": "random weights, " + ("tiny" if tiny else
                                                                                     "SmolLM2-135M shape"),
-                        "adapter_rank": 8, "targets": ["q_proj", "v_proj"], "torch": torch.__version__,
-                        "transformers": _version("transformers"), "peft": _version("peft"),
-                        "python": platform.python_version(), "total_s": round(time.perf_counter() - t_start, 1)}}
+                        "adapter_rank": 8, "targets": ["q_proj", "v_proj"], **software_versions(),
+                        "total_s": round(time.perf_counter() - t_start, 1)}}
     print(table(results), flush=True)
-    for k, v in report["summary"].items():
-        print(f"{k}: {v}", flush=True)
-    path = Path(out) if out else Path("results") / f"bench_engine_{dev.type}_static.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path} in {report['setup']['total_s']} s", flush=True)
+    write_report(report, Path(out) if out else Path("results") / f"bench_engine_{dev.type}_static.json")
     return report
 
 
@@ -369,16 +361,6 @@ def table(results: dict[str, dict]) -> str:
         else:
             lines.append(f"{k:<34} {v}")
     return "\n".join(lines)
-
-
-def _device_name(dev: torch.device) -> str:
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import version
-
-    return version(pkg)
 
 
 def main(argv: list[str] | None = None) -> None:

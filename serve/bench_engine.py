@@ -195,7 +195,7 @@ def run_benchmark(device: str = "cpu", dtype: str = "fp32", base_model: str = "H
     adapters = random_adapters(engine.spec, n_adapters)
     for i, ad in enumerate(adapters):
         engine.add_adapter(f"a{i}", ad)
-    print(f"engine benchmark on {device} ({_device_name(dev)}), {dtype}, batch {batch}, {new_tokens} new tokens, "
+    print(f"engine benchmark on {device} ({device_name(dev)}), {dtype}, batch {batch}, {new_tokens} new tokens, "
           f"{n_adapters} rank-8 q/v adapters", flush=True)
     results = engine_scenarios(engine, prompt_ids, n_adapters, new_tokens, repeats)
     results |= scale_scenarios(engine, prompt_ids, list(scale_batches), new_tokens, repeats)
@@ -203,19 +203,28 @@ def run_benchmark(device: str = "cpu", dtype: str = "fp32", base_model: str = "H
     results |= peft_scenarios(pristine, tokenizer, [ad.to(dtype=cfg.torch_dtype) for ad in adapters], prompts,
                               new_tokens, max(1, repeats - 1), dev, switching_requests or batch)
     report = _summarise(results, n_adapters)
-    report["setup"] = {"device": device, "device_name": _device_name(dev), "dtype": dtype, "batch": batch,
+    report["setup"] = {"device": device, "device_name": device_name(dev), "dtype": dtype, "batch": batch,
                        "new_tokens": new_tokens, "n_adapters": n_adapters, "adapter_rank": 8,
                        "targets": ["q_proj", "v_proj"], "base_model": engine_name(src, gguf_dir, gguf_file),
-                       "torch": torch.__version__, "transformers": _version("transformers"),
-                       "peft": _version("peft"), "threads": torch.get_num_threads(),
-                       "python": platform.python_version()}
+                       "threads": torch.get_num_threads(), **software_versions()}
+    write_report(report, Path(out) if out else Path("results") / f"bench_engine_{dev.type}.json")
+    return report
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a benchmark's figures depend on, for its setup record."""
+    return {"torch": torch.__version__, "transformers": _version("transformers"), "peft": _version("peft"),
+            "python": platform.python_version()}
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Print the report's summary lines and write it as JSON to `path`."""
     for k, v in report["summary"].items():
         print(f"{k}: {v}", flush=True)
-    path = Path(out) if out else Path("results") / f"bench_engine_{dev.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}", flush=True)
-    return report
+    print(f"wrote {path}" + (f" in {report['setup']['total_s']} s" if "total_s" in report["setup"] else ""),
+          flush=True)
 
 
 def _summarise(results: dict[str, dict], n: int) -> dict:
@@ -236,9 +245,9 @@ def engine_name(src: str, gguf_dir: str | None, gguf_file: str) -> str:
     return f"{gguf_dir}/{gguf_file}" if gguf_dir else src
 
 
-def _device_name(dev: torch.device) -> str:
+def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
+        return torch.cuda.getdevice_name(dev)
     return platform.processor() or platform.machine()
 
 
