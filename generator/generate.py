@@ -89,8 +89,8 @@ class AdapterGenerator(ABC):
         and, when the checkpoint chose one on held-out tasks, the strength to use it at when the prompt already
         holds in-context examples (`training/strength.py`)."""
         meta = {"description": description, "instruction": description, "generator": self.name}
-        strength = getattr(getattr(self, "net", None), "cfg", None)
-        strength = getattr(strength, "extra", {}).get("strength_with_examples")
+        extra = getattr(self.net.cfg, "extra", None) or {}  # the T2L config has it; the CVAE's need not
+        strength = extra.get("strength_with_examples")
         if strength is not None:
             meta["strength_with_examples"] = f"{float(strength):g}"
         return meta
