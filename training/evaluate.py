@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,8 @@ class EvalConfig:
 
     max_new_tokens: int = 48  # answers are short (median 6 characters)
     batch_size: int = 64  # prompts per generate call
-    max_per_task: int | None = None  # cap test instances per task (smoke runs)
+    max_per_task: int | None = None  # cap test instances per task (smoke runs; the GPU job caps at 40)
+    dev_test_fraction: float = 1.0  # no generator trains on a dev task: all its instances are test instances
     train_sample: int = 16  # train tasks for oracle-vs-reconstruction
     hypernets: dict[str, str] = field(default_factory=dict)  # row name -> T2L checkpoint dir, e.g. {"t2l-sft": ...}
     generators: dict[str, str] = field(default_factory=dict)  # row name -> "kind:checkpoint" of other generators
@@ -85,7 +86,8 @@ def make_row(method, split, task, tok, kind, adapter, max_per_task) -> Row:
 
 def run_rows(rows: Sequence[Row], model, tok, injector, spec, ecfg: EvalConfig, device) -> list[dict]:
     """Generate every row's answers, batching across rows; each prompt uses its row's adapter."""
-    items = [(r, i) for r in rows for i in range(len(r.prompts))]
+    items = sorted(((r, i) for r in rows for i in range(len(r.prompts))), key=lambda x: len(x[0].prompts[x[1]]))
+    # (by prompt length: a batch pads to its longest prompt)
     adapters = [r.adapter for r in rows if r.adapter is not None]
     slot = {id(a): k for k, a in enumerate(adapters)}
     bank = AdapterBank.from_adapters(adapters, spec, device, next(model.parameters()).dtype) if adapters else None
@@ -122,6 +124,13 @@ def generated_adapters(kind_ckpt: str, spec, emb: torch.Tensor, device) -> list[
                         {m: t[i].float().cpu() for m, t in b.items()}) for i in range(emb.shape[0])]
 
 
+def strength_with_examples(kind_ckpt: str) -> float | None:
+    """The strength a checkpoint asks for beside in-context examples (training/strength.py records it)."""
+    meta = Path(kind_ckpt.partition(":")[2]) / "hypernet.json"
+    s = json.loads(meta.read_text()).get("extra", {}).get("strength_with_examples") if meta.is_file() else None
+    return None if s is None else float(s)
+
+
 def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: list[Task], train: list[Task],
                device) -> list[Row]:
     """Dev: every baseline prompt without adapter, the multi-task LoRA and each generator with the instruction
@@ -142,9 +151,16 @@ def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: l
             ads = generated_adapters(source, spec, e, device)
             rows += [make_row(name + suffix + PROMPTS[k][2], "dev", t, tok, k, a, mx)
                      for t, a in zip(dev, ads, strict=True) for k in kinds]
+            s = strength_with_examples(source)
+            if not suffix and s is not None and s != 1.0:  # the shipped rule: weaker beside in-context examples
+                rows += [make_row(f"{name} x{s:g}" + PROMPTS["icl"][2], "dev", t, tok, "icl",
+                                  replace(a, alpha=a.alpha * s), mx) for t, a in zip(dev, ads, strict=True)]
     if ecfg.library and train:
         lib = Path(ecfg.library)
         sample = [t for t in train if (lib / t.name / "adapter_model.safetensors").is_file()][: ecfg.train_sample]
+        if not sample:
+            logger.warning("no trained library LoRA in %s: the train-task rows are left out", lib)
+            return rows
         rows += [make_row("oracle LoRA + instruction", "train", t, tok, "instruction", load_peft(lib / t.name, spec),
                           mx) for t in sample]
         rows += [make_row("base + instruction", "train", t, tok, "instruction", None, mx) for t in sample]
@@ -162,7 +178,7 @@ def predict(cfg, ecfg: EvalConfig, out: str | Path, embeddings: str | None = Non
     from training.runtime import load_frozen
 
     data = cfg.data or DEFAULT_DATA
-    dev = load_split("dev", data, cfg.limit_tasks)
+    dev = load_split("dev", data, cfg.limit_tasks, test_fraction=ecfg.dev_test_fraction)
     train = load_split("train", data, cfg.limit_tasks)
     emb = task_embeddings(dev + train, embeddings)
     model, tok, spec, injector = load_frozen(cfg, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",

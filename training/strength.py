@@ -52,6 +52,16 @@ def heldout_icl_loss(net, model, tok, injector, tasks, emb, strengths, device, p
     return out
 
 
+def record_strength(checkpoint: str | Path, chosen: float, loss: dict) -> None:
+    """Write the chosen strength and the loss table into the checkpoint's hypernet.json (atomically)."""
+    from retriever.fsutil import write_json_atomic
+
+    path = Path(checkpoint) / "hypernet.json"
+    meta = json.loads(path.read_text())
+    meta.setdefault("extra", {}).update(strength_with_examples=chosen, heldout_icl_loss_by_strength=loss)
+    write_json_atomic(path, meta)
+
+
 def run(args: argparse.Namespace) -> dict:
     from training.runtime import load_frozen
 
@@ -66,6 +76,16 @@ def run(args: argparse.Namespace) -> dict:
     strengths = [float(s) for s in args.strengths.split(",")]
     loss = heldout_icl_loss(net, model, tok, injector, train, emb, strengths, cfg.device)
     chosen = float(min(loss, key=loss.get))
+    if args.record:  # generated adapters carry it (generator/generate.py); predict adds its dev row
+        record_strength(args.checkpoint, chosen, loss)
+    result = {"heldout_tasks": sorted(held), "heldout_icl_loss_by_strength": loss, "chosen_strength": chosen,
+              "records": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.rows:
+        (out / "strength.json").write_text(json.dumps(result, indent=1))
+        logger.info("chosen strength with examples (lowest held-out loss): %g", chosen)
+        return result
     ads = generated_adapters(f"t2l:{args.checkpoint}", spec, torch.stack([emb[t.name][0] for t in dev]), cfg.device)
     rows = []
     for s in strengths:
@@ -74,11 +94,8 @@ def run(args: argparse.Namespace) -> dict:
         scaled = [replace(a, alpha=a.alpha * s) for a in ads]
         rows += [make_row(f"{args.name} x{s:g} + instruction + 2 examples", "dev", t, tok, "icl", a, None)
                  for t, a in zip(dev, scaled, strict=True)]
-    records = run_rows(rows, model, tok, injector, spec, EvalConfig(batch_size=args.eval_batch), cfg.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"heldout_tasks": sorted(held), "heldout_icl_loss_by_strength": loss, "chosen_strength": chosen,
-              "records": records}
+    result["records"] = run_rows(rows, model, tok, injector, spec, EvalConfig(batch_size=args.eval_batch),
+                                 cfg.device)
     (out / "strength.json").write_text(json.dumps(result, indent=1))
     logger.info("chosen strength with examples (lowest held-out loss): %g", chosen)
     return result
@@ -96,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strengths", default=",".join(str(s) for s in STRENGTHS))
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--out", required=True)
+    p.add_argument("--record", action="store_true", help="write the chosen strength into the checkpoint")
+    p.add_argument("--rows", action="store_true", help="also generate dev answers at each strength (the quality "
+                   "table's predict adds the recorded strength's row by itself)")
     return p
 
 
