@@ -4,7 +4,7 @@
 # --file runs/emb.safetensors): /tmp/stage holds the GGUF, sni.tgz and emb.safetensors. Carry runs/h200/multitask
 # (the multi-task LoRA trained in the first round; kept in /tmp/work for the predict call).
 # Within one 10-minute call on one H200:
-#   library (all 297 train tasks, 99 per batched forward) -> recon, cvae, sg (from the full library)
+#   library (all 297 train tasks, 50 per batched forward) -> recon, cvae, sg (from the full library)
 #   beside it, two SFT variants not tried before: M with weight decay 0.1 + dropout 0.2, and L at lr 2e-4
 # Back in $OUT: recon, cvae, sg, the SFT variants whose held-out train-task loss beats the shipped checkpoint's
 # (never chosen by dev), variants.json and logs.
@@ -20,7 +20,7 @@ EMB=/tmp/stage/emb.safetensors
 C="--work $W --base-model /tmp/hf --data /tmp/stage/sni --embeddings $EMB --device cuda --dtype bfloat16 --max-prompt-tokens 384"
 P="python3 -m training.pipeline"
 (
-  timeout ${LIB_S:-390} $P --stages library $C --tasks-per-batch 99 --library-per-task 4 --library-steps 100 --library-lr 1e-3 > $W/logs/library.log 2>&1
+  timeout ${LIB_S:-390} $P --stages library $C --tasks-per-batch ${TPB:-50} --library-per-task 4 --library-steps 100 --library-lr 1e-3 > $W/logs/library.log 2>&1
   echo "library rc=$? tasks=$(ls $W/lora-library/*/meta.json | wc -l)"
   ( timeout 160 $P --stages recon $C --recon-steps 4000 --recon-lr 1e-3 > $W/logs/recon.log 2>&1; echo "recon rc=$?" ) &
   for k in cvae sg; do
@@ -30,8 +30,10 @@ P="python3 -m training.pipeline"
 ) &
 S="--stages sft --val-tasks 24 --eval-every 25 --tasks-per-step 32 --sft-per-task 2 --sft-steps 600"
 sft() { name=$1; shift; ( timeout ${SFT_S:-560} $P $C $S --sft-out $name "$@" > $W/logs/$name.log 2>&1; echo "$name rc=$?" ) & }
-sft t2l-sft-m-wd --hypernet-lr 5e-4 --weight-decay 0.1 --dropout 0.2
-sft t2l-sft-l2 --variant L --hypernet-lr 2e-4
+if [ "${SFT:-1}" = 1 ]; then  # SFT=0: the library alone (with both variants beside it, 99 tasks a batch ran out of memory)
+  sft t2l-sft-m-wd --hypernet-lr 5e-4 --weight-decay 0.1 --dropout 0.2
+  sft t2l-sft-l2 --variant L --hypernet-lr 2e-4
+fi
 sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 wait
 cd $W
