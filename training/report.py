@@ -8,6 +8,7 @@ dev split is reported whole and on the first-version dev tasks alone (data versi
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections import defaultdict
@@ -64,7 +65,8 @@ def _harm(res: dict, kinds: dict[str, str]) -> None:
 
 def score(pred_path: str | Path) -> dict:
     """Per task set and method: per-task means, their average with 95% intervals, and harm against the reference."""
-    pred = json.loads(Path(pred_path).read_text())
+    path = Path(pred_path)
+    pred = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
     per: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     kinds: dict[str, str] = {}
     for r in pred["records"]:
