@@ -23,7 +23,7 @@ def _register_optional() -> None:
     import importlib
 
     for mod in ("generator.bench", "retriever.commands", "training.commands", "serve.commands",
-                "training.gen_commands"):
+                "training.gen_commands", "serve.fuzz"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:

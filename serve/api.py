@@ -22,6 +22,7 @@ from generator.peft_io import save_peft
 from serve import completions, playground, upload_routes
 from serve.errors import (
     Invalid,
+    NotFound,
     ServiceError,
     UnknownAdapter,
     UnknownModel,
@@ -98,19 +99,22 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     for e in errors[:5]:  # union branches show up in `loc` as e.g. "function-after[...]" or "list[...]": dropped
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body" and "[" not in str(x))
         first = first or loc or None
-        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+        msg = "must hold some text (it is empty or blank)" if e.get("type") == "string_pattern_mismatch" \
+            else e.get("msg", "invalid")
+        parts.append(f"{loc or 'body'}: {msg}")
     return "; ".join(parts), first
 
 
 def _allowed_methods(request: Request) -> list[str]:
     from starlette.routing import Match
 
-    methods: set[str] = set()
+    static: set[str] = set()  # routes without path parameters win, as in the schema: /v1/adapters/upload is
+    methods: set[str] = set()  # not /v1/adapters/{adapter_id}
     for route in request.app.routes:
         match, _ = route.matches(request.scope)
         if match != Match.NONE and getattr(route, "methods", None):
-            methods |= set(route.methods)
-    return sorted(methods)
+            (methods if getattr(route, "param_convertors", None) else static).update(route.methods)
+    return sorted(static or methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -191,7 +195,7 @@ def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | N
 
 def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
     @app.post("/v1/adapters", response_model=GenerateAdaptersResponse, tags=["adapters"],
-              responses=errors(400, 401, 403, 503))
+              responses=errors(400, 401, 403, 404, 503))
     async def generate_adapters(body: GenerateAdaptersRequest, request: Request) -> GenerateAdaptersResponse:
         """The best adapter per description (`strategy`: generate, retrieve or auto; see `decisions` for the path
         taken, the matched library tasks and the confidence); with `save`, generated ones are added to the library."""
@@ -199,8 +203,8 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
         texts = check_texts(body.texts, "description", lim.max_descriptions, lim.max_description_chars)
         kind = body.generator or state.generator
         if kind not in state.generators:
-            raise Invalid(f"generator {kind[:32]!r} is not served here; available: {', '.join(state.generators)}",
-                          param="generator")
+            raise NotFound(f"generator {kind[:32]!r} is not served here; available: {', '.join(state.generators)}",
+                           param="generator")
         if body.save:
             state.authorize(request)
         decisions, adapters, ms = await state.backends.adapt(texts, kind, body.strategy)

@@ -50,7 +50,7 @@ def add_routes(app: FastAPI, state: GatewayState) -> None:
 def _check_sampling(state: GatewayState, body, max_new: int) -> None:
     cap = state.cfg.engine.max_new_tokens
     if max_new > cap:
-        raise Invalid(f"max_tokens={max_new} exceeds this service's limit of {cap}", param="max_tokens")
+        raise TooLarge(f"max_tokens={max_new} exceeds this service's limit of {cap}", param="max_tokens", limit=cap)
     lim = state.cfg.limits
     if len(body.stops) > lim.max_stop:
         raise Invalid(f"{len(body.stops)} stop strings given; at most {lim.max_stop} are allowed", param="stop")
@@ -71,7 +71,8 @@ def _prompts(state: GatewayState, body: CompletionRequest | ChatCompletionReques
             raise TooLarge(f"the messages hold {chars} characters; the limit is {lim.max_prompt_chars}",
                            param="messages", limit=lim.max_prompt_chars)
         users = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
-        return [None], messages, [users[-1] if users else messages[-1]["content"] or " "]
+        texts = [m["content"] for m in messages if m["content"].strip()]
+        return [None], messages, [users[-1] if users else texts[-1] if texts else ""]  # "": nothing to route by
     prompts = body.prompts
     if len(prompts) > lim.max_prompts:
         raise TooLarge(f"{len(prompts)} prompts given; the limit is {lim.max_prompts}", param="prompt",
@@ -118,9 +119,10 @@ async def plan_adapters(state: GatewayState, body, texts: list[str]) -> list[Pla
     if is_base:
         return [Plan((), {}, AdapterUse(adapters=[]))] * n
     if model == "auto":
-        routes = await state.backends.route(texts, state.cfg.retriever_config().top_k)
+        found = iter(await state.backends.route([t for t in texts if t.strip()], state.cfg.retriever_config().top_k)
+                     if any(t.strip() for t in texts) else [])
         plans = []
-        for r in routes:
+        for r in (next(found) if t.strip() else {"abstain": True, "ids": []} for t in texts):  # blank: base model
             if r["abstain"] or not r["ids"]:
                 plans.append(Plan((), {}, AdapterUse(adapters=[], routed=True, abstained=True)))
             else:
@@ -139,7 +141,8 @@ async def plan_adapters(state: GatewayState, body, texts: list[str]) -> list[Pla
 
 
 async def _serve(state: GatewayState, body, chat: bool):
-    max_new = body.limit if chat else (body.max_tokens or 16)
+    asked = body.limit if chat else body.max_tokens
+    max_new = asked or min(256 if chat else 16, state.cfg.engine.max_new_tokens)  # unset: the default, capped
     _check_sampling(state, body, max_new)
     prompts, messages, route_texts = _prompts(state, body, chat)
     plans = await plan_adapters(state, body, route_texts)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from serve.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_SEED, MIN_TEMPERATURE
 
@@ -20,11 +29,28 @@ def encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(encodable)]  # every string a request carries
+# a description, prompt or routing input: at least one non-blank character (the schema says so too)
+NonBlank = Annotated[str, Field(pattern=r"\S"),
+                     BeforeValidator(lambda v: encodable(v) if isinstance(v, str) else v)]  # before the pattern
+
+
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):  # JSON true/false is not a number (pydantic's lax mode would take it as 1/0)
+        raise ValueError("must be an integer, not true/false")
+    return v
+
+
+JsonInt = Annotated[int, BeforeValidator(_not_bool)]  # an integer field of a request (35.0 is one too, as in JSON)
+GeneratorKind = Literal["t2l", "cvae", "sg"]  # generator.generate.GENERATORS (a test keeps them equal)
 
 
 def _exactly_one(a: str, b: str) -> dict[str, Any]:
-    """The JSON schema of "exactly one of `a` and `b`" (checked by the model's validator too)."""
-    return {"oneOf": [{"required": [a], "not": {"required": [b]}}, {"required": [b], "not": {"required": [a]}}]}
+    """The JSON schema of "exactly one of `a` and `b`" (checked by the model's validator too): one is given and not
+    null, the other is absent or null."""
+    def given(x: str, y: str) -> dict[str, Any]:
+        return {"required": [x], "properties": {x: {"not": {"type": "null"}}, y: {"type": "null"}}}
+
+    return {"oneOf": [given(a, b), given(b, a)]}
 
 # ---- adapters -------------------------------------------------------------------------------------------
 
@@ -34,12 +60,12 @@ class GenerateAdaptersRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one("description", "descriptions"))
 
-    description: Text | None = Field(None, description="One sentence saying what the adapter should do.")
-    descriptions: list[Text] | None = Field(None, min_length=1, description="Several, one adapter each.")
-    save: bool = Field(False, description="Add the adapters to the library (needs the API key).")
-    generator: Text | None = Field(None, min_length=1, max_length=32,
-                                  description="Which generator makes them: t2l (Text-to-LoRA), cvae (ICM-LoRA) or sg "
-                                              "(semantic-guided), as served; default: the service's (t2l).")
+    description: NonBlank | None = Field(None, description="One sentence saying what the adapter should do.")
+    descriptions: list[NonBlank] | None = Field(None, min_length=1, description="Several, one adapter each.")
+    save: StrictBool = Field(False, description="Add the adapters to the library (needs the API key).")
+    generator: GeneratorKind | None = Field(
+        None, description="Which generator makes them: t2l (Text-to-LoRA), cvae (ICM-LoRA) or sg (semantic-guided), "
+                          "as served (404 if this service does not serve it); default: the service's (t2l).")
     name: Text | None = Field(None, min_length=1, max_length=200,
                               description="Library name (default: the description).")
     sample_inputs: list[Text] = Field(default_factory=list, max_length=100,
@@ -134,9 +160,9 @@ class DeletedAdapter(BaseModel):
 class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one("input", "inputs"))
 
-    input: Text | None = None
-    inputs: list[Text] | None = Field(None, min_length=1)
-    top_k: int = Field(3, ge=1, le=64)
+    input: NonBlank | None = None
+    inputs: list[NonBlank] | None = Field(None, min_length=1)
+    top_k: JsonInt = Field(3, ge=1, le=64)
 
     @model_validator(mode="after")
     def _one_of(self) -> RouteRequest:
@@ -177,10 +203,23 @@ class AdapterWeight(BaseModel):
     weight: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
 
 
+NOT_BOTH = {"not": {"required": ["task_description", "adapters"],
+                    "properties": {"task_description": {"type": "string"}, "adapters": {"type": "array"}}}}
+
+
+def _json_false(v: Any) -> Any:
+    if v is not None and not isinstance(v, bool):  # Literal[False] alone would take 0 too
+        raise ValueError("must be false (not supported)")
+    return v
+
+
+JsonFalse = Annotated[Literal[False], BeforeValidator(_json_false)]  # a field whose only allowed value is false
+
+
 class _Sampling(BaseModel):
     """Fields shared by both completion endpoints. Unknown OpenAI fields are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=NOT_BOTH)
 
     model: Text = Field(min_length=1, max_length=256, description="Base model name, an adapter id, or `auto`.")
     temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
@@ -188,15 +227,16 @@ class _Sampling(BaseModel):
                                                   f"{MAX_TEMPERATURE}].")
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False,
                                 description="Nucleus sampling mass in (0, 1]; the most likely token always stays.")
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
-    stream: bool = False
+    n: JsonInt = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    stream: StrictBool = False
     stream_options: dict[str, Any] | None = None  # {"include_usage": true} adds a final usage chunk
     stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED, description="A 64-bit integer.")
+    seed: JsonInt | None = Field(None, ge=MIN_SEED, le=MAX_SEED, description="A 64-bit integer.")
     task_description: Text | None = Field(None, min_length=1, description="Generate an adapter for this and use it.")
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, description="A weighted mixture of adapters.")
-    use_instruction: bool = Field(True, description="Put the adapter's instruction in front of the prompt, in the "
-                                                    "chat template, when the adapter carries one (see the README).")
+    use_instruction: StrictBool = Field(True, description="Put the adapter's instruction in front of the prompt, in "
+                                                          "the chat template, when the adapter carries one (see the "
+                                                          "README).")
 
     @field_validator("temperature")
     @classmethod
@@ -219,14 +259,16 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="ignore", json_schema_extra={**NOT_BOTH, "examples": [
         {"model": "auto", "prompt": "Translate to French: good morning", "max_tokens": 32},
         {"model": "base", "prompt": "2+2=", "max_tokens": 4, "task_description": "Answer with a number."}]})
 
-    prompt: Text | list[Text] = Field(description="A prompt, or several (one choice each).")
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = Field(False, description="Not supported; must be false.")
+    prompt: NonBlank | Annotated[list[NonBlank], Field(min_length=1)] = Field(
+        description="A prompt, or several (one choice each).")
+    max_tokens: JsonInt | None = Field(16, ge=1, description="At most the service's limit (its config's "
+                                   "`engine.max_new_tokens`); null: 16 or that limit, whichever is lower.")
+    logprobs: JsonInt | None = Field(None, ge=0, le=5)
+    echo: JsonFalse = Field(False, description="Not supported; must be false.")
 
     @model_validator(mode="after")
     def _no_echo(self) -> CompletionRequest:
@@ -258,13 +300,15 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="ignore", json_schema_extra={**NOT_BOTH, "examples": [
         {"model": "auto", "messages": [{"role": "user", "content": "Is this review positive? I loved it."}]}]})
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = Field(None, description="Not supported for chat; must be false or absent.")
+    max_tokens: JsonInt | None = Field(None, ge=1, description="At most the service's limit; absent: 256 or that "
+                                   "limit, whichever is lower.")
+    max_completion_tokens: JsonInt | None = Field(None, ge=1,
+                                                   description="The same as max_tokens (OpenAI's newer name).")
+    logprobs: JsonFalse | None = Field(None, description="Not supported for chat; must be false or absent.")
 
     @model_validator(mode="after")
     def _no_logprobs(self) -> ChatCompletionRequest:
@@ -273,8 +317,9 @@ class ChatCompletionRequest(_Sampling):
         return self
 
     @property
-    def limit(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or 256
+    def limit(self) -> int | None:
+        """The requested number of new tokens; None when the request leaves it to the service."""
+        return self.max_completion_tokens or self.max_tokens
 
 
 class Usage(BaseModel):

@@ -40,6 +40,9 @@ def add_routes(app: FastAPI, state: GatewayState) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="hyperlora-up-"))
         try:
             fields, files = await _read_upload(request, lim)
+            for one in ("name", "instruction"):  # the schema says a string: several are a malformed request
+                if len(fields.get(one) or []) > 1:
+                    raise Invalid(f"give one `{one}`, not {len(fields[one])}", param=one)
             name = (fields.get("name") or ["uploaded adapter"])[0]
             descriptions = check_texts(fields.get("description") or fields.get("descriptions") or [],
                                        "description", lim.max_descriptions, lim.max_description_chars)

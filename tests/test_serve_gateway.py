@@ -227,6 +227,8 @@ def test_chunked_body_over_the_limit_is_413(client, world):
 def test_405_carries_allow_and_models_by_id(client, world):
     r = client.put("/v1/adapters")
     assert r.status_code == 405 and set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}
+    r = client.options("/v1/adapters/upload")  # a static path is not /v1/adapters/{id}: as the schema says it
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert r.json()["error"]["code"] == "method_not_allowed"
     aid = world[3]
     assert client.get(f"/v1/models/{aid}").json()["id"] == aid
@@ -377,3 +379,47 @@ def test_cors_only_when_configured(world):
         r = c.get("/v1/models", headers={"Origin": "http://app.example"})
         assert r.headers["access-control-allow-origin"] == "http://app.example"
         assert "access-control-allow-origin" not in c.get("/v1/models", headers={"Origin": "http://x.example"}).headers
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"model": "base", "prompt": "x", "seed": False}, "seed"),  # JSON false is not an integer
+    ("/v1/completions", {"model": "base", "prompt": "x", "echo": 0}, "echo"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "logprobs": 0},
+     "logprobs"),
+    ("/v1/adapters", {"description": "x", "save": 0}, "save"),
+    ("/v1/adapters", {"description": None}, None),  # exactly one of description/descriptions, not null
+    ("/v1/completions", {"model": "base", "prompt": []}, "prompt"),
+    ("/v1/route", {"inputs": ["ok", "  "]}, "inputs.1"),
+])
+def test_values_the_schema_refuses_are_422(client, path, body, param):
+    r = client.post(path, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+def test_schema_states_what_the_server_checks(client):
+    """The OpenAPI schema carries the rules the server enforces (exactly one of, not both, non-blank text, the
+    generator kinds), so a schema-valid request is not refused for them."""
+    from typing import get_args
+
+    from generator.generate import GENERATORS
+    from serve.schemas import GeneratorKind
+
+    assert set(get_args(GeneratorKind)) == set(GENERATORS)
+    comps = client.get("/openapi.json").json()["components"]["schemas"]
+    gen = comps["GenerateAdaptersRequest"]
+    assert len(gen["oneOf"]) == 2 and {"required": ["description"], "properties": {
+        "description": {"not": {"type": "null"}}, "descriptions": {"type": "null"}}} in gen["oneOf"]
+    assert comps["CompletionRequest"]["not"]["required"] == ["task_description", "adapters"]
+    assert "\\S" in json.dumps(comps["RouteRequest"]["properties"]["input"])
+
+
+def test_blank_chat_with_auto_answers_from_the_base_model(client, world):
+    """Nothing to route by (only a blank message): no router call, the base model answers (was a 500)."""
+    world[1].routes.clear()
+    r = client.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": " "}],
+                                                  "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["hyperlora"]["abstained"] is True
+    r = client.post("/v1/completions", json={"model": "base", "prompt": "x"})  # no max_tokens: the default, capped
+    assert r.status_code == 200 and world[1].requests[-1].max_new_tokens <= world[0].cfg.engine.max_new_tokens
