@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_TEMPERATURE = 0.01  # a positive temperature below this is refused (use 0 for greedy)
+MIN_TEMPERATURE = 0.01  # a positive temperature below this is greedy (the API maps it to 0)
 MAX_TEMPERATURE = 2.0
 MIN_SEED = -(2**63)  # what torch.Generator.manual_seed takes
 MAX_SEED = 2**64 - 1

@@ -35,12 +35,13 @@ NonBlank = Annotated[str, Field(pattern=r"\S"),
 
 
 def _not_bool(v: Any) -> Any:
-    if isinstance(v, bool):  # JSON true/false is not a number (pydantic's lax mode would take it as 1/0)
-        raise ValueError("must be an integer, not true/false")
+    """For a number field (used as a `mode="before"` field validator): JSON true/false is not a number, though
+    pydantic's lax mode would take it as 1/0. (Lax mode stays: 35.0 is an integer in JSON Schema too.)"""
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not true/false")
     return v
 
 
-JsonInt = Annotated[int, BeforeValidator(_not_bool)]  # an integer field of a request (35.0 is one too, as in JSON)
 GeneratorKind = Literal["t2l", "cvae", "sg"]  # generator.generate.GENERATORS (a test keeps them equal)
 
 
@@ -162,7 +163,9 @@ class RouteRequest(BaseModel):
 
     input: NonBlank | None = None
     inputs: list[NonBlank] | None = Field(None, min_length=1)
-    top_k: JsonInt = Field(3, ge=1, le=64)
+    top_k: int = Field(3, ge=1, le=64)
+
+    _route_numbers = field_validator("top_k", mode="before")(_not_bool)
 
     @model_validator(mode="after")
     def _one_of(self) -> RouteRequest:
@@ -201,6 +204,7 @@ class AdapterWeight(BaseModel):
 
     id: Text = Field(min_length=1, max_length=128)
     weight: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
+    _weight_numbers = field_validator("weight", mode="before")(_not_bool)
 
 
 NOT_BOTH = {"not": {"required": ["task_description", "adapters"],
@@ -223,27 +227,27 @@ class _Sampling(BaseModel):
 
     model: Text = Field(min_length=1, max_length=256, description="Base model name, an adapter id, or `auto`.")
     temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
-                                      description=f"0 (the default): greedy; else in [{MIN_TEMPERATURE}, "
-                                                  f"{MAX_TEMPERATURE}].")
+                                      description=f"0 (the default) or under {MIN_TEMPERATURE}: greedy; at most "
+                                                  f"{MAX_TEMPERATURE}.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False,
                                 description="Nucleus sampling mass in (0, 1]; the most likely token always stays.")
-    n: JsonInt = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None  # {"include_usage": true} adds a final usage chunk
     stop: Text | list[Text] | None = None
-    seed: JsonInt | None = Field(None, ge=MIN_SEED, le=MAX_SEED, description="A 64-bit integer.")
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED, description="A 64-bit integer.")
     task_description: Text | None = Field(None, min_length=1, description="Generate an adapter for this and use it.")
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, description="A weighted mixture of adapters.")
     use_instruction: StrictBool = Field(True, description="Put the adapter's instruction in front of the prompt, in "
                                                           "the chat template, when the adapter carries one (see the "
                                                           "README).")
 
+    _sampling_numbers = field_validator("temperature", "top_p", "n", "seed", mode="before")(_not_bool)
+
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, v: float | None) -> float | None:
-        if v is not None and 0.0 < v < MIN_TEMPERATURE:
-            raise ValueError(f"a positive temperature must be at least {MIN_TEMPERATURE}; use 0 for greedy")
-        return v
+        return 0.0 if v is not None and v < MIN_TEMPERATURE else v  # a temperature this close to 0 is greedy
 
     @model_validator(mode="after")
     def _extensions(self):
@@ -265,9 +269,10 @@ class CompletionRequest(_Sampling):
 
     prompt: NonBlank | Annotated[list[NonBlank], Field(min_length=1)] = Field(
         description="A prompt, or several (one choice each).")
-    max_tokens: JsonInt | None = Field(16, ge=1, description="At most the service's limit (its config's "
+    max_tokens: int | None = Field(16, ge=1, description="At most the service's limit (its config's "
                                    "`engine.max_new_tokens`); null: 16 or that limit, whichever is lower.")
-    logprobs: JsonInt | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    _completion_numbers = field_validator("max_tokens", "logprobs", mode="before")(_not_bool)
     echo: JsonFalse = Field(False, description="Not supported; must be false.")
 
     @model_validator(mode="after")
@@ -304,10 +309,11 @@ class ChatCompletionRequest(_Sampling):
         {"model": "auto", "messages": [{"role": "user", "content": "Is this review positive? I loved it."}]}]})
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: JsonInt | None = Field(None, ge=1, description="At most the service's limit; absent: 256 or that "
+    max_tokens: int | None = Field(None, ge=1, description="At most the service's limit; absent: 256 or that "
                                    "limit, whichever is lower.")
-    max_completion_tokens: JsonInt | None = Field(None, ge=1,
+    max_completion_tokens: int | None = Field(None, ge=1,
                                                    description="The same as max_tokens (OpenAI's newer name).")
+    _chat_numbers = field_validator("max_tokens", "max_completion_tokens", mode="before")(_not_bool)
     logprobs: JsonFalse | None = Field(None, description="Not supported for chat; must be false or absent.")
 
     @model_validator(mode="after")

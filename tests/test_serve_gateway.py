@@ -184,7 +184,8 @@ def test_chat_with_example_turns_uses_a_generated_adapter_at_its_strength_with_e
 
 
 @pytest.mark.parametrize("path,body,param", [
-    ("/v1/completions", {"model": "base", "prompt": "x", "temperature": 1e-40}, "temperature"),
+    ("/v1/completions", {"model": "base", "prompt": "x", "temperature": -0.5}, "temperature"),
+    ("/v1/completions", {"model": "base", "prompt": "x", "temperature": True}, "temperature"),
     ("/v1/completions", {"model": "base", "prompt": "x", "temperature": 2.5}, "temperature"),
     ("/v1/completions", {"model": "base", "prompt": "x", "top_p": 0}, "top_p"),
     ("/v1/completions", {"model": "base", "prompt": "x", "seed": 2**80}, "seed"),
@@ -423,3 +424,9 @@ def test_blank_chat_with_auto_answers_from_the_base_model(client, world):
     assert r.json()["hyperlora"]["abstained"] is True
     r = client.post("/v1/completions", json={"model": "base", "prompt": "x"})  # no max_tokens: the default, capped
     assert r.status_code == 200 and world[1].requests[-1].max_new_tokens <= world[0].cfg.engine.max_new_tokens
+
+
+def test_a_temperature_next_to_zero_is_greedy(client, world):
+    r = client.post("/v1/completions", json={"model": "base", "prompt": "x", "temperature": 1e-40})
+    assert r.status_code == 200, r.text
+    assert world[1].requests[-1].temperature == 0.0
