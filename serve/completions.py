@@ -91,6 +91,12 @@ async def plan_adapters(state: GatewayState, body, texts: list[str]) -> list[Pla
     model, n = body.model, len(texts)
     is_base = model in state.base_names
     if (body.task_description is not None or body.adapters is not None) and not (is_base or model == "auto"):
+        try:
+            state.lookup(model)
+        except UnknownAdapter:
+            raise UnknownModel(f"model {model[:80]!r} is neither the base model ({state.model_name}) nor 'auto'; "
+                               f"with `task_description` or `adapters`, set `model` to one of those",
+                               param="model") from None
         raise Invalid("with `task_description` or `adapters`, set `model` to the base model name", param="model")
     if body.task_description is not None:
         lim = state.cfg.limits

@@ -15,7 +15,11 @@ from pydantic import (
     model_validator,
 )
 
-from serve.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_SEED, MIN_TEMPERATURE
+from serve.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
+
+# the engine takes any 64-bit seed; the API keeps to what every JSON parser reads exactly (bigger integers pass
+# through doubles in many clients and validators, where 2**64 + 384 == 2**64)
+JSON_SAFE_INT = 2**53 - 1
 
 
 def encodable(text: str) -> str:
@@ -235,7 +239,8 @@ class _Sampling(BaseModel):
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None  # {"include_usage": true} adds a final usage chunk
     stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED, description="A 64-bit integer.")
+    seed: int | None = Field(None, ge=-JSON_SAFE_INT, le=JSON_SAFE_INT,
+                             description="An integer that a JSON number holds exactly: |seed| < 2**53.")
     task_description: Text | None = Field(None, min_length=1, description="Generate an adapter for this and use it.")
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, description="A weighted mixture of adapters.")
     use_instruction: StrictBool = Field(True, description="Put the adapter's instruction in front of the prompt, in "
