@@ -7,9 +7,15 @@ first 32. Calibration queries are taken from `CALIBRATION_SLICE` (descriptions 1
 uses `EVALUATION_SLICE` (150-199), so no number is reported on what it was fitted on.
 
 What is fitted (every value a cosine score; see retriever/strategy.py for how each is used):
-- `match_threshold`, `match_margin`: the grid point with the most correct library matches among those whose
-  `retrieve` decisions are right at least `retrieve_precision` of the time, over queries whose own task is in the
-  library (even-numbered tasks) or left out of it (odd-numbered ones: then any retrieval is wrong);
+- `match_threshold`, `match_margin`: the grid point of the highest expected ROUGE-L over queries whose own task is
+  in the library (even-numbered tasks) or left out of it (odd-numbered ones: then any retrieval is wrong), a
+  retrieval scoring `quality_own` when right and `quality_other` when wrong, a generated adapter `quality_generated`
+  (measured on train tasks: a task's own trained LoRA, another task's, a generated adapter);
+- `instruction_threshold`, `instruction_margin`: a library adapter is also keyed by its instruction (a trained
+  LoRA's is its task definition); over the train tasks' definitions (even-numbered tasks' adapters in the library,
+  so their definition is an instruction key; odd-numbered ones' definitions describe tasks the library lacks), the
+  grid point that keeps `instruction_recall` of the restated instructions with the fewest wrong matches (siblings
+  of one dataset often share a near-identical definition), the lowest such threshold;
 - `near_threshold`: the lowest score from which, among the queries not confidently matched, the query's own task is
   among the top-k library tasks that score at least that much `near_precision` of the time (a mixture of them and
   the generated adapter then often holds the right adapter);
@@ -48,11 +54,15 @@ class CalibrationConfig:
     """What `hyperlora train strategy` fits on."""
 
     sni_dir: str = "../shared/data/sni"  # SNI data (train split only is read)
-    queries_per_task: int = 6  # held-out paraphrases per train task, from CALIBRATION_SLICE (1..50)
+    queries_per_task: int = 50  # held-out paraphrases per train task, from CALIBRATION_SLICE (1..50)
     key_descriptions: int = 8  # descriptions averaged into a task's key and train row (as the library does)
-    retrieve_precision: float = 0.6  # a confident match must be the right task this often ((0, 1]). A task's own
-    #   LoRA scores ~52 ROUGE-L, a generated one ~21 and another task's ~5, so retrieving pays from ~0.35; 0.6 is
-    #   a margin (siblings of one dataset are near-paraphrases of each other, so precision costs much recall)
+    # expected ROUGE-L of each outcome, measured on train tasks (>= 0, own > generated > other): a task's own trained
+    # LoRA ~52, a generated adapter ~21, another task's LoRA ~5; retrieving pays from (21-5)/(52-5) = 34% precision
+    quality_own: float = 52.0
+    quality_generated: float = 21.0
+    quality_other: float = 5.0
+    instruction_recall: float = 0.98  # restated instructions an instruction match must keep ((0, 1]): nearly all;
+    #   what it loses are twins (two library tasks with one definition), whose adapters are near-interchangeable
     near_precision: float = 0.4  # a mixture must hold the query's own task this often ((0, 1])
     top_k: int = 3  # library tasks a mixture may hold (as StrategyConfig.top_k)
     scope_position: float = 1 / 3  # where scope_threshold sits between nonsense's 95th percentile (0) and unseen
@@ -66,7 +76,10 @@ class CalibrationConfig:
             raise ValueError(f"queries_per_task={self.queries_per_task} (allowed: 1 to 50)")
         if self.key_descriptions < 1:
             raise ValueError(f"key_descriptions={self.key_descriptions} (must be >= 1)")
-        for name in ("retrieve_precision", "near_precision"):
+        if not 0 <= self.quality_other < self.quality_generated < self.quality_own:
+            raise ValueError(f"quality_own={self.quality_own}, quality_generated={self.quality_generated}, "
+                             f"quality_other={self.quality_other} (must be 0 <= other < generated < own)")
+        for name in ("near_precision", "instruction_recall"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} (must be in (0, 1])")
         if not 0 <= self.scope_position <= 1:
@@ -139,23 +152,48 @@ def _best_two(scores: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.nda
     return top2[:, 0], (top2[:, 1] if s.shape[1] > 1 else np.full(len(s), -1.0))
 
 
-def fit_match(scores: np.ndarray, owner: np.ndarray, precision: float) -> tuple[float, float, dict]:
-    """Grid search over (threshold, margin) on query x task scores `(n_queries, n_tasks)`."""
+def fit_match(scores: np.ndarray, owner: np.ndarray, quality: tuple[float, float, float]) -> tuple[float, float, dict]:
+    """Grid search over (threshold, margin) on query x task scores `(n_queries, n_tasks)` for the highest expected
+    quality; `quality`: (own adapter, generated, another task's adapter)."""
+    own, generated, other = quality
     in_lib = owner % 2 == 0
     best, second = _best_two(scores, owner)
     s = scores.copy()
     s[~in_lib, owner[~in_lib]] = -np.inf  # odd tasks' own adapters are not in the library
     right = (s.argmax(1) == owner) & in_lib
-    chosen, stats = (0.99, 0.2), {"recall": 0.0, "precision": 1.0}
-    for thr in np.arange(0.40, 1.0, 0.01):
-        for margin in np.arange(0.0, 0.21, 0.01):
+    gain = np.where(right, own - generated, other - generated)  # (n_queries,) retrieving instead of generating
+    chosen, top = (0.99, 0.2), 0.0
+    for thr in np.round(np.arange(0.40, 1.0, 0.01), 2):
+        for margin in np.round(np.arange(0.0, 0.21, 0.01), 2):
             take = (best >= thr) & (best - second >= margin)
-            if not take.any():
-                continue
-            p, r = right[take].mean(), (right & take).sum() / max(in_lib.sum(), 1)
-            if p >= precision and r > stats["recall"]:
+            g = float(gain[take].sum()) / len(gain)
+            if g > top + 1e-9:
+                chosen, top = (float(thr), float(margin)), g
+    take = (best >= chosen[0]) & (best - second >= chosen[1])
+    stats = {"recall": round(float((right & take).sum() / max(in_lib.sum(), 1)), 4),
+             "precision": round(float(right[take].mean()) if take.any() else 1.0, 4),
+             "expected_quality": round(generated + top, 2),
+             "always_retrieve": round(generated + float(gain.mean()), 2), "always_generate": generated}
+    return chosen[0], chosen[1], stats
+
+
+def fit_instruction(scores: np.ndarray, recall: float) -> tuple[float, float, dict]:
+    """Grid search over (threshold, margin) on definition x definition scores `(n_tasks, n_tasks)`: even tasks'
+    definitions are library instructions, each task's definition a query; fewest wrong matches at `recall`."""
+    owner = np.arange(len(scores))
+    in_lib = owner % 2 == 0
+    best, second = _best_two(scores, owner)
+    s = scores.copy()
+    s[~in_lib, owner[~in_lib]] = -np.inf
+    right = (s.argmax(1) == owner) & in_lib
+    chosen, stats = (0.99, 0.0), {"recall": 0.0, "wrong_matches": 1.0}
+    for thr in np.round(np.arange(0.40, 1.0, 0.01), 2):
+        for margin in np.round(np.arange(0.0, 0.11, 0.01), 2):
+            take = (best >= thr) & (best - second >= margin)
+            r, wrong = (right & take).sum() / max(in_lib.sum(), 1), (take & ~right).sum() / len(take)
+            if r >= recall and wrong < stats["wrong_matches"]:
                 chosen, stats = (float(thr), float(margin)), {"recall": round(float(r), 4),
-                                                              "precision": round(float(p), 4)}
+                                                              "wrong_matches": round(float(wrong), 4)}
     return chosen[0], chosen[1], stats
 
 
@@ -167,7 +205,7 @@ def fit_near(scores: np.ndarray, owner: np.ndarray, retrieved: np.ndarray, top_k
     s[owner % 2 == 1, owner[owner % 2 == 1]] = -np.inf  # odd tasks are not in the library, as in fit_match
     top = np.argsort(-s, axis=1)[:, :top_k]  # (n_queries, k)
     top_scores = np.take_along_axis(s, top, 1)
-    for thr in np.arange(0.40, 1.0, 0.01):
+    for thr in np.round(np.arange(0.40, 1.0, 0.01), 2):
         near = top_scores >= thr
         mixed = near.any(1) & ~retrieved
         if mixed.sum() < 5:
@@ -189,10 +227,12 @@ def fit(e: Embedded, ccfg: CalibrationConfig) -> dict:
     rows, row_names = train_rows(e)
     row_task = np.array([e.tasks.index(n) for n in row_names])
     qs = e.queries @ e.keys.T  # (n_queries, n_tasks) description-key scores, as the library would give
-    match_t, margin, match_stats = fit_match(qs, e.owner, ccfg.retrieve_precision)
+    quality = (ccfg.quality_own, ccfg.quality_generated, ccfg.quality_other)
+    match_t, margin, match_stats = fit_match(qs, e.owner, quality)
     best, second = _best_two(qs, e.owner)
     retrieved = (best >= match_t) & (best - second >= margin)
     near_t, near_stats = fit_near(qs, e.owner, retrieved, ccfg.top_k, ccfg.near_precision)
+    instr_t, instr_margin, instr_stats = fit_instruction(e.definitions @ e.definitions.T, ccfg.instruction_recall)
     own_in = (e.queries @ rows.T).max(1)
     unseen = np.concatenate([leave_own_out(e.queries @ rows.T, e.owner, row_task),
                              leave_own_out(e.definitions @ rows.T, np.arange(len(e.tasks)), row_task)])
@@ -204,11 +244,12 @@ def fit(e: Embedded, ccfg: CalibrationConfig) -> dict:
                        "out-of-scope threshold sits at the latter and lets some nonsense through", lo, hi)
     return {
         "match_threshold": round(match_t, 4), "match_margin": round(margin, 4),
-        "near_threshold": round(max(near_t, 0.0), 4), "scope_threshold": round(scope, 4),
+        "near_threshold": round(max(near_t, 0.0), 4), "instruction_threshold": round(instr_t, 4),
+        "instruction_margin": round(instr_margin, 4), "scope_threshold": round(scope, 4),
         "scope_floor": round(float(np.median(junk)), 4), "scope_reference": round(float(np.median(own_in)), 4),
         "stats": {
             "train_tasks": len(e.tasks), "queries": len(e.queries), "nonsense": len(e.nonsense),
-            "match": match_stats, "near": near_stats,
+            "match": match_stats, "near": near_stats, "instruction": instr_stats,
             "nonsense_similarity_q95": round(lo, 4), "unseen_task_similarity_q005": round(hi, 4),
             "unseen_flagged": round(float((unseen < scope).mean()), 4),
             "nonsense_flagged": round(float((junk < scope).mean()), 4),

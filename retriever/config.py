@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 IndexType = Literal["auto", "flat", "hnsw", "ivf"]
-KeyMode = Literal["inputs_else_description", "both", "description", "inputs"]
+KeyMode = Literal["inputs_else_description", "both", "description", "inputs", "instruction"]
 _INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
-_KEY_MODES = ("inputs_else_description", "both", "description", "inputs")
+_KEY_MODES = ("inputs_else_description", "both", "description", "inputs", "instruction")
 
 
 @dataclass
@@ -28,7 +28,8 @@ class RetrieverConfig:
     search_threads: int = 1  # OpenMP threads of a search call, set per calling thread (0: all cores); on a few
     #                          shared cores one thread answers a small batch fastest (see results/bench_route.json)
     # -- adapter keys (LoraRetriever: the mean embedding of a few of the adapter's inputs)
-    key_mode: KeyMode = "inputs_else_description"  # which keys an adapter gets (see keys.py)
+    key_mode: KeyMode = "inputs_else_description"  # which keys an adapter gets (see keys.py); "instruction": only
+    #                                               adapters with an instruction, keyed by it (the strategy uses it)
     key_descriptions: int = 8  # at most this many descriptions are averaged into the description key (>= 1)
     key_samples: int = 20  # at most this many sample inputs are averaged into the inputs key (>= 1)
     # -- routing

@@ -135,6 +135,7 @@ class Runner:
             decisions = self.strategy.decide_vectors(vectors, s)
             plans[s] = [self._adapter(d, g) for d, g in zip(decisions, generated, strict=True)]
             paths[s] = {p: sum(d.path == p for d in decisions) for p in ("retrieve", "mix", "generate")}
+            paths[s]["by_instruction"] = sum(bool(d.matches) and d.matches[0].key == "instruction" for d in decisions)
         top1 = [bool(d.matches) and d.matches[0].name == r.task for d, r in zip(decisions, rows, strict=True)]
         prompts = [task_prompt(self.tok, r.description, r.input) for r in rows]
         todo = sorted({(key, p) for s in strategies for (key, _), p in zip(plans[s], prompts, strict=True)}
@@ -215,16 +216,18 @@ def format_eval(result: dict) -> str:
     lines = ["# Description strategy: generate, retrieve or auto", "",
              f"Library: {lib['adapters']} train-task adapters ({lib['origin']}); {lib['dev_adapters']} dev-task "
              f"adapters for (c). Thresholds: match {t['match_threshold']:.3f} (margin {t['match_margin']:.3f}), "
-             f"near {t['near_threshold']:.3f}, out of scope under {t['scope_threshold']:.3f}.", "",
+             f"near {t['near_threshold']:.3f}, instruction match {t['instruction_threshold']:.3f} (margin "
+             f"{t['instruction_margin']:.3f}), out of scope under {t['scope_threshold']:.3f}.", "",
              f"ROUGE-L (mean over tasks of per-task means; {result['eval']['inputs']} test inputs per task, greedy, "
              f"{result['eval']['max_new_tokens']} new tokens, the description as instruction in the prompt):", "",
-             "| setting | tasks | generate | retrieve | auto | auto's paths (retrieve / mix / generate) |",
+             "| setting | tasks | generate | retrieve | auto | auto's paths (retrieve (by instruction) / mix / "
+             "generate) |",
              "|---|---:|---:|---:|---:|---|"]
     for key, s in result["settings"].items():
         p = s["auto"]["paths"]
         lines.append(f"| ({key}) {s['what']} | {len(s['tasks'])} | {s['generate']['rougeL']:.2f} | "
                      f"{s['retrieve']['rougeL']:.2f} | **{s['auto']['rougeL']:.2f}** | "
-                     f"{p['retrieve']} / {p['mix']} / {p['generate']} |")
+                     f"{p['retrieve']} ({p.get('by_instruction', 0)}) / {p['mix']} / {p['generate']} |")
     return "\n".join(lines)
 
 

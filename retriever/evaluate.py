@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from retriever.config import RetrieverConfig
 from retriever.index import build_index
 from retriever.index_store import IndexStore
-from retriever.keys import KIND_DESCRIPTION, KIND_INPUTS, assign_labels, embed_keys
+from retriever.keys import KIND_DESCRIPTION, KIND_INPUTS, assign_labels, embed_keys, kind_of
 from retriever.library import AdapterLibrary
 from retriever.router import Router
 from retriever.tasks import load_sni
@@ -95,7 +95,7 @@ def key_mode_ablation(library: AdapterLibrary, encoder, cfg: RetrieverConfig, qu
     cache = IndexStore(library.index_dir, encoder, replace(cfg, key_mode="both")).cached_keys()
     vectors, key_labels, _ = embed_keys(records, encoder, replace(cfg, key_mode="both"), labels, cache)
     name_of = {labels[r.id] + kind: r.name for r in records for kind in (KIND_DESCRIPTION, KIND_INPUTS)}
-    kinds = key_labels % 2
+    kinds = kind_of(key_labels)
     out = {}
     for mode, keep in (("description", kinds == KIND_DESCRIPTION), ("inputs", kinds == KIND_INPUTS),
                        ("both", np.ones_like(kinds, bool))):

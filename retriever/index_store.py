@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from retriever.config import RetrieverConfig
 from retriever.fsutil import fsync_tree
 from retriever.index import INDEX_TYPES, VectorIndex, build_index, choose_index_type
-from retriever.keys import assign_labels, embed_keys, keys_per_adapter
+from retriever.keys import KINDS, LABELS_FORMAT, assign_labels, embed_keys, keys_per_adapter
 from retriever.records import AdapterRecord
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class LoadedIndex:
 def key_signature(encoder_name: str, dim: int, cfg: RetrieverConfig) -> dict:
     """Everything the key vectors depend on."""
     return {"embedder": encoder_name, "dim": dim, "key_mode": cfg.key_mode, "key_descriptions": cfg.key_descriptions,
-            "key_samples": cfg.key_samples, "query_prefix": cfg.query_prefix}
+            "key_samples": cfg.key_samples, "query_prefix": cfg.query_prefix, "labels": LABELS_FORMAT}
 
 
 def index_signature(kind: str, cfg: RetrieverConfig) -> dict:
@@ -82,7 +82,7 @@ class IndexStore:
         token = _digest(meta)
         label_to_id = {}
         for r in records:
-            label_to_id[labels[r.id]] = label_to_id[labels[r.id] + 1] = r.id
+            label_to_id.update({labels[r.id] + kind: r.id for kind in range(KINDS)})
         loaded = self._read(token, meta, kind)
         if loaded is not None:
             return LoadedIndex(loaded, label_to_id, token, rebuilt=False)

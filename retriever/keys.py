@@ -2,7 +2,10 @@
 
 LoraRetriever represents a LoRA by the mean embedding of a few of its training inputs; an adapter with no
 known inputs (e.g. one generated from a sentence) is represented by the mean embedding of its descriptions.
-`key_mode` picks which keys an adapter gets; with two keys, an adapter scores the better of the two.
+An adapter made or trained for an instruction (`AdapterRecord.instruction`, from its hyperlora.json: a trained
+LoRA's task definition, a generated adapter's description) also has that instruction as a key of its own
+(`key_mode="instruction"`): a description that restates it finds the adapter even when its descriptions are
+paraphrases of it. `key_mode` picks which keys an adapter gets; with two keys, an adapter scores the better.
 Labels are derived from the adapter id, so they are the same in every process and across rebuilds.
 """
 
@@ -17,7 +20,9 @@ import numpy as np
 from retriever.config import RetrieverConfig
 from retriever.records import AdapterRecord
 
-KIND_DESCRIPTION, KIND_INPUTS = 0, 1
+KIND_DESCRIPTION, KIND_INPUTS, KIND_INSTRUCTION = 0, 1, 2
+KINDS = 4  # label slots per adapter: base label + kind (one spare)
+LABELS_FORMAT = "sha256(id) * 4 + kind"  # in the index signature: saved indexes with other labels are rebuilt
 MAX_EMBED_CHARS = 1000  # longer texts are cut: the default embedder reads 256 tokens anyway
 
 
@@ -27,6 +32,8 @@ def embed_text(text: str, prefix: str = "") -> str:
 
 def key_texts(record: AdapterRecord, cfg: RetrieverConfig) -> dict[int, list[str]]:
     """kind -> the texts whose mean embedding is that key."""
+    if cfg.key_mode == "instruction":
+        return {KIND_INSTRUCTION: [embed_text(record.instruction)]} if record.instruction else {}
     desc = [embed_text(d) for d in record.descriptions[: cfg.key_descriptions]]
     samples = [embed_text(s, cfg.query_prefix) for s in record.sample_inputs[: cfg.key_samples]]
     if cfg.key_mode == "description" or (cfg.key_mode == "inputs_else_description" and not samples):
@@ -41,8 +48,13 @@ def keys_per_adapter(cfg: RetrieverConfig) -> int:
 
 
 def base_label(adapter_id: str) -> int:
-    """A stable 61-bit label for an adapter; its keys are base + kind."""
-    return (int(hashlib.sha256(adapter_id.encode()).hexdigest()[:15], 16) << 1) & ((1 << 62) - 1)
+    """A stable 60-bit label for an adapter; its keys are base + kind (kind < KINDS)."""
+    return (int(hashlib.sha256(adapter_id.encode()).hexdigest()[:15], 16) * KINDS) & ((1 << 62) - 1)
+
+
+def kind_of(label: int | np.ndarray) -> int | np.ndarray:
+    """The key kind of a key label (KIND_DESCRIPTION, KIND_INPUTS or KIND_INSTRUCTION)."""
+    return label % KINDS
 
 
 def assign_labels(ids: Sequence[str]) -> dict[str, int]:
@@ -51,7 +63,7 @@ def assign_labels(ids: Sequence[str]) -> dict[str, int]:
     for i in sorted(ids):
         label = base_label(i)
         while label in used:
-            label += 2
+            label += KINDS
         used.add(label)
         out[i] = label
     return out

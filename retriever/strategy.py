@@ -1,21 +1,26 @@
 """The best adapter for a description: the library's, a generated one, or a mixture, decided in one place.
 
 A description is embedded once. Its nearest library adapters are found by their *description* keys (a second
-`Router` over the same library with `key_mode="description"`), and its distance to the tasks the hypernetwork
+`Router` over the same library with `key_mode="description"`) and by their *instructions* (a third, with
+`key_mode="instruction"`: the instruction a library adapter was trained or made for, e.g. a trained LoRA's task
+definition, which its paraphrased descriptions need not contain), and its distance to the tasks the hypernetwork
 was trained on is measured against a compact set of train-task embeddings shipped with the package
 (`data/train_tasks.safetensors`). A registered `Strategy` turns those numbers into a `Plan`:
 
-- `retrieve`: the top library adapter, whatever its score;
+- `retrieve`: the library adapter whose instruction the description restates (an instruction match: score >=
+  `instruction_threshold`, ahead of the second instruction by `instruction_margin`), else the top library adapter
+  by descriptions, whatever its score;
 - `generate`: a generated adapter, whatever the library holds;
-- `auto`: the library adapter when one task is a confident match (score >= `match_threshold` and ahead of the
-  second by `match_margin`), a mixture of the generated adapter and the near library adapters when some are
-  close (score >= `near_threshold`), and the generated adapter when nothing is.
+- `auto`: the adapter of an instruction match; else the library adapter when one task is a confident match by its
+  descriptions (score >= `match_threshold` and ahead of the second by `match_margin`), a mixture of the generated
+  adapter and the near library adapters when some are close (score >= `near_threshold`), and the generated adapter
+  when nothing is.
 
 The thresholds come from `data/strategy_calibration.json`, which `hyperlora train strategy` writes from held-out
-paraphrases of the train tasks (retriever/calibrate.py); dev tasks are never used. Every decision carries a
-`confidence` in [0, 1] for the generated case (0: as far from the training tasks as nonsense, 1: as close as a
-training task's own paraphrase), and descriptions that are closer to nothing than `scope_threshold` are flagged
-out of scope with a warning (a deployment may refuse them: `reject_below`).
+paraphrases and the definitions of the train tasks (retriever/calibrate.py); dev tasks are never used. Every
+decision carries a `confidence` in [0, 1] for the generated case (0: as far from the training tasks as nonsense,
+1: as close as a training task's own paraphrase), and descriptions that are closer to nothing than
+`scope_threshold` are flagged out of scope with a warning (a deployment may refuse them: `reject_below`).
 """
 
 from __future__ import annotations
@@ -46,8 +51,9 @@ CALIBRATION_FILE = DATA_DIR / "strategy_calibration.json"
 TRAIN_TASKS_FILE = DATA_DIR / "train_tasks.safetensors"
 StrategyName = Literal["generate", "retrieve", "auto"]
 PathTaken = Literal["generate", "retrieve", "mix"]
-THRESHOLDS = ("match_threshold", "match_margin", "near_threshold", "scope_threshold", "scope_floor",
-              "scope_reference")
+THRESHOLDS = ("match_threshold", "match_margin", "near_threshold", "instruction_threshold", "instruction_margin",
+              "scope_threshold", "scope_floor", "scope_reference")
+OVERRIDABLE = ("match_threshold", "match_margin", "near_threshold", "instruction_threshold", "scope_threshold")
 STRATEGY_NAMES: tuple[str, ...] = ("generate", "retrieve", "auto")
 STRATEGIES: dict[str, type[Strategy]] = {}
 register_strategy = registrar(STRATEGIES)
@@ -69,6 +75,7 @@ class StrategyConfig:
     match_threshold: float | None = None  # one library task's score from which auto returns its adapter
     match_margin: float | None = None  # ... when it leads the second task by at least this much
     near_threshold: float | None = None  # library tasks from this score are mixed with the generated adapter
+    instruction_threshold: float | None = None  # a library adapter's instruction restated from this score: its adapter
     scope_threshold: float | None = None  # nearer than this to no train task and no library task: out of scope
 
     def __post_init__(self) -> None:
@@ -83,7 +90,7 @@ class StrategyConfig:
             problems.append(f"temperature={self.temperature!r} (must be a finite number > 0)")
         if self.reject_below is not None and (not _number(self.reject_below) or not 0 <= self.reject_below <= 1):
             problems.append(f"reject_below={self.reject_below!r} (must be None or in [0, 1])")
-        for name in ("match_threshold", "match_margin", "near_threshold", "scope_threshold"):
+        for name in OVERRIDABLE:
             v = getattr(self, name)
             if v is not None and (not _number(v) or not -1.0 <= v <= 1.0):
                 problems.append(f"{name}={v!r} (must be None or a cosine score in [-1, 1])")
@@ -113,6 +120,8 @@ class Thresholds:
     match_threshold: float = 0.80
     match_margin: float = 0.05
     near_threshold: float = 0.65
+    instruction_threshold: float = 0.97  # a description this close to one adapter's instruction restates it ...
+    instruction_margin: float = 0.02  # ... when it leads the second instruction by at least this much
     scope_threshold: float = 0.33  # max(train similarity, best library score) under this: out of scope
     scope_floor: float = 0.20  # confidence 0: the typical train similarity of nonsense
     scope_reference: float = 0.80  # confidence 1: the typical train similarity of a train task's own paraphrase
@@ -125,8 +134,7 @@ class Thresholds:
         if missing:
             raise ValueError(f"{path.name} lacks numeric {missing}; rerun `hyperlora train strategy`")
         t = cls(**{k: float(raw[k]) for k in THRESHOLDS})
-        overrides = {k: getattr(cfg, k) for k in ("match_threshold", "match_margin", "near_threshold",
-                                                  "scope_threshold") if getattr(cfg, k) is not None}
+        overrides = {k: getattr(cfg, k) for k in OVERRIDABLE if getattr(cfg, k) is not None}
         return replace(t, **overrides)
 
     def confidence(self, similarity: float) -> float:
@@ -141,7 +149,8 @@ class Match:
 
     id: str
     name: str
-    similarity: float  # cosine of the description to the adapter's description key
+    similarity: float  # cosine of the description to the adapter's key
+    key: str = "descriptions"  # which key: "descriptions" (their mean) or "instruction" (an instruction match)
 
 
 @dataclass
@@ -179,6 +188,7 @@ class Decision:
 class Plan:
     path: PathTaken
     mixture: list[tuple[str | None, float]]
+    by_instruction: bool = False  # retrieved because the description restates the adapter's instruction
 
 
 class Strategy(ABC):
@@ -190,22 +200,35 @@ class Strategy(ABC):
         self.cfg, self.t = cfg, thresholds
 
     @abstractmethod
-    def plan(self, route: Route) -> Plan: ...
+    def plan(self, route: Route, instruction: Route) -> Plan:
+        """`route`: the library adapters nearest by descriptions; `instruction`: by instructions (best two)."""
+
+    def instruction_match(self, instruction: Route) -> str | None:
+        """The adapter whose instruction the description restates, if one does (see `Thresholds`)."""
+        s = instruction.scores
+        if s and s[0] >= self.t.instruction_threshold and \
+                s[0] - (s[1] if len(s) > 1 else -1.0) >= self.t.instruction_margin:
+            return instruction.ids[0]
+        return None
 
 
 @register_strategy("generate")
 class Generate(Strategy):
     """Always the generated adapter."""
 
-    def plan(self, route):
+    def plan(self, route, instruction):
         return Plan("generate", [(None, 1.0)])
 
 
 @register_strategy("retrieve")
 class Retrieve(Strategy):
-    """Always the top library adapter; the generated one only when the library is empty."""
+    """Always a library adapter (an instruction match, else the top by descriptions); generated only when the
+    library is empty."""
 
-    def plan(self, route):
+    def plan(self, route, instruction):
+        restated = self.instruction_match(instruction)
+        if restated:
+            return Plan("retrieve", [(restated, 1.0)], by_instruction=True)
         if not route.ids:
             return Plan("generate", [(None, 1.0)])
         return Plan("retrieve", [(route.ids[0], 1.0)])
@@ -213,9 +236,13 @@ class Retrieve(Strategy):
 
 @register_strategy("auto")
 class Auto(Strategy):
-    """The library adapter on a confident single match, a mixture when some are near, else the generated one."""
+    """An instruction match's adapter; else the library adapter on a confident single match, a mixture when some
+    are near, else the generated one."""
 
-    def plan(self, route):
+    def plan(self, route, instruction):
+        restated = self.instruction_match(instruction)
+        if restated:
+            return Plan("retrieve", [(restated, 1.0)], by_instruction=True)
         scores = route.scores
         if scores and scores[0] >= self.t.match_threshold and \
                 scores[0] - (scores[1] if len(scores) > 1 else -1.0) >= self.t.match_margin:
@@ -264,6 +291,7 @@ class DescriptionStrategy:
         self.encoder = encoder
         base = retriever or RetrieverConfig()
         self.router = Router(library, encoder, replace(base, key_mode="description", query_prefix=""))
+        self.instructions = Router(library, encoder, replace(base, key_mode="instruction", query_prefix=""))
         self.train = train_tasks or TrainTasks.load(self.cfg.train_tasks)
         if self.train.vectors.shape[1] != encoder.dim:
             raise ValueError(f"train-task embeddings are {self.train.vectors.shape[1]}-d but the encoder gives "
@@ -299,16 +327,28 @@ class DescriptionStrategy:
             raise ValueError(f"unknown strategy {name!r}; choose from {list(STRATEGY_NAMES)}")
         chooser = STRATEGIES[name](self.cfg, self.thresholds)
         self.router.refresh()
+        self.instructions.refresh()
         routes = self.router.route_vectors(queries, self.cfg.top_k, exclude)
+        restated = self.instructions.route_vectors(queries, 2, exclude)
         train_sim, nearest = self.train.nearest(queries)
-        return [self._decision(name, chooser.plan(r), r, float(s), n)
-                for r, s, n in zip(routes, train_sim, nearest, strict=True)]
+        return [self._decision(name, chooser.plan(r, i), r, i, float(s), n)
+                for r, i, s, n in zip(routes, restated, train_sim, nearest, strict=True)]
 
-    def _decision(self, name: str, plan: Plan, route: Route, train_sim: float, nearest: str) -> Decision:
-        t = self.thresholds
+    def _matches(self, plan: Plan, route: Route, instruction: Route) -> list[Match]:
+        """The nearest adapters by descriptions, best first; an instruction match, when retrieved, leads."""
         matches = [Match(i, n, round(float(s), 6)) for i, n, s in zip(route.ids, route.names, route.scores,
                                                                          strict=True)]
-        best_library = route.scores[0] if route.scores else -1.0
+        if plan.by_instruction:
+            first = Match(instruction.ids[0], instruction.names[0], round(float(instruction.scores[0]), 6),
+                          "instruction")
+            matches = [first] + [m for m in matches if m.id != first.id][: self.cfg.top_k - 1]
+        return matches
+
+    def _decision(self, name: str, plan: Plan, route: Route, instruction: Route, train_sim: float,
+                  nearest: str) -> Decision:
+        t = self.thresholds
+        matches = self._matches(plan, route, instruction)
+        best_library = max([m.similarity for m in matches], default=-1.0)
         confidence = t.confidence(train_sim)
         oos = max(train_sim, best_library) < t.scope_threshold
         warning = None

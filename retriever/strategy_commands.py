@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -61,9 +63,10 @@ def _decide_and_write(description: str, out: Path, strategy: str, library: Path 
 
 
 def train_strategy(sni: Path = SniOpt,
-                   queries: int = typer.Option(6, "--queries", help="Held-out paraphrases per train task (1-50)."),
-                   precision: float = typer.Option(0.6, "--retrieve-precision",
-                                                   help="How often a confident match must be the right task."),
+                   queries: int = typer.Option(50, "--queries", help="Held-out paraphrases per train task (1-50)."),
+                   quality: tuple[float, float, float] = typer.Option(
+                       (52.0, 21.0, 5.0), "--quality", help="Expected ROUGE-L of a task's own LoRA, a generated "
+                       "adapter and another task's LoRA (train tasks): what the match threshold maximises."),
                    limit: int | None = typer.Option(None, "--limit", help="At most this many train tasks."),
                    out: Path | None = typer.Option(None, "--out", help="Calibration JSON (default: the shipped one)."),
                    rows: Path | None = typer.Option(None, "--rows",
@@ -76,7 +79,8 @@ def train_strategy(sni: Path = SniOpt,
     from retriever.strategy import CALIBRATION_FILE, TRAIN_TASKS_FILE
 
     try:
-        ccfg = CalibrationConfig(str(sni), queries, retrieve_precision=precision, limit=limit)
+        ccfg = CalibrationConfig(str(sni), queries, quality_own=quality[0], quality_generated=quality[1],
+                                 quality_other=quality[2], limit=limit)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     result = calibrate(TaskEncoder.load(), ccfg, out or CALIBRATION_FILE, rows or TRAIN_TASKS_FILE)
@@ -110,7 +114,7 @@ def eval_strategy(library: Path | None = typer.Option(None, "--library",
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
     gen_cmds.warn_untrained(gen)
-    result = run_eval(gen, ecfg)
+    result = {"command": shlex.join(["hyperlora", *sys.argv[1:]]), **run_eval(gen, ecfg)}
     js, md = write_results(result, out_dir)
     typer.echo(format_eval(result))
     typer.echo(f"\nwrote {js} and {md}")

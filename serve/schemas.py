@@ -112,7 +112,10 @@ class AdapterInfo(BaseModel):
 class MatchedTask(BaseModel):
     id: str = Field(description="The library adapter's id.")
     name: str = Field(description="Its name (for trained adapters, the task).")
-    similarity: float = Field(description="Cosine of the description to the adapter's descriptions.")
+    similarity: float = Field(description="Cosine of the description to the adapter's key (see `key`).")
+    key: Literal["descriptions", "instruction"] = Field(
+        "descriptions", description="descriptions: the mean of the adapter's descriptions; instruction: the "
+                                    "instruction it was trained or made for, which the description restates.")
 
 
 class MixtureWeight(BaseModel):

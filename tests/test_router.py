@@ -156,6 +156,26 @@ def test_adapter_without_sample_inputs_is_keyed_by_its_descriptions(tmp_path, en
     assert route.ids[0] == rec.id
 
 
+def test_instruction_keys_hold_the_adapters_made_for_an_instruction(tmp_path, encoder, spec):
+    """key_mode="instruction": an adapter with an instruction (its hyperlora.json) is keyed by it, one without is
+    not in that index; the other modes keep their keys, and labels of different kinds never collide."""
+    from retriever.keys import KIND_DESCRIPTION, KIND_INSTRUCTION, key_texts, kind_of
+
+    lib = AdapterLibrary(tmp_path / "lib", spec)
+    made = random_adapter(spec)
+    made.metadata["instruction"] = "Name the capital city of the given country."
+    rec = lib.add(made, "capitals", ["Which city governs this nation?"], "trained")
+    lib.add(random_adapter(spec), "sums", ["Add the numbers."], "generated")
+    cfg = RetrieverConfig(key_mode="instruction")
+    assert key_texts(rec, cfg) == {KIND_INSTRUCTION: [made.metadata["instruction"]]}
+    assert set(key_texts(rec, RetrieverConfig(key_mode="description"))) == {KIND_DESCRIPTION}
+    router = Router(lib, encoder, cfg)
+    (route,) = router.route([made.metadata["instruction"]], top_k=2)
+    assert route.ids == [rec.id] and route.scores[0] > 0.99
+    labels = router._loaded.index.labels()
+    assert kind_of(labels).tolist() == [KIND_INSTRUCTION] and router._loaded.label_to_id[int(labels[0])] == rec.id
+
+
 def test_bad_requests_are_refused(lib_copy, encoder):
     router = Router(lib_copy, encoder, CFG)
     with pytest.raises(ValueError, match="top_k=0 is not allowed: give an integer from 1 to 64"):

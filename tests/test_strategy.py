@@ -56,9 +56,26 @@ T = Thresholds(match_threshold=0.8, match_margin=0.05, near_threshold=0.6, scope
 def test_plans(strategy, scores, path, ids):
     names = ["a", "b"][: len(scores)]
     route = Route(names, names, scores, [1.0 / max(len(scores), 1)] * len(scores), False)
-    plan = STRATEGIES[strategy](StrategyConfig(), T).plan(route)
-    assert plan.path == path and [i for i, _ in plan.mixture] == ids
+    plan = STRATEGIES[strategy](StrategyConfig(), T).plan(route, _route({"a": 0.5, "b": 0.4}))
+    assert plan.path == path and [i for i, _ in plan.mixture] == ids and not plan.by_instruction
     assert sum(w for _, w in plan.mixture) == pytest.approx(1.0)
+
+
+def _route(scores: dict[str, float]) -> Route:
+    return Route(list(scores), list(scores), list(scores.values()), [1.0 / max(len(scores), 1)] * len(scores), False)
+
+
+@pytest.mark.parametrize("strategy, instruction, path, ids", [
+    ("auto", {"c": 1.0, "a": 0.9}, "retrieve", ["c"]),  # restates c's instruction: c, whatever the descriptions say
+    ("retrieve", {"c": 0.99, "a": 0.9}, "retrieve", ["c"]),
+    ("auto", {"c": 1.0, "a": 0.99}, "generate", [None]),  # two adapters share the instruction: descriptions decide
+    ("auto", {"c": 0.95}, "generate", [None]),  # near an instruction but not restating it
+    ("retrieve", {"c": 0.95}, "retrieve", ["a"]),
+    ("generate", {"c": 1.0}, "generate", [None]),
+])
+def test_an_instruction_match_comes_first(strategy, instruction, path, ids):
+    plan = STRATEGIES[strategy](StrategyConfig(), T).plan(_route({"a": 0.5, "b": 0.4}), _route(instruction))
+    assert plan.path == path and [i for i, _ in plan.mixture] == ids and plan.by_instruction == (ids == ["c"])
 
 
 @pytest.fixture
@@ -83,6 +100,24 @@ def test_a_description_copied_from_a_library_task_returns_its_adapter(strategy):
         assert strategy.build(d, None) is None  # served by id from the library
     forced = strategy.decide([LIBRARY_TASKS["french"][1]], "generate")[0][0]
     assert forced.path == "generate" and forced.needs_generation and forced.matches[0].name == "french"
+
+
+@pytest.mark.slow
+def test_a_library_adapter_is_found_by_its_own_instruction(strategy, tiny_spec):
+    """A trained LoRA's descriptions paraphrase its task; its instruction (the task's definition, from its
+    hyperlora.json) is a key too, so the definition itself returns the adapter, in both strategies that look."""
+    definition = ("You are given a list of integers. Remove every integer that appears more than once in the list "
+                  "and return the remaining integers in their original order, as a list in brackets.")
+    adapter = random_adapter(tiny_spec, seed=9)
+    adapter.metadata["instruction"] = definition
+    own = strategy.library.add(adapter, "dedupe", ["Keep only the numbers that occur a single time.",
+                                                   "Drop the repeated values of a number sequence."], "trained")
+    decisions, _ = strategy.decide([definition])
+    assert decisions[0].path == "retrieve" and decisions[0].library_id == own.id
+    assert decisions[0].matches[0].key == "instruction" and decisions[0].matches[0].similarity > 0.99
+    assert strategy.decide([definition], "retrieve")[0][0].library_id == own.id
+    paraphrase = strategy.decide(["Remove the duplicates from a list of integers."])[0][0]
+    assert not paraphrase.matches or paraphrase.matches[0].key == "descriptions"
 
 
 @pytest.mark.slow
@@ -129,6 +164,27 @@ def test_out_of_scope_flags_nonsense_and_no_dev_definition(encoder):
     assert (sims >= t.scope_threshold).all(), sorted(zip(sims, manifest["dev"], strict=True))[:3]
 
 
+def test_match_fit_maximises_expected_quality_and_instruction_fit_avoids_near_copies():
+    from retriever.calibrate import fit_instruction, fit_match
+
+    # 4 tasks, even ones in the library; queries of tasks 0 and 2 score 0.85 on their own task, those of the
+    # absent tasks 1 and 3 score 0.75 on task 0 (a wrong retrieval), the rest 0.1
+    owner = np.array([0, 0, 1, 2, 3])
+    scores = np.full((5, 4), 0.1)
+    scores[[0, 1, 3], [0, 0, 2]] = 0.85
+    scores[[2, 4], [0, 0]] = 0.75
+    thr, margin, stats = fit_match(scores, owner, (52.0, 21.0, 5.0))
+    assert 0.75 < thr <= 0.85 and stats["precision"] == 1.0 and stats["recall"] == 1.0
+    assert stats["expected_quality"] == pytest.approx((3 * 52 + 2 * 21) / 5, abs=0.01)
+    scores[4, 0] = 0.9  # one absent task's query now outscores every right match: retrieving it costs 16 points
+    thr, _, stats = fit_match(scores, owner, (52.0, 21.0, 5.0))  # ... the three right ones gain 3 * 31: still worth it
+    assert thr <= 0.85 and stats["recall"] == 1.0 and stats["precision"] == 0.75
+    # definitions (even tasks' are library instructions): the absent task 1's is a near-copy of task 0's (0.97)
+    defs = np.array([[1.0, 0.97, 0.5, 0.2], [0.97, 1.0, 0.5, 0.2], [0.5, 0.5, 1.0, 0.2], [0.2, 0.2, 0.2, 1.0]])
+    thr, margin, stats = fit_instruction(defs, recall=0.98)
+    assert (thr, margin) == (0.98, 0.0) and stats == {"recall": 1.0, "wrong_matches": 0.0}
+
+
 @pytest.mark.slow
 def test_calibration_end_to_end_on_tiny_data(tmp_path, encoder):
     from retriever.calibrate import CalibrationConfig, calibrate
@@ -149,6 +205,8 @@ def test_calibration_end_to_end_on_tiny_data(tmp_path, encoder):
     saved = json.loads(out_json.read_text())
     assert saved["match_threshold"] == result["match_threshold"] and saved["stats"]["train_tasks"] == 4
     assert saved["scope_floor"] < saved["scope_reference"] and saved["scope_threshold"] < saved["scope_reference"]
+    assert saved["stats"]["instruction"] == {"recall": 1.0, "wrong_matches": 0.0}
+    assert saved["stats"]["match"]["expected_quality"] >= max(saved["stats"]["match"]["always_retrieve"], 21.0)
     rows = TrainTasks.load(out_rows)
     assert rows.vectors.shape == (8, encoder.dim) and rows.tasks[:4] == sorted(tasks)
     np.testing.assert_allclose(np.linalg.norm(rows.vectors[:4], axis=1), 1.0, atol=1e-2)
