@@ -147,8 +147,22 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(found.body(), status_code=found.status)
         if isinstance(exc, TimeoutError | asyncio.TimeoutError):
             return error_response(504, "a model deployment did not answer in time", "timeout")
+        if _replica_lost(exc):
+            logger.warning("%s %s: a model replica died on it twice: %s", request.method, request.url.path, exc)
+            resp = error_response(503, "a model replica stopped while serving this request; Serve is restarting it: "
+                                  "try again shortly", "unavailable")
+            resp.headers["Retry-After"] = "5"
+            return resp
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal error (logged on the server)", "internal_error")
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import RayServeException
+
+    return isinstance(exc, RayActorError) or (isinstance(exc, RayServeException)
+                                              and isinstance(exc.__cause__, RayActorError))
 
 
 def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
@@ -179,6 +193,8 @@ def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | N
         route = request.scope.get("route")
         latency.observe(time.perf_counter() - t0, {"route": getattr(route, "path", "other"),
                                                    "status": str(response.status_code)})
+        if state.replica:  # which gateway replica answered (several share the load; see serve/unsaved.py)
+            response.headers["X-Hyperlora-Replica"] = state.replica
         return response
 
     _adapter_routes(app, state)
@@ -273,7 +289,7 @@ def _archive(state: GatewayState, info: AdapterInfo, fmt: str) -> bytes:
         return pack_dir(state.library.path(info.id), info.id, fmt)
     eph = state.ephemeral.get(info.id)
     if eph is None:
-        raise Invalid(f"adapter {info.id} was dropped from memory")
+        raise UnknownAdapter(f"adapter {info.id} was dropped (the unsaved store is full) or deleted", param="id")
     tmp = Path(tempfile.mkdtemp(prefix="hyperlora-dl-"))
     try:
         save_peft(eph.adapter, tmp / info.id)
@@ -325,7 +341,7 @@ def _other_routes(app: FastAPI, state: GatewayState) -> None:
         except Exception as e:  # noqa: BLE001 - health reports any failure
             return error_response(503, f"a model deployment is not ready: {type(e).__name__}", "unavailable")
         return JSONResponse({"status": "ok", "base_model": state.model_name, "library_adapters": len(state.library),
-                             "unsaved_adapters": len(state.ephemeral.infos()),
+                             "unsaved_adapters": len(state.ephemeral.ids()),
                              "uptime_s": round(time.time() - state.started, 1),
                              "generator_trained": info["generator"]["trained"],
                              "default_library": info["generator"].get("default_library"), **info})

@@ -59,6 +59,11 @@ def start_service(cfg, wait_s: float = 900.0) -> str:
 
     from serve.app import build_app
 
+    from serve.proxy_retry import CALLBACK, CALLBACK_ENV
+
+    # Serve's proxy resends a request whose Gateway replica died and answers its own errors as JSON; the proxy
+    # inherits this from the Ray processes started here (with `serve run` / `serve deploy`: export it first)
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})

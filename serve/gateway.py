@@ -12,7 +12,8 @@ from serve.api import build_api
 from serve.config import ServeConfig
 from serve.metrics import REGISTRY
 from serve.protocol import public_model_name
-from serve.state import Backends, EphemeralStore, GatewayState, check_mutation  # noqa: F401 - re-exported
+from serve.state import Backends, GatewayState, check_mutation  # noqa: F401 - re-exported
+from serve.unsaved import UnsavedStore
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ class Gateway:
         self.state = GatewayState(
             cfg=cfg, spec=spec, library=AdapterLibrary(cfg.library_root(), spec),
             backends=Backends(generator, router, llm, cfg.request_timeout_s),
-            ephemeral=EphemeralStore(cfg.ephemeral_bytes), generator=cfg.generator, generators=(cfg.generator,),
+            ephemeral=UnsavedStore(cfg.unsaved_root(), cfg.ephemeral_bytes), generator=cfg.generator,
+            generators=(cfg.generator,),
             base_names=frozenset({spec.name, public_model_name(spec.name), PurePath(spec.name).name, "base"}),
+            replica=_replica_tag(),
         )
         if self.state.api_key() is None:
             logger.warning("%s is unset: adapter save/upload/delete are accepted from localhost only",
@@ -51,3 +54,13 @@ class Gateway:
 
     def __serve_build_asgi_app__(self):
         return build_api(self.state, on_startup=self._generator_trained)
+
+
+def _replica_tag() -> str:
+    """This replica's Serve id (the `X-Hyperlora-Replica` response header), or the process id outside Serve."""
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - not in a replica (tests)
+        import os
+
+        return f"pid-{os.getpid()}"

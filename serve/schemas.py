@@ -67,7 +67,7 @@ class AdapterInfo(BaseModel):
     name: str
     descriptions: list[str]
     source: str  # trained | generated | uploaded
-    saved: bool  # in the library (else only in this gateway's memory)
+    saved: bool  # in the library (else an unsaved generated adapter, dropped when the unsaved store is full)
     base_model: str
     rank: int
     target_modules: list[str]
