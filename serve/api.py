@@ -41,7 +41,7 @@ from serve.schemas import (
     RouteResult,
     errors,
 )
-from serve.state import GatewayState, check_texts
+from serve.state import GatewayState, IdempotencyKey, check_texts, idempotent_ids
 from serve.upload_routes import UPLOAD_PATH
 from serve.uploads import pack_dir
 
@@ -208,7 +208,8 @@ def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | N
 def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
     @app.post("/v1/adapters", response_model=GenerateAdaptersResponse, tags=["adapters"],
               responses=errors(400, 401, 403, 503))
-    async def generate_adapters(body: GenerateAdaptersRequest, request: Request) -> GenerateAdaptersResponse:
+    async def generate_adapters(body: GenerateAdaptersRequest, request: Request,
+                                idempotency_key: str | None = IdempotencyKey) -> GenerateAdaptersResponse:
         """The best adapter per description (`strategy`: generate, retrieve or auto; see `decisions` for the path
         taken, the matched library tasks and the confidence); with `save`, generated ones are added to the library."""
         lim = state.cfg.limits
@@ -228,13 +229,14 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
             if adapter is not None:  # generated or mixed here (a library adapter was checked when it was added)
                 state.check_adapter(adapter, f"the adapter made for description #{i}", "description")
         infos = []
-        for text, adapter, decision in zip(texts, adapters, decisions, strict=True):
+        ids = idempotent_ids(idempotency_key, len(texts))
+        for text, adapter, decision, saved_id in zip(texts, adapters, decisions, ids, strict=True):
             name = body.name or text[:200]
             if adapter is None:  # the library adapter, as is
                 record = await asyncio.to_thread(state.library.get, decision["mixture"][0]["id"])
                 infos.append(state.record_info(record))
             elif body.save:
-                record = await asyncio.to_thread(_save, state, adapter, name, text, body.sample_inputs)
+                record = await asyncio.to_thread(_save, state, adapter, name, text, body.sample_inputs, saved_id)
                 infos.append(state.record_info(record))
             else:
                 infos.append(state.remember(adapter, name, [text], list(body.sample_inputs)))
@@ -277,9 +279,9 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
         return DeletedAdapter(id=adapter_id)
 
 
-def _save(state: GatewayState, adapter, name: str, description: str, samples: list[str]):
+def _save(state: GatewayState, adapter, name: str, description: str, samples: list[str], adapter_id: str | None):
     try:
-        return state.library.add(adapter, name, [description], "generated", samples)
+        return state.library.add(adapter, name, [description], "generated", samples, adapter_id)
     except ValueError as e:
         raise Invalid(str(e)) from e
 

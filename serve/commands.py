@@ -25,6 +25,7 @@ ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve config YA
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("serve")(serve_command)
     bench_app.command("serve")(bench_serve)
+    bench_app.command("chaos")(bench_chaos)
 
 
 def _warn_untrained(cfg) -> None:
@@ -58,7 +59,6 @@ def start_service(cfg, wait_s: float = 900.0) -> str:
     from ray import serve
 
     from serve.app import build_app
-
     from serve.proxy_retry import CALLBACK, CALLBACK_ENV
 
     # Serve's proxy resends a request whose Gateway replica died and answers its own errors as JSON; the proxy
@@ -204,3 +204,45 @@ def bench_serve(
             stop_service()
     path = write_serve_results({"http": report})
     typer.echo(f"wrote {path}")
+
+
+def bench_chaos(
+    url: str | None = typer.Option(None, help="A running service on this machine; default: start one in-process "
+                                              "(the config's models, a fresh temporary library)."),
+    api_key: str | None = typer.Option(None, envvar="HYPERLORA_API_KEY", help="The service's API key, if it has one."),
+    config: Path = ConfigOpt,
+    deployments: str = typer.Option("Gateway,Generator", help="Whose replica to kill, one round each, in turn."),
+    saves: int = typer.Option(60, help="Saves per round."),
+    gap_ms: float = typer.Option(30.0, help="Milliseconds between two saves."),
+    kill_at: int = typer.Option(20, help="The replica is killed just before this save."),
+    out: Path = typer.Option(RESULTS / "chaos.json", help="Where the figures go."),
+) -> None:
+    """kill -9 one replica while adapters are being saved: non-JSON responses, 5xx and saved adapters lost."""
+    import secrets
+    import shutil
+    import tempfile
+
+    from serve.chaos import run
+
+    if not 1 <= saves <= 1000 or not 0 <= kill_at < saves:
+        raise typer.BadParameter("saves must be in [1, 1000] and kill_at in [0, saves)")
+    names = [d.strip() for d in deployments.split(",") if d.strip()]
+    started = url is None
+    if started:
+        from serve.config import ServeConfig
+
+        api_key = api_key or secrets.token_hex(16)
+        os.environ["HYPERLORA_API_KEY"] = api_key  # the replicas inherit it from the Ray started here
+        library = tempfile.mkdtemp(prefix="hyperlora-chaos-")
+        cfg = ServeConfig.from_yaml(config, host="127.0.0.1", port=_free_port(), library=library,
+                                    default_library=False)
+        typer.echo(f"starting the service in-process (library {library})...")
+        url = start_service(cfg)
+    elif not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+        raise typer.BadParameter("the replicas are killed on this machine: --url http://127.0.0.1:PORT")
+    try:
+        run(url, api_key, names, saves, gap_ms, kill_at, out)
+    finally:
+        if started:
+            stop_service()
+            shutil.rmtree(library, ignore_errors=True)

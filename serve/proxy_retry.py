@@ -7,8 +7,11 @@ flight, although another Gateway replica could have served it. Serve's router al
 dead for new requests; this covers the requests that were inside it.
 
 What is sent again: requests that change nothing when repeated (GET, HEAD, OPTIONS, DELETE of an id, completions,
-routing, generating an adapter without saving it). Saving (`"save": true`) and uploads are not: the replica may
-have stored the adapter just before it died, so they get a JSON 503 saying to check `GET /v1/adapters`.
+routing, generating an adapter without saving it), and requests that store an adapter (`"save": true`, uploads)
+because they carry an `Idempotency-Key`: this middleware adds one (a random one) when the client sent none, and
+the Gateway derives the stored adapter's id from it, so the second attempt finds what the first stored (if it
+got that far) instead of storing a copy (serve.state.idempotent_ids). An upload over `MAX_BODY` is not kept
+for a second attempt: it gets a JSON 503 saying to check `GET /v1/adapters`.
 
 Serve loads it in every proxy through `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.proxy_retry:middlewares`,
 which `hyperlora serve` sets before starting Ray (for `serve run` / `serve deploy`, export it first).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -27,7 +31,10 @@ CALLBACK = "serve.proxy_retry:middlewares"
 ATTEMPTS = 3  # a request is tried at most this often (replica deaths in a row are rare)
 RETRY_WAIT_S = 0.2  # between attempts: Serve's router drops the dead replica meanwhile
 MAX_BODY = 1 << 20  # larger bodies (uploads) are streamed through once, never buffered for a retry
-UNSAFE = ("/v1/adapters/upload",)  # POSTs that store something
+LOST_ONCE = ("the Gateway replica handling this request stopped before answering, and the request was too large to "
+             "keep for a second attempt; if it stored an adapter, check GET /v1/adapters before sending it again")
+UNSAFE = ("/v1/adapters/upload",)  # POSTs that store something whatever their body
+IDEMPOTENCY_HEADER = b"idempotency-key"
 
 
 def middlewares() -> list:
@@ -37,18 +44,26 @@ def middlewares() -> list:
     return [Middleware(ReplicaLossRetry)]
 
 
-def repeatable(method: str, path: str, body: bytes) -> bool:
-    """Whether sending the request twice has the effect of sending it once."""
-    if method in ("GET", "HEAD", "OPTIONS", "DELETE"):
-        return True
-    if method != "POST" or path.rstrip("/") in UNSAFE:
+def stores(method: str, path: str, body: bytes) -> bool:
+    """Whether the request stores an adapter (sending it twice would store two without an idempotency key)."""
+    if method != "POST":
         return False
+    if path.rstrip("/") in UNSAFE:
+        return True
     if path.rstrip("/") == "/v1/adapters":
         try:
-            return json.loads(body).get("save") is not True
+            return json.loads(body).get("save") is True
         except (ValueError, AttributeError):
-            return True  # not a JSON object: answered with a 422, nothing stored
-    return True
+            return False  # not a JSON object: answered with a 422, nothing stored
+    return False
+
+
+def with_idempotency_key(scope: dict[str, Any]) -> dict[str, Any]:
+    """`scope` with an Idempotency-Key header, a random one if it had none."""
+    headers = list(scope.get("headers") or [])
+    if any(k.lower() == IDEMPOTENCY_HEADER for k, _ in headers):
+        return scope
+    return {**scope, "headers": headers + [(IDEMPOTENCY_HEADER, uuid.uuid4().hex.encode())]}
 
 
 def json_error(status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] = ()) -> list[dict[str, Any]]:
@@ -70,27 +85,26 @@ class ReplicaLossRetry:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         body, rest = await self._read_body(receive)
-        if rest is not None:  # too large to keep: streamed through once
-            return await self.app(scope, rest, _JsonErrors(send))
-        path, method = scope.get("path", ""), scope.get("method", "GET")
-        tries = self.attempts if repeatable(method, path, body) else 1
-        for attempt in range(tries):
+        if rest is not None:  # too large to keep for a second attempt: sent once
+            out = _JsonErrors(send)
+            await self.app(scope, rest, out)
+            if not out.started:
+                await _send_all(send, json_error(503, LOST_ONCE, "replica_failed", [(b"retry-after", b"1")]))
+            return
+        method, path = scope.get("method", "GET"), scope.get("path", "")
+        if stores(method, path, body):
+            scope = with_idempotency_key(scope)
+        for attempt in range(self.attempts):
             out = _JsonErrors(send)
             await self.app(scope, _prepend({"type": "http.request", "body": body, "more_body": False}, receive), out)
             if out.started:
                 return
             logger.warning("%s %s: the Gateway replica stopped before answering (attempt %d of %d)", method, path,
-                           attempt + 1, tries)
-            if attempt + 1 < tries:
+                           attempt + 1, self.attempts)
+            if attempt + 1 < self.attempts:
                 await asyncio.sleep(self.wait_s)
-        if tries > 1:
-            message = f"the Gateway replicas stopped before answering, {tries} times; try again shortly"
-        else:
-            message = ("the Gateway replica handling this request stopped before answering, so it was not sent "
-                       "again: it stores an adapter, which may have been stored already. Check GET /v1/adapters "
-                       "before sending it again")
-        for msg in json_error(503, message, "replica_failed", [(b"retry-after", b"1")]):
-            await send(msg)
+        message = f"the Gateway replicas stopped before answering, {self.attempts} times; try again shortly"
+        await _send_all(send, json_error(503, message, "replica_failed", [(b"retry-after", b"1")]))
 
     async def _read_body(self, receive):
         """(body, None), or (b"", a receive that replays what was read and streams the rest) past max_body."""
@@ -105,6 +119,11 @@ class ReplicaLossRetry:
                 return b"".join(chunks), None
             if seen > self.max_body:
                 return b"", _prepend({"type": "http.request", "body": b"".join(chunks), "more_body": True}, receive)
+
+
+async def _send_all(send, messages: list[dict[str, Any]]) -> None:
+    for msg in messages:
+        await send(msg)
 
 
 def _prepend(first: dict[str, Any], receive):

@@ -8,6 +8,7 @@ module (state); nothing here imports a route module.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import os
@@ -17,6 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from fastapi import Header
 
 from generator.lora import LoraAdapter
 from generator.spec import ModelSpec
@@ -65,6 +68,23 @@ def check_mutation(headers: dict[str, str], client_host: str | None, api_key: st
         raise Forbidden(f"{env_name} is unset, so the library can be changed only by local programs, not web pages; "
                         f"this request was refused because {why}. Set {env_name} and send it as "
                         f"`Authorization: Bearer <key>` to allow it")
+
+
+def idempotent_ids(key: str | None, n: int) -> list[str | None]:
+    """Library ids for the `n` adapters a request stores, derived from its `Idempotency-Key` header (the same key
+    gives the same ids, so a request sent again stores nothing new: retriever.library.AdapterLibrary.add), or new
+    ids (None) without one. Serve's proxy adds a key to every storing request that lacks one (serve/proxy_retry.py),
+    so the copy it sends again after a replica died is recognised."""
+    if key is None:
+        return [None] * n
+    return [hashlib.sha256(f"{key}\0{i}".encode()).hexdigest()[:32] for i in range(n)]
+
+
+IdempotencyKey = Header(None, alias="Idempotency-Key", min_length=1, max_length=200,
+                        description="Any string you choose: the same request sent again with the same key stores "
+                                    "nothing new and answers with the adapter(s) the first one stored. Serve's proxy "
+                                    "adds one when it is missing, to send the request again safely after a replica "
+                                    "died.")
 
 
 def check_texts(texts: list[str], what: str, max_items: int, max_chars: int) -> list[str]:

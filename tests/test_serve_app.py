@@ -200,6 +200,21 @@ def test_generate_and_save_needs_key_and_persists(client, service):
     assert a["id"] not in service[3]
 
 
+def test_a_save_sent_again_with_its_idempotency_key_stores_nothing_new(client, service):
+    """What lets Serve's proxy send a save again after its Gateway replica died (serve/proxy_retry.py)."""
+    body = {"description": "Reply with a haiku.", "save": True, "name": "haiku", "strategy": "generate"}
+    key = {**AUTH, "Idempotency-Key": "haiku-1"}
+    first = client.post("/v1/adapters", json=body, headers=key).json()["adapters"][0]
+    again = client.post("/v1/adapters", json=body, headers=key).json()["adapters"][0]
+    other = client.post("/v1/adapters", json=body, headers={**AUTH, "Idempotency-Key": "haiku-2"}).json()
+    ids = [r.id for r in service[3].list() if r.name == "haiku"]
+    assert again == first and sorted(ids) == sorted([first["id"], other["adapters"][0]["id"]])
+    r = client.post("/v1/adapters", json=body, headers={**AUTH, "Idempotency-Key": "x" * 201})
+    assert r.status_code == 422 and "Idempotency-Key" in r.json()["error"]["param"]
+    for aid in ids:
+        client.delete(f"/v1/adapters/{aid}", headers=AUTH)
+
+
 def test_download_loads_in_peft_with_the_services_logits(client, service, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
