@@ -7,8 +7,8 @@ For each deployment named (default: Gateway, then Generator) it sends `saves` re
 `"save": true`, one every `gap_ms`, and at save `kill_at` kills one of that deployment's replica processes with
 SIGKILL (found by the process title Ray gives it, `ray::ServeReplica:<app>:<deployment>`). Then it reports:
 non-JSON responses, 5xx responses (by error code), saves acknowledged but missing from `GET /v1/adapters`
-(lost), saves refused but stored anyway, and how long until every replica process was back. Figures are printed
-and written to results/chaos.json.
+(lost), saves refused but stored anyway or stored twice, and how long until every replica process was back.
+Figures are printed and written to results/chaos.json.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Round:
     killed_pid: int | None
     kill_after_s: float | None
     outcomes: list[Outcome] = field(default_factory=list)
-    listed_names: set[str] = field(default_factory=set)
+    listed_names: Counter = field(default_factory=Counter)  # name -> adapters listed under it
     listed_ids: set[str] = field(default_factory=set)
     replicas_back_s: float | None = None
     first_ok_after_kill_s: float | None = None
@@ -71,6 +71,7 @@ class Round:
             "error_codes": dict(Counter(o.code for o in failed if o.code)),
             "lost": sorted(o.adapter_id for o in acked if o.adapter_id not in self.listed_ids),
             "refused_but_stored": sorted(o.name for o in failed if o.name in self.listed_names),
+            "stored_twice": sorted(o.name for o in self.outcomes if self.listed_names[o.name] > 1),
             "latency_p50_s": round(lat[len(lat) // 2], 3) if lat else None,
             "latency_max_s": round(lat[-1], 3) if lat else None,
             "first_ok_after_kill_s": self.first_ok_after_kill_s, "replicas_back_s": self.replicas_back_s,
@@ -144,7 +145,7 @@ async def run_round(url: str, deployment: str, api_key: str | None, saves: int =
         await _wait_healthy(client, timeout_s)
         listed = (await client.get("/v1/adapters")).json()["data"]
     rnd.listed_ids = {a["id"] for a in listed}
-    rnd.listed_names = {a["name"] for a in listed}
+    rnd.listed_names = Counter(a["name"] for a in listed)
     return rnd
 
 
@@ -164,7 +165,7 @@ def print_round(s: dict[str, Any]) -> None:
     print(f"  acknowledged {s['acknowledged']}/{s['sent']}, statuses {s['statuses']}, error codes {s['error_codes']}")
     print(f"  non-JSON responses: {s['non_json']}, no response: {s['no_response']}, 5xx: {s['status_5xx']}")
     print(f"  saved adapters lost: {len(s['lost'])} {s['lost'][:5]}; refused but stored: "
-          f"{len(s['refused_but_stored'])}")
+          f"{len(s['refused_but_stored'])}; stored twice: {len(s['stored_twice'])}")
     print(f"  latency p50 {s['latency_p50_s']} s, max {s['latency_max_s']} s; first save acknowledged after the kill "
           f"{s['first_ok_after_kill_s']} s later; replica processes back after {s['replicas_back_s']} s")
 
