@@ -8,12 +8,14 @@ later loads take about a second. Anything else is a local directory.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -54,8 +56,24 @@ def resolve_base_model(name_or_path: str = DEFAULT_BASE_MODEL) -> Path:
         )
     cached = hyperlora_home() / "models" / DEFAULT_BASE_MODEL.split("/")[-1]
     if not (cached / "model.safetensors").exists():
-        _convert_gguf(cached)
+        with _convert_lock(cached.parent):  # the service's replicas start at once: one converts, the others wait
+            if not (cached / "model.safetensors").exists():
+                _convert_gguf(cached)
     return cached
+
+
+@contextlib.contextmanager
+def _convert_lock(models_dir: Path) -> Iterator[None]:
+    """An exclusive lock across processes (released if the holder dies)."""
+    import fcntl
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / ".convert.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _convert_gguf(out: Path, src: Path | None = None) -> None:

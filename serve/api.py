@@ -346,7 +346,8 @@ def _other_routes(app: FastAPI, state: GatewayState) -> None:
                              "unsaved_adapters": len(state.ephemeral.ids()),
                              "uptime_s": round(time.time() - state.started, 1),
                              "generator_trained": info["generator"]["trained"],
-                             "default_library": info["generator"].get("default_library"), **info})
+                             "default_library": info["generator"].get("default_library"), **info,
+                             "gateway": {"replica": state.replica, "startup": state.startup}})
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses=errors())
     async def metrics() -> PlainTextResponse:

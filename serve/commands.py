@@ -26,6 +26,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("serve")(serve_command)
     bench_app.command("serve")(bench_serve)
     bench_app.command("chaos")(bench_chaos)
+    bench_app.command("startup")(bench_startup)
 
 
 def _warn_untrained(cfg) -> None:
@@ -52,27 +53,37 @@ def api_key_notice(cfg) -> tuple[str, bool]:
             f"{cfg.api_key_env} before serving on another address than 127.0.0.1.", True)
 
 
-def start_service(cfg, wait_s: float = 900.0) -> str:
-    """Start Ray (if needed), Serve on cfg.host:cfg.port and the application; return its URL once healthy."""
+def start_service(cfg, wait_s: float = 900.0, phases=None) -> str:
+    """Start Ray (if needed), Serve on cfg.host:cfg.port and the application; return its URL once healthy.
+    `phases` (serve.startup.Phases) gets the seconds of each step."""
     import httpx
     import ray
     from ray import serve
 
     from serve.app import build_app
     from serve.proxy_retry import CALLBACK, CALLBACK_ENV
+    from serve.startup import Phases
+
+    phases = phases or Phases()
 
     # Serve's proxy resends a request whose Gateway replica died and answers its own errors as JSON; the proxy
     # inherits this from the Ray processes started here (with `serve run` / `serve deploy`: export it first)
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    phases.mark("ray_init")
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    phases.mark("serve_start")
+    app = build_app(cfg)
+    phases.mark("build_app")
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    phases.mark("deployments")
     url = f"http://{cfg.host}:{cfg.port}"
     deadline = time.time() + wait_s
     while True:
         try:
             if httpx.get(f"{url}/healthz", timeout=30).status_code == 200:
+                phases.mark("healthy")
                 return url
         except httpx.HTTPError:
             pass
@@ -99,7 +110,9 @@ def serve_command(
 ) -> None:
     """Serve the application (Gateway, Generator, Router, LLM) until Ctrl-C."""
     from serve.config import ServeConfig
+    from serve.startup import Phases
 
+    phases = Phases()  # `process`: the command's own start (Python and its imports)
     cfg = ServeConfig.from_yaml(config, host=host, port=port, library=library, checkpoint=checkpoint,
                                 base_model=base_model)
     _warn_untrained(cfg)
@@ -107,7 +120,8 @@ def serve_command(
     typer.secho(notice, fg=typer.colors.YELLOW if warn else typer.colors.GREEN, bold=warn, err=warn)
     typer.echo(f"starting hyperlora on {cfg.host}:{cfg.port} (first start converts the base model and builds the "
                f"default library: a minute or two)...")
-    url = start_service(cfg)
+    url = start_service(cfg, phases=phases)
+    typer.echo(f"startup phases: {json.dumps(phases.as_dict())}")
     typer.secho(f"\nhyperlora is serving at {url}  (OpenAPI docs: {url}/docs)", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"""
   curl -s {url}/v1/completions -H 'Content-Type: application/json' \\
@@ -246,3 +260,15 @@ def bench_chaos(
         if started:
             stop_service()
             shutil.rmtree(library, ignore_errors=True)
+
+
+def bench_startup(
+    runs: str = typer.Option("fresh,restart", help="fresh: an empty HYPERLORA_HOME; restart: the same home again."),
+    home: str | None = typer.Option(None, help="HYPERLORA_HOME to use (default: a new empty temporary one)."),
+    config: Path = ConfigOpt,
+    out: Path = typer.Option(RESULTS / "bench_startup.json", help="Where the figures go."),
+) -> None:
+    """Seconds from launching `hyperlora serve` (what `make serve` runs) to its first answers, per phase."""
+    from serve.startup import run
+
+    run([r.strip() for r in runs.split(",") if r.strip()], home, _free_port(), config, out)

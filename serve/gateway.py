@@ -12,6 +12,7 @@ from serve.api import build_api
 from serve.config import ServeConfig
 from serve.metrics import REGISTRY
 from serve.protocol import public_model_name
+from serve.startup import Phases
 from serve.state import Backends, GatewayState, check_mutation  # noqa: F401 - re-exported
 from serve.unsaved import UnsavedStore
 
@@ -28,9 +29,11 @@ class Gateway:
         from retriever.library import AdapterLibrary
         from serve.deployments import route_logs_to_serve
 
+        phases = Phases()
         route_logs_to_serve()
         cfg = ServeConfig.model_validate(config)
         spec = load_spec(cfg.base_model)
+        phases.mark("spec")
         self.state = GatewayState(
             cfg=cfg, spec=spec, library=AdapterLibrary(cfg.library_root(), spec),
             backends=Backends(generator, router, llm, cfg.request_timeout_s),
@@ -39,6 +42,8 @@ class Gateway:
             base_names=frozenset({spec.name, public_model_name(spec.name), PurePath(spec.name).name, "base"}),
             replica=_replica_tag(),
         )
+        phases.mark("library")
+        self.state.startup = phases.as_dict()
         if self.state.api_key() is None:
             logger.warning("%s is unset: adapter save/upload/delete are accepted from localhost only",
                            cfg.api_key_env)

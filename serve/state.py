@@ -176,6 +176,7 @@ class GatewayState:
     started: float = field(default_factory=time.time)
     base_norms: Any = None  # generator.sanity.BaseNorms of the base model, read on first use ({}: unknown)
     replica: str = ""  # this gateway replica's id, sent as the X-Hyperlora-Replica header
+    startup: dict[str, float] = field(default_factory=dict)  # seconds per phase of this replica's start
 
     def check_adapter(self, adapter: LoraAdapter, what: str, param: str | None = None) -> None:
         """400 naming the limit when `adapter` is not fit to store or serve (generator.sanity)."""
