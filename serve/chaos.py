@@ -5,7 +5,9 @@
 
 For each deployment named (default: Gateway, then Generator) it sends `saves` requests `POST /v1/adapters` with
 `"save": true`, one every `gap_ms`, and at save `kill_at` kills one of that deployment's replica processes with
-SIGKILL (found by the process title Ray gives it, `ray::ServeReplica:<app>:<deployment>`). Then it reports:
+SIGKILL (found by the process title Ray gives it, `ray::ServeReplica:<app>:<deployment>`, among the children of
+the raylet whose HTTP proxy listens on the service's port: another Ray instance on the machine is never touched).
+Then it reports:
 non-JSON responses, 5xx responses (by error code), saves acknowledged but missing from `GET /v1/adapters`
 (lost), saves refused but stored anyway or stored twice, and how long until every replica process was back.
 Figures are printed and written to results/chaos.json.
@@ -17,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -78,10 +79,20 @@ class Round:
         }
 
 
-def replica_pids(deployment: str, app: str = APP) -> list[int]:
-    """The process ids of a deployment's replicas on this machine (Ray titles them ray::ServeReplica:app:dep)."""
-    out = subprocess.run(["pgrep", "-f", f"ray::ServeReplica:{app}:{deployment}"], capture_output=True, text=True)
-    return sorted(int(p) for p in out.stdout.split())
+def replica_pids(deployment: str, port: int, app: str = APP) -> list[int]:
+    """The process ids of a deployment's replicas in the Ray instance serving `port` on this machine: Ray titles
+    them `ray::ServeReplica:<app>:<deployment>`, and they are children of the same raylet as the HTTP proxy that
+    listens on the port (other Ray instances on the machine are left alone)."""
+    import psutil
+
+    proxy = next((c.pid for c in psutil.net_connections(kind="tcp")
+                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid), None)
+    if proxy is None:
+        return []
+    raylet = psutil.Process(proxy).ppid()
+    title = f"ServeReplica:{app}:{deployment}"
+    return sorted(p.pid for p in psutil.process_iter(["ppid", "cmdline"])
+                  if p.info["ppid"] == raylet and any(title in part for part in p.info["cmdline"] or []))
 
 
 async def _save(client: httpx.AsyncClient, i: int, name: str, headers: dict[str, str], t0: float) -> Outcome:
@@ -109,10 +120,10 @@ async def _save(client: httpx.AsyncClient, i: int, name: str, headers: dict[str,
     return out
 
 
-async def _wait_back(deployment: str, before: int, t_kill: float, deadline_s: float) -> float | None:
+async def _wait_back(deployment: str, port: int, before: int, t_kill: float, deadline_s: float) -> float | None:
     """Seconds from the kill until the deployment has `before` live replica processes again."""
     while time.perf_counter() - t_kill < deadline_s:
-        if len(replica_pids(deployment)) >= before:
+        if len(replica_pids(deployment, port)) >= before:
             return round(time.perf_counter() - t_kill, 1)
         await asyncio.sleep(0.5)
     return None
@@ -122,7 +133,8 @@ async def run_round(url: str, deployment: str, api_key: str | None, saves: int =
                     kill_at: int = 20, tag: str = "", timeout_s: float = 300.0) -> Round:
     """Send `saves` saves `gap_ms` apart; kill -9 one `deployment` replica just before save `kill_at`."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    before = replica_pids(deployment)
+    port = httpx.URL(url).port or 80
+    before = replica_pids(deployment, port)
     rnd = Round(deployment=deployment, killed_pid=None, kill_after_s=None)
     limits = httpx.Limits(max_connections=saves + 8, max_keepalive_connections=saves + 8)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
@@ -133,7 +145,7 @@ async def run_round(url: str, deployment: str, api_key: str | None, saves: int =
                 rnd.killed_pid, t_kill = before[0], time.perf_counter()
                 os.kill(before[0], signal.SIGKILL)
                 rnd.kill_after_s = round(t_kill - t0, 3)
-                back = asyncio.ensure_future(_wait_back(deployment, len(before), t_kill, timeout_s))
+                back = asyncio.ensure_future(_wait_back(deployment, port, len(before), t_kill, timeout_s))
             tasks.append(asyncio.ensure_future(_save(client, i, f"chaos-{tag}{deployment.lower()}-{i}", headers, t0)))
             await asyncio.sleep(gap_ms / 1000)
         rnd.outcomes = list(await asyncio.gather(*tasks))
@@ -176,7 +188,7 @@ def run(url: str, api_key: str | None, deployments: list[str], saves: int, gap_m
     rounds = []
     tag = f"{int(time.time()) % 100000}-"
     for dep in deployments:
-        if not replica_pids(dep):
+        if not replica_pids(dep, httpx.URL(url).port or 80):
             raise RuntimeError(f"no {dep} replica process on this machine (is the service at {url} local?)")
         rnd = asyncio.run(run_round(url, dep, api_key, saves, gap_ms, kill_at, tag))
         rounds.append(rnd.summary())

@@ -41,6 +41,22 @@ def _warn_untrained(cfg) -> None:
                     fg=typer.colors.RED, bold=True, err=True)
 
 
+def _prepare_base_model(base_model: str) -> None:
+    """A first start converts the embedded GGUF: begin now, while Ray starts, instead of when the replicas ask for
+    it (they wait for this conversion through its lock: generator.models.resolve_base_model)."""
+    import threading
+
+    from generator.models import resolve_base_model
+
+    def convert() -> None:
+        try:
+            resolve_base_model(base_model)
+        except Exception as e:  # noqa: BLE001 - the replicas try again and report it
+            logger.warning("preparing the base model failed: %s", e)
+
+    threading.Thread(target=convert, name="base-model", daemon=True).start()
+
+
 def api_key_notice(cfg) -> tuple[str, bool]:
     """What the console says about the API key: (text, whether it is a warning)."""
 
@@ -115,6 +131,7 @@ def serve_command(
     phases = Phases()  # `process`: the command's own start (Python and its imports)
     cfg = ServeConfig.from_yaml(config, host=host, port=port, library=library, checkpoint=checkpoint,
                                 base_model=base_model)
+    _prepare_base_model(cfg.base_model)
     _warn_untrained(cfg)
     notice, warn = api_key_notice(cfg)
     typer.secho(notice, fg=typer.colors.YELLOW if warn else typer.colors.GREEN, bold=warn, err=warn)

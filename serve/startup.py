@@ -109,20 +109,22 @@ def run(runs: list[str], home: str | None, port: int, config: Path, out: Path) -
     `restart`: the same home again (or `home` if given)."""
     fresh_home = Path(home) if home else Path(tempfile.mkdtemp(prefix="hyperlora-home-"))
     report: dict[str, Any] = {"home": str(fresh_home), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "cpus": os.cpu_count()}
+                              "cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
     for name in runs:
         if name not in ("fresh", "restart"):
             raise ValueError(f"unknown run {name!r}; runs are fresh and restart")
         if name == "fresh" and any(fresh_home.iterdir()):
             raise ValueError(f"a fresh run needs an empty HYPERLORA_HOME, and {fresh_home} is not")
+        load = os.getloadavg()[0]
         got = measure(fresh_home, port, config)
+        got["load_average_before"] = round(load, 2)  # other work on the machine slows every phase
         report[name] = got
         print(f"{name}: /healthz answered {got['healthz_s']} s after launch, first completion "
-              f"{got['first_completion_s']} s, first generated adapter {got['first_adapter_s']} s")
-        print(f"  serve command: {got['serve_command']}")
+              f"{got['first_completion_s']} s, first generated adapter {got['first_adapter_s']} s", flush=True)
+        print(f"  serve command: {got['serve_command']}", flush=True)
         for dep, phases in got["startup"].items():
-            print(f"  {dep}: {phases}")
+            print(f"  {dep}: {phases}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {out}", flush=True)
     return report
