@@ -164,7 +164,8 @@ def in_background(fn, *args) -> Future:
     def run() -> None:
         try:
             future.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result, and logged
+            logger.exception("%s failed in the background", getattr(fn, "__name__", fn))
             future.set_exception(e)
 
     threading.Thread(target=run, name=getattr(fn, "__name__", "background"), daemon=True).start()
