@@ -1,7 +1,7 @@
 """Where start-up time goes: each deployment times the phases of its start (shown in `/healthz` under `startup`),
 and `hyperlora bench startup` measures `hyperlora serve` (what `make serve` runs) from launch to first answers.
 
-    hyperlora bench startup                 # a fresh $HYPERLORA_HOME (first start), then a restart with it
+    hyperlora bench startup        # a new empty $HYPERLORA_HOME (first start), a restart with it; removed after
     hyperlora bench startup --home ~/.cache/hyperlora --runs restart
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +111,18 @@ def run(runs: list[str], home: str | None, port: int, config: Path, out: Path) -
     fresh_home = Path(home) if home else Path(tempfile.mkdtemp(prefix="hyperlora-home-"))
     report: dict[str, Any] = {"home": str(fresh_home), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
+    try:
+        _runs(runs, fresh_home, port, config, report)
+    finally:
+        if home is None:  # a temporary home: a converted model and a library, gone with the run
+            shutil.rmtree(fresh_home, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}", flush=True)
+    return report
+
+
+def _runs(runs: list[str], fresh_home: Path, port: int, config: Path, report: dict[str, Any]) -> None:
     for name in runs:
         if name not in ("fresh", "restart"):
             raise ValueError(f"unknown run {name!r}; runs are fresh and restart")
@@ -124,7 +137,3 @@ def run(runs: list[str], home: str | None, port: int, config: Path, out: Path) -
         print(f"  serve command: {got['serve_command']}", flush=True)
         for dep, phases in got["startup"].items():
             print(f"  {dep}: {phases}", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}", flush=True)
-    return report
