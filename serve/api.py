@@ -42,7 +42,7 @@ from serve.schemas import (
     RouteResult,
     errors,
 )
-from serve.state import GatewayState, check_texts
+from serve.state import GatewayState, IdempotencyKey, check_texts, idempotent_ids
 from serve.upload_routes import UPLOAD_PATH
 from serve.uploads import pack_dir
 
@@ -151,8 +151,22 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(found.body(), status_code=found.status)
         if isinstance(exc, TimeoutError | asyncio.TimeoutError):
             return error_response(504, "a model deployment did not answer in time", "timeout")
+        if _replica_lost(exc):
+            logger.warning("%s %s: a model replica died on it twice: %s", request.method, request.url.path, exc)
+            resp = error_response(503, "a model replica stopped while serving this request; Serve is restarting it: "
+                                  "try again shortly", "unavailable")
+            resp.headers["Retry-After"] = "5"
+            return resp
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal error (logged on the server)", "internal_error")
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import RayServeException
+
+    return isinstance(exc, RayActorError) or (isinstance(exc, RayServeException)
+                                              and isinstance(exc.__cause__, RayActorError))
 
 
 def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
@@ -183,6 +197,8 @@ def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | N
         route = request.scope.get("route")
         latency.observe(time.perf_counter() - t0, {"route": getattr(route, "path", "other"),
                                                    "status": str(response.status_code)})
+        if state.replica:  # which gateway replica answered (several share the load; see serve/unsaved.py)
+            response.headers["X-Hyperlora-Replica"] = state.replica
         return response
 
     _adapter_routes(app, state)
@@ -196,7 +212,8 @@ def build_api(state: GatewayState, on_startup: Callable[[], Awaitable[None]] | N
 def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
     @app.post("/v1/adapters", response_model=GenerateAdaptersResponse, tags=["adapters"],
               responses=errors(400, 401, 403, 404, 503))
-    async def generate_adapters(body: GenerateAdaptersRequest, request: Request) -> GenerateAdaptersResponse:
+    async def generate_adapters(body: GenerateAdaptersRequest, request: Request,
+                                idempotency_key: str | None = IdempotencyKey) -> GenerateAdaptersResponse:
         """The best adapter per description (`strategy`: generate, retrieve or auto; see `decisions` for the path
         taken, the matched library tasks and the confidence); with `save`, generated ones are added to the library."""
         lim = state.cfg.limits
@@ -216,13 +233,14 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
             if adapter is not None:  # generated or mixed here (a library adapter was checked when it was added)
                 state.check_adapter(adapter, f"the adapter made for description #{i}", "description")
         infos = []
-        for text, adapter, decision in zip(texts, adapters, decisions, strict=True):
+        ids = idempotent_ids(idempotency_key, len(texts))
+        for text, adapter, decision, saved_id in zip(texts, adapters, decisions, ids, strict=True):
             name = body.name or text[:200]
             if adapter is None:  # the library adapter, as is
                 record = await asyncio.to_thread(state.library.get, decision["mixture"][0]["id"])
                 infos.append(state.record_info(record))
             elif body.save:
-                record = await asyncio.to_thread(_save, state, adapter, name, text, body.sample_inputs)
+                record = await asyncio.to_thread(_save, state, adapter, name, text, body.sample_inputs, saved_id)
                 infos.append(state.record_info(record))
             else:
                 infos.append(state.remember(adapter, name, [text], list(body.sample_inputs)))
@@ -265,9 +283,9 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
         return DeletedAdapter(id=adapter_id)
 
 
-def _save(state: GatewayState, adapter, name: str, description: str, samples: list[str]):
+def _save(state: GatewayState, adapter, name: str, description: str, samples: list[str], adapter_id: str | None):
     try:
-        return state.library.add(adapter, name, [description], "generated", samples)
+        return state.library.add(adapter, name, [description], "generated", samples, adapter_id)
     except ValueError as e:
         raise Invalid(str(e)) from e
 
@@ -277,7 +295,7 @@ def _archive(state: GatewayState, info: AdapterInfo, fmt: str) -> bytes:
         return pack_dir(state.library.path(info.id), info.id, fmt)
     eph = state.ephemeral.get(info.id)
     if eph is None:
-        raise Invalid(f"adapter {info.id} was dropped from memory")
+        raise UnknownAdapter(f"adapter {info.id} was dropped (the unsaved store is full) or deleted", param="id")
     tmp = Path(tempfile.mkdtemp(prefix="hyperlora-dl-"))
     try:
         save_peft(eph.adapter, tmp / info.id)
@@ -329,10 +347,11 @@ def _other_routes(app: FastAPI, state: GatewayState) -> None:
         except Exception as e:  # noqa: BLE001 - health reports any failure
             return error_response(503, f"a model deployment is not ready: {type(e).__name__}", "unavailable")
         return JSONResponse({"status": "ok", "base_model": state.model_name, "library_adapters": len(state.library),
-                             "unsaved_adapters": len(state.ephemeral.infos()),
+                             "unsaved_adapters": len(state.ephemeral.ids()),
                              "uptime_s": round(time.time() - state.started, 1),
                              "generator_trained": info["generator"]["trained"],
-                             "default_library": info["generator"].get("default_library"), **info})
+                             "default_library": info["generator"].get("default_library"), **info,
+                             "gateway": {"replica": state.replica, "startup": state.startup}})
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses=errors())
     async def metrics() -> PlainTextResponse:

@@ -25,6 +25,8 @@ ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve config YA
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("serve")(serve_command)
     bench_app.command("serve")(bench_serve)
+    bench_app.command("chaos")(bench_chaos)
+    bench_app.command("startup")(bench_startup)
 
 
 def _warn_untrained(cfg) -> None:
@@ -39,6 +41,22 @@ def _warn_untrained(cfg) -> None:
                     fg=typer.colors.RED, bold=True, err=True)
 
 
+def _prepare_base_model(base_model: str) -> None:
+    """A first start converts the embedded GGUF: begin now, while Ray starts, instead of when the replicas ask for
+    it (they wait for this conversion through its lock: generator.models.resolve_base_model)."""
+    import threading
+
+    from generator.models import resolve_base_model
+
+    def convert() -> None:
+        try:
+            resolve_base_model(base_model)
+        except Exception as e:  # noqa: BLE001 - the replicas try again and report it
+            logger.warning("preparing the base model failed: %s", e)
+
+    threading.Thread(target=convert, name="base-model", daemon=True).start()
+
+
 def api_key_notice(cfg) -> tuple[str, bool]:
     """What the console says about the API key: (text, whether it is a warning)."""
 
@@ -51,23 +69,37 @@ def api_key_notice(cfg) -> tuple[str, bool]:
             f"{cfg.api_key_env} before serving on another address than 127.0.0.1.", True)
 
 
-def start_service(cfg, wait_s: float = 900.0) -> str:
-    """Start Ray (if needed), Serve on cfg.host:cfg.port and the application; return its URL once healthy."""
+def start_service(cfg, wait_s: float = 900.0, phases=None) -> str:
+    """Start Ray (if needed), Serve on cfg.host:cfg.port and the application; return its URL once healthy.
+    `phases` (serve.startup.Phases) gets the seconds of each step."""
     import httpx
     import ray
     from ray import serve
 
     from serve.app import build_app
+    from serve.proxy_retry import CALLBACK, CALLBACK_ENV
+    from serve.startup import Phases
 
+    phases = phases or Phases()
+
+    # Serve's proxy resends a request whose Gateway replica died and answers its own errors as JSON; the proxy
+    # inherits this from the Ray processes started here (with `serve run` / `serve deploy`: export it first)
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    phases.mark("ray_init")
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    phases.mark("serve_start")
+    app = build_app(cfg)
+    phases.mark("build_app")
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    phases.mark("deployments")
     url = f"http://{cfg.host}:{cfg.port}"
     deadline = time.time() + wait_s
     while True:
         try:
             if httpx.get(f"{url}/healthz", timeout=30).status_code == 200:
+                phases.mark("healthy")
                 return url
         except httpx.HTTPError:
             pass
@@ -94,15 +126,19 @@ def serve_command(
 ) -> None:
     """Serve the application (Gateway, Generator, Router, LLM) until Ctrl-C."""
     from serve.config import ServeConfig
+    from serve.startup import Phases
 
+    phases = Phases()  # `process`: the command's own start (Python and its imports)
     cfg = ServeConfig.from_yaml(config, host=host, port=port, library=library, checkpoint=checkpoint,
                                 base_model=base_model)
+    _prepare_base_model(cfg.base_model)
     _warn_untrained(cfg)
     notice, warn = api_key_notice(cfg)
     typer.secho(notice, fg=typer.colors.YELLOW if warn else typer.colors.GREEN, bold=warn, err=warn)
     typer.echo(f"starting hyperlora on {cfg.host}:{cfg.port} (first start converts the base model and builds the "
                f"default library: a minute or two)...")
-    url = start_service(cfg)
+    url = start_service(cfg, phases=phases)
+    typer.echo(f"startup phases: {json.dumps(phases.as_dict())}")
     typer.secho(f"\nhyperlora is serving at {url}  (OpenAPI docs: {url}/docs)", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"""
   curl -s {url}/v1/completions -H 'Content-Type: application/json' \\
@@ -199,3 +235,57 @@ def bench_serve(
             stop_service()
     path = write_serve_results({"http": report})
     typer.echo(f"wrote {path}")
+
+
+def bench_chaos(
+    url: str | None = typer.Option(None, help="A running service on this machine; default: start one in-process "
+                                              "(the config's models, a fresh temporary library)."),
+    api_key: str | None = typer.Option(None, envvar="HYPERLORA_API_KEY", help="The service's API key, if it has one."),
+    config: Path = ConfigOpt,
+    deployments: str = typer.Option("Gateway,Generator", help="Whose replica to kill, one round each, in turn."),
+    saves: int = typer.Option(60, help="Saves per round."),
+    gap_ms: float = typer.Option(30.0, help="Milliseconds between two saves."),
+    kill_at: int = typer.Option(20, help="The replica is killed just before this save."),
+    out: Path = typer.Option(RESULTS / "chaos.json", help="Where the figures go."),
+) -> None:
+    """kill -9 one replica while adapters are being saved: non-JSON responses, 5xx and saved adapters lost."""
+    import secrets
+    import shutil
+    import tempfile
+
+    from serve.chaos import run
+
+    if not 1 <= saves <= 1000 or not 0 <= kill_at < saves:
+        raise typer.BadParameter("saves must be in [1, 1000] and kill_at in [0, saves)")
+    names = [d.strip() for d in deployments.split(",") if d.strip()]
+    started = url is None
+    if started:
+        from serve.config import ServeConfig
+
+        api_key = api_key or secrets.token_hex(16)
+        os.environ["HYPERLORA_API_KEY"] = api_key  # the replicas inherit it from the Ray started here
+        library = tempfile.mkdtemp(prefix="hyperlora-chaos-")
+        cfg = ServeConfig.from_yaml(config, host="127.0.0.1", port=_free_port(), library=library,
+                                    default_library=False)
+        typer.echo(f"starting the service in-process (library {library})...")
+        url = start_service(cfg)
+    elif not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+        raise typer.BadParameter("the replicas are killed on this machine: --url http://127.0.0.1:PORT")
+    try:
+        run(url, api_key, names, saves, gap_ms, kill_at, out)
+    finally:
+        if started:
+            stop_service()
+            shutil.rmtree(library, ignore_errors=True)
+
+
+def bench_startup(
+    runs: str = typer.Option("fresh,restart", help="fresh: an empty HYPERLORA_HOME; restart: the same home again."),
+    home: str | None = typer.Option(None, help="HYPERLORA_HOME to use (default: a new empty temporary one)."),
+    config: Path = ConfigOpt,
+    out: Path = typer.Option(RESULTS / "bench_startup.json", help="Where the figures go."),
+) -> None:
+    """Seconds from launching `hyperlora serve` (what `make serve` runs) to its first answers, per phase."""
+    from serve.startup import run
+
+    run([r.strip() for r in runs.split(",") if r.strip()], home, _free_port(), config, out)

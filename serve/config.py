@@ -94,7 +94,8 @@ class ServeConfig(BaseModel):
         default_factory=lambda: BatchSettings(max_batch_size=32, batch_wait_timeout_s=0.002))
     torch_threads: int | None = Field(None, ge=1)  # torch threads of each model replica; None: every core
     # -- the gateway
-    ephemeral_bytes: int = Field(256 << 20, ge=1)  # unsaved generated adapters kept in gateway memory (LRU)
+    ephemeral_bytes: int = Field(256 << 20, ge=1)  # unsaved generated adapters kept on disk under
+    #                    <library>/unsaved/, which every gateway replica sees (least recently used dropped first)
     api_key_env: str = "HYPERLORA_API_KEY"  # env var holding the key mutations need; unset: local programs only
     cors_origins: list[str] = Field(default_factory=list)  # web origins allowed to call the API; empty: CORS off
     limits: Limits = Field(default_factory=Limits)
@@ -151,6 +152,10 @@ class ServeConfig(BaseModel):
         from retriever.library import default_library_root
 
         return default_library_root()
+
+    def unsaved_root(self) -> Path:
+        """Where unsaved generated adapters live (serve/unsaved.py): beside the library, on the same file system."""
+        return self.library_root() / "unsaved"
 
     def retriever_config(self):
         from retriever.config import RetrieverConfig

@@ -27,6 +27,7 @@ from serve.engine import Delta, GenerationJob, load_engine
 from serve.errors import GenerationFailed, InvalidAdapter, ServiceError, UnknownAdapter, WrongBaseModel
 from serve.metrics import REGISTRY
 from serve.protocol import Accepted, LLMRequest, LLMResult, fold, public_model_name, same_base_model
+from serve.startup import Phases
 
 logger = logging.getLogger(__name__)
 MAX_MULTIPLEXED_ADAPTERS = 256  # ids one LLM replica advertises; memory is bounded by engine.cache_bytes
@@ -70,9 +71,16 @@ class Router:
         from retriever.library import AdapterLibrary
         from retriever.router import Router as RetrieverRouter
 
+        phases = Phases()
         cfg = _configure(config)
         library = AdapterLibrary(cfg.library_root(), load_spec(cfg.base_model))
-        self.router = RetrieverRouter(library, TaskEncoder.load(cfg.embedder, cfg.device), cfg.retriever_config())
+        phases.mark("library")
+        encoder = TaskEncoder.load(cfg.embedder, cfg.device)
+        phases.mark("embedder")
+        # the index syncs in the background (keying a few hundred adapters takes a minute on a CPU); routes wait
+        self.router = RetrieverRouter(library, encoder, cfg.retriever_config(), background=True)
+        phases.mark("router")
+        self.startup = phases.as_dict()
         _set_batching(self.route, cfg.router_batch)
         self._seconds = REGISTRY.histogram("hyperlora_route_seconds", "One batched routing call (embedding included).")
 
@@ -100,7 +108,8 @@ class Router:
     async def info(self) -> dict[str, Any]:
         """What the index holds now, without waiting for a re-sync (keying a freshly filled library takes a
         minute or two on the CPU; /healthz must answer meanwhile)."""
-        return {"adapters": self.router.n_adapters, "index": self.router.index_type}
+        return {"adapters": self.router.n_adapters, "index": self.router.index_type or "building",
+                "startup": self.startup}
 
     async def metrics(self) -> list[dict[str, Any]]:
         return REGISTRY.snapshot()
@@ -188,11 +197,15 @@ class LLM:
         from generator.sanity import base_norms_from_model
         from retriever.library import AdapterLibrary
 
+        phases = Phases()
         cfg = _configure(config)
         self.engine = load_engine(cfg.base_model, cfg.engine)
+        phases.mark("model")
         self.library = AdapterLibrary(cfg.library_root(), self.engine.spec)
         self.limits = cfg.adapter_limits
         self.base_norms = base_norms_from_model(self.engine.model, self.engine.spec)
+        phases.mark("library_and_norms")
+        self.startup = phases.as_dict()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-decode")
         self._drains: set[asyncio.Future] = set()
         self._waiting: list[tuple[list[_Queued], asyncio.Queue]] = []  # @serve.batch batches not yet decoding
@@ -367,7 +380,7 @@ class LLM:
 
     async def health(self) -> dict[str, Any]:
         return {"cached_adapters": len(self.engine.cache), "cache_bytes": self.engine.cache.nbytes,
-                "device": str(self.engine.device), "dtype": self.engine.cfg.dtype}
+                "device": str(self.engine.device), "dtype": self.engine.cfg.dtype, "startup": self.startup}
 
     async def metrics(self) -> list[dict[str, Any]]:
         return REGISTRY.snapshot()

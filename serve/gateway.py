@@ -12,7 +12,9 @@ from serve.api import build_api
 from serve.config import ServeConfig
 from serve.metrics import REGISTRY
 from serve.protocol import public_model_name
-from serve.state import Backends, EphemeralStore, GatewayState, check_mutation  # noqa: F401 - re-exported
+from serve.startup import Phases
+from serve.state import Backends, GatewayState, check_mutation  # noqa: F401 - re-exported
+from serve.unsaved import UnsavedStore
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +29,21 @@ class Gateway:
         from retriever.library import AdapterLibrary
         from serve.deployments import route_logs_to_serve
 
+        phases = Phases()
         route_logs_to_serve()
         cfg = ServeConfig.model_validate(config)
         spec = load_spec(cfg.base_model)
+        phases.mark("spec")
         self.state = GatewayState(
             cfg=cfg, spec=spec, library=AdapterLibrary(cfg.library_root(), spec),
             backends=Backends(generator, router, llm, cfg.request_timeout_s),
-            ephemeral=EphemeralStore(cfg.ephemeral_bytes), generator=cfg.generator, generators=(cfg.generator,),
+            ephemeral=UnsavedStore(cfg.unsaved_root(), cfg.ephemeral_bytes), generator=cfg.generator,
+            generators=(cfg.generator,),
             base_names=frozenset({spec.name, public_model_name(spec.name), PurePath(spec.name).name, "base"}),
+            replica=_replica_tag(),
         )
+        phases.mark("library")
+        self.state.startup = phases.as_dict()
         if self.state.api_key() is None:
             logger.warning("%s is unset: adapter save/upload/delete are accepted from localhost only",
                            cfg.api_key_env)
@@ -51,3 +59,13 @@ class Gateway:
 
     def __serve_build_asgi_app__(self):
         return build_api(self.state, on_startup=self._generator_trained)
+
+
+def _replica_tag() -> str:
+    """This replica's Serve id (the `X-Hyperlora-Replica` response header), or the process id outside Serve."""
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - not in a replica (tests)
+        import os
+
+        return f"pid-{os.getpid()}"

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,10 @@ from serve.config import ServeConfig
 from serve.deployments import _configure, _set_batching
 from serve.metrics import REGISTRY
 from serve.protocol import public_model_name
+from serve.startup import Phases
 
 logger = logging.getLogger(__name__)
+FILL_AFTER_S = 60.0  # the default library starts filling at the first info call (the service is up), or after this
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
@@ -31,28 +33,44 @@ class Generator:
     def __init__(self, config: dict[str, Any]) -> None:
         from generator.config import build_generator, load_spec
 
+        phases = Phases()
         cfg = _configure(config)
         self.gen = build_generator(cfg.generator_config(), load_spec(cfg.base_model))
+        phases.mark("generator")
         if not self.gen.trained:
             logger.warning("NO TRAINED HYPERNETWORK CHECKPOINT: serving a FRESHLY INITIALISED %s generator; its "
                            "adapters are well-formed but carry no task knowledge", self.gen.name)
         self.gens = {self.gen.name: self.gen} | load_other_generators(cfg, self.gen)
+        phases.mark("other_generators")
         self._torch = threading.Lock()  # one hypernetwork call at a time: requests and the library fill
-        self.library_fill: dict[str, Any] = {"state": "off" if not cfg.default_library else "filling"}
-        if cfg.default_library:  # in the background: the service answers while the default library fills
-            threading.Thread(target=self._fill_library, args=(cfg,), name="default-library", daemon=True).start()
-        self.strategy = _description_strategy(cfg, self.gen)
+        self.library_fill: dict[str, Any] = {"state": "off" if not cfg.default_library else "waiting"}
+        self._fill = _Once(self._fill_library, cfg) if cfg.default_library else None
+        if self._fill is not None:  # in the background once the service answers (its first /healthz or info
+            timer = threading.Timer(FILL_AFTER_S, self._fill.start)  # call), or after FILL_AFTER_S anyway
+            timer.daemon = True
+            timer.start()
+        # the description strategy keys the library (a while for a few hundred adapters): in the background too;
+        # POST /v1/adapters waits for it, completions and /healthz do not
+        self._strategy = in_background(_description_strategy, cfg, self.gen)
+        phases.mark("strategy")
+        self.startup = phases.as_dict()
         _set_batching(self.generate, cfg.generator_batch)
         _set_batching(self.adapt, cfg.generator_batch)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hypernet")  # one warm thread for torch
         self._seconds = REGISTRY.histogram("hyperlora_generation_seconds", "One batched hypernetwork call.")
         self._count = REGISTRY.counter("hyperlora_generated_adapters", "Adapters generated.")
 
+    @property
+    def strategy(self):
+        """The description strategy (retriever/strategy.py), once its background start is done."""
+        return self._strategy.result()
+
     def _fill_library(self, cfg: ServeConfig) -> None:
         """The default library, filled once (idempotent by task name; trained LoRAs if present, else adapters this
         generator makes, a chunk at a time between requests). `library_fill` says how it went (in /healthz)."""
         from retriever.default import ensure_default_library
 
+        self.library_fill = {"state": "filling"}
         t0 = time.perf_counter()
         try:
             library = ensure_default_library(cfg.library_root(), _Locked(self.gen, self._torch), spec=self.gen.spec,
@@ -66,9 +84,11 @@ class Generator:
         logger.info("library %s holds %d adapters (checked/filled in %.1f s)", library.root.name, len(library), dt)
 
     async def info(self) -> dict[str, Any]:
+        if self._fill is not None:
+            self._fill.start()  # the service answers: the default library may take the spare CPU now
         return {"generator": self.gen.name, "trained": bool(self.gen.trained), "rank": self.gen.rank,
                 "alpha": self.gen.alpha, "base_model": public_model_name(self.gen.spec.name),
-                "generators": sorted(self.gens), "default_library": dict(self.library_fill)}
+                "generators": sorted(self.gens), "default_library": dict(self.library_fill), "startup": self.startup}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def generate(self, requests: list[tuple[str, list[str]]]) -> list[tuple[list[LoraAdapter], float]]:
@@ -135,6 +155,35 @@ class Generator:
 
     async def metrics(self) -> list[dict[str, Any]]:
         return REGISTRY.snapshot()
+
+
+def in_background(fn, *args) -> Future:
+    """`fn(*args)` in a daemon thread (it never holds up the replica's exit), as a Future."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result, and logged
+            logger.exception("%s failed in the background", getattr(fn, "__name__", fn))
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=getattr(fn, "__name__", "background"), daemon=True).start()
+    return future
+
+
+class _Once:
+    """Runs `fn(*args)` in a daemon thread the first time `start` is called, whoever calls it."""
+
+    def __init__(self, fn, *args) -> None:
+        self._fn, self._args, self._lock, self._started = fn, args, threading.Lock(), False
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._fn, args=self._args, name="default-library", daemon=True).start()
 
 
 class _Locked:

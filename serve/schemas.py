@@ -98,7 +98,7 @@ class AdapterInfo(BaseModel):
     name: str
     descriptions: list[str]
     source: str  # trained | generated | uploaded
-    saved: bool  # in the library (else only in this gateway's memory)
+    saved: bool  # in the library (else an unsaved generated adapter, dropped when the unsaved store is full)
     base_model: str
     rank: int
     target_modules: list[str]
@@ -389,12 +389,12 @@ ERROR_MEANINGS = {
     413: "Body, text, list or prompt over a limit (the error's `limit` says which).",
     422: "A field is missing, malformed or out of range (the error's `param` names it).",
     500: "Internal error (logged on the server).",
-    503: "A model deployment is not ready.",
+    503: "A model deployment is not ready, or a replica stopped while serving the request (try again).",
     504: "A model deployment did not answer in time.",
 }
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for a route: these codes plus the ones every route may return (413, 422, 500, 504)."""
+    """OpenAPI `responses` for a route: these codes plus the ones every route may return (413, 422, 500, 503, 504)."""
     return {c: {"model": ErrorBody, "description": ERROR_MEANINGS[c]}
-            for c in sorted({*codes, 413, 422, 500, 504})}
+            for c in sorted({*codes, 413, 422, 500, 503, 504})}

@@ -8,16 +8,18 @@ module (state); nothing here imports a route module.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from fastapi import Header
 
 from generator.lora import LoraAdapter
 from generator.spec import ModelSpec
@@ -25,10 +27,10 @@ from serve.config import ServeConfig
 from serve.errors import Forbidden, Invalid, InvalidAdapter, TooLarge, Unauthorized, UnknownAdapter, WrongBaseModel
 from serve.protocol import Accepted, LLMRequest, LLMResult, public_model_name, same_base_model
 from serve.schemas import AdapterInfo, encodable
+from serve.unsaved import EPHEMERAL_PREFIX, UnsavedStore
 
 logger = logging.getLogger(__name__)
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
-EPHEMERAL_PREFIX = "tmp-"
 # bodies a web page can send to another origin without a CORS preflight (an HTML form, or fetch "no-cors")
 FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded", "text/plain"})
 
@@ -68,6 +70,23 @@ def check_mutation(headers: dict[str, str], client_host: str | None, api_key: st
                         f"`Authorization: Bearer <key>` to allow it")
 
 
+def idempotent_ids(key: str | None, n: int) -> list[str | None]:
+    """Library ids for the `n` adapters a request stores, derived from its `Idempotency-Key` header (the same key
+    gives the same ids, so a request sent again stores nothing new: retriever.library.AdapterLibrary.add), or new
+    ids (None) without one. Serve's proxy adds a key to every storing request that lacks one (serve/proxy_retry.py),
+    so the copy it sends again after a replica died is recognised."""
+    if key is None:
+        return [None] * n
+    return [hashlib.sha256(f"{key}\0{i}".encode()).hexdigest()[:32] for i in range(n)]
+
+
+IdempotencyKey = Header(None, alias="Idempotency-Key", min_length=1, max_length=200,
+                        description="Any string you choose: the same request sent again with the same key stores "
+                                    "nothing new and answers with the adapter(s) the first one stored. Serve's proxy "
+                                    "adds one when it is missing, to send the request again safely after a replica "
+                                    "died.")
+
+
 def check_texts(texts: list[str], what: str, max_items: int, max_chars: int) -> list[str]:
     """422 for empty or non-Unicode strings, 413 for too many or too long ones."""
     if len(texts) > max_items:
@@ -84,54 +103,6 @@ def check_texts(texts: list[str], what: str, max_items: int, max_chars: int) -> 
     return [t.strip() for t in texts]
 
 
-@dataclass
-class _Ephemeral:
-    info: AdapterInfo
-    adapter: LoraAdapter  # on the CPU
-    share: Callable[[LoraAdapter], Any] | None  # makes what LLM requests carry (a Ray object reference)
-    _ref: Any = None
-
-    @property
-    def ref(self) -> Any:
-        """What LLM requests carry: put in the object store on first use, not on the generate path."""
-        if self._ref is None:
-            self._ref = self.share(self.adapter) if self.share is not None else self.adapter
-        return self._ref
-
-
-class EphemeralStore:
-    """Generated adapters that were not saved: kept in this gateway's memory, least recently used dropped."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, _Ephemeral] = OrderedDict()
-        self.nbytes = 0
-
-    def put(self, adapter: LoraAdapter, info: AdapterInfo, share: Callable[[LoraAdapter], Any] | None) -> None:
-        size = adapter.nbytes()
-        while self._items and self.nbytes + size > self.max_bytes:
-            old_id, old = self._items.popitem(last=False)
-            self.nbytes -= old.adapter.nbytes()
-            logger.info("dropped unsaved adapter %s from gateway memory (LRU)", old_id)
-        self._items[info.id] = _Ephemeral(info, adapter, share)
-        self.nbytes += size
-
-    def get(self, adapter_id: str) -> _Ephemeral | None:
-        item = self._items.get(adapter_id)
-        if item is not None:
-            self._items.move_to_end(adapter_id)
-        return item
-
-    def remove(self, adapter_id: str) -> bool:
-        item = self._items.pop(adapter_id, None)
-        if item is not None:
-            self.nbytes -= item.adapter.nbytes()
-        return item is not None
-
-    def infos(self) -> list[AdapterInfo]:
-        return [e.info for e in self._items.values()]
-
-
 class Backends:
     """The gateway's calls to the model deployments, through Serve handles."""
 
@@ -139,24 +110,34 @@ class Backends:
         self.generator, self.router, self.llm = generator, router, llm
         self.timeout_s = timeout_s
 
+    async def _call(self, method, arg: Any) -> Any:
+        """`method.remote(arg)`, sent once more if the replica died while on it: these calls change nothing, and
+        Serve's router sends the second one to a live replica (a restarted one, when it was the only one)."""
+        from ray.exceptions import RayActorError
+
+        try:
+            return await asyncio.wait_for(method.remote(arg), self.timeout_s)
+        except RayActorError as e:
+            logger.warning("a replica died during a call (%s); sending it again", type(e).__name__)
+        return await asyncio.wait_for(method.remote(arg), self.timeout_s)
+
     async def generate(self, descriptions: list[str], generator: str) -> tuple[list[LoraAdapter], float]:
-        return await asyncio.wait_for(self.generator.generate.remote((generator, descriptions)), self.timeout_s)
+        return await self._call(self.generator.generate, (generator, descriptions))
 
     async def adapt(self, descriptions: list[str], generator: str,
                     strategy: str | None) -> tuple[list[dict[str, Any]], list[LoraAdapter | None], float]:
         """(decisions, adapters, ms): the description strategy's choice per description (retriever/strategy.py)."""
-        return await asyncio.wait_for(self.generator.adapt.remote((generator, descriptions, strategy)),
-                                      self.timeout_s)
+        return await self._call(self.generator.adapt, (generator, descriptions, strategy))
 
     async def route(self, inputs: list[str], top_k: int) -> list[dict[str, Any]]:
-        return await asyncio.wait_for(self.router.route.remote((inputs, top_k)), self.timeout_s)
+        return await self._call(self.router.route, (inputs, top_k))
 
     def _llm(self, req: LLMRequest):
         main = req.main_adapter()
         return self.llm.options(multiplexed_model_id=main) if main else self.llm
 
     async def complete(self, req: LLMRequest) -> LLMResult:
-        return await asyncio.wait_for(self._llm(req).generate.remote(req), self.timeout_s)
+        return await self._call(self._llm(req).generate, req)
 
     def stream(self, req: LLMRequest) -> AsyncIterator[Accepted | Any]:
         return self._llm(req).options(stream=True).generate_stream.remote(req)
@@ -187,13 +168,15 @@ class GatewayState:
     spec: ModelSpec
     library: Any  # retriever.library.AdapterLibrary
     backends: Backends
-    ephemeral: EphemeralStore
+    ephemeral: UnsavedStore  # unsaved generated adapters, on disk: every gateway replica sees them
     generator_trained: bool = True
     generator: str = "t2l"  # the default generator
     generators: tuple[str, ...] = ("t2l",)  # every generator the Generator deployment serves
     base_names: frozenset[str] = field(default_factory=frozenset)
     started: float = field(default_factory=time.time)
     base_norms: Any = None  # generator.sanity.BaseNorms of the base model, read on first use ({}: unknown)
+    replica: str = ""  # this gateway replica's id, sent as the X-Hyperlora-Replica header
+    startup: dict[str, float] = field(default_factory=dict)  # seconds per phase of this replica's start
 
     def check_adapter(self, adapter: LoraAdapter, what: str, param: str | None = None) -> None:
         """400 naming the limit when `adapter` is not fit to store or serve (generator.sanity)."""
@@ -240,7 +223,7 @@ class GatewayState:
         """An adapter's info and, for an unsaved one, what carries it to the LLM; 404 or 400 otherwise."""
         from retriever.library import AdapterNotFound, InvalidAdapterId
 
-        eph = self.ephemeral.get(adapter_id)
+        eph = self.ephemeral.get(adapter_id, self.backends.share if self.backends else None)
         if eph is not None:
             return eph.info, eph.ref
         try:
@@ -265,7 +248,7 @@ class GatewayState:
         """An adapter's strength with in-context examples (None: full strength, or it is gone)."""
         from retriever.library import AdapterNotFound, InvalidAdapterId
 
-        eph = self.ephemeral.get(adapter_id)
+        eph = self.ephemeral.get(adapter_id, self.backends.share if self.backends else None)
         if eph is not None:
             return eph.info.strength_with_examples
         try:
@@ -277,7 +260,8 @@ class GatewayState:
         return EPHEMERAL_PREFIX + uuid.uuid4().hex
 
     def remember(self, adapter: LoraAdapter, name: str, descriptions: list[str], samples: list[str]) -> AdapterInfo:
-        """Keep an unsaved generated adapter in gateway memory and share it with LLM replicas by reference."""
+        """Keep an unsaved generated adapter where every gateway replica finds it (serve.unsaved); LLM replicas get
+        it by reference."""
         from retriever.records import check_strength, now_iso
 
         adapter = adapter.to("cpu")

@@ -13,7 +13,7 @@ from generator.peft_io import AdapterFormatError, load_peft
 from serve.errors import Invalid, InvalidAdapter, ServiceError, WrongBaseModel
 from serve.protocol import public_model_name, same_base_model
 from serve.schemas import AdapterInfo, errors
-from serve.state import GatewayState, check_texts
+from serve.state import GatewayState, IdempotencyKey, check_texts, idempotent_ids
 from serve.uploads import collect_files, extract_archive
 
 UPLOAD_PATH = "/v1/adapters/upload"
@@ -31,7 +31,7 @@ def add_routes(app: FastAPI, state: GatewayState) -> None:
                                                                         "archive's hyperlora.json instruction)"},
                       "sample_inputs": {"type": "array", "items": {"type": "string"}}}}},
                   "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-    async def upload_adapter(request: Request) -> AdapterInfo:
+    async def upload_adapter(request: Request, idempotency_key: str | None = IdempotencyKey) -> AdapterInfo:
         """Add a user's PEFT LoRA adapter: multipart (`file` archive or `files`) or a raw archive body whose
         name/description come as query parameters. Pickle files, NaN/Inf weights and shapes that do not fit
         the base model are refused with 400."""
@@ -60,8 +60,9 @@ def add_routes(app: FastAPI, state: GatewayState) -> None:
             else:
                 pairs = [f for v in files.values() for f in v]
                 await asyncio.to_thread(collect_files, pairs, d, lim.max_upload_bytes, lim.max_upload_files)
+            (saved_id,) = idempotent_ids(idempotency_key, 1)
             record = await asyncio.to_thread(_add_upload, state, d, name, descriptions, samples,
-                                             instruction[0] if instruction else None)
+                                             instruction[0] if instruction else None, saved_id)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return state.record_info(record)
@@ -99,7 +100,7 @@ async def _read_upload(request: Request, lim) -> tuple[dict[str, list[str]], dic
 
 
 def _add_upload(state: GatewayState, d: Path, name: str, descriptions: list[str], samples: list[str],
-                instruction: str | None):
+                instruction: str | None, adapter_id: str | None = None):
     from retriever.records import check_fields
 
     try:
@@ -122,6 +123,6 @@ def _add_upload(state: GatewayState, d: Path, name: str, descriptions: list[str]
     if instruction:
         adapter.metadata["instruction"] = instruction
     try:
-        return state.library.add(adapter, name, descriptions, "uploaded", samples)
+        return state.library.add(adapter, name, descriptions, "uploaded", samples, adapter_id)
     except ValueError as e:
         raise Invalid(str(e)) from e

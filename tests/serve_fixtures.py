@@ -4,6 +4,7 @@ checkpoint and a small library, all on disk, and a `ServeConfig` pointing at the
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -121,7 +122,9 @@ def running_service(cfg, port: int, api_key: str) -> Iterator[str]:
     from ray import serve
 
     from serve.app import build_app
+    from serve.proxy_retry import CALLBACK, CALLBACK_ENV
 
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)  # as `hyperlora serve` does (a Ray started here inherits it)
     cfg.deployments["Gateway"].ray_actor_options = {"runtime_env": {"env_vars": {"HYPERLORA_API_KEY": api_key}},
                                                     "num_cpus": 0}
     started_ray = not ray.is_initialized()

@@ -47,6 +47,16 @@ def test_add_get_load_list_remove_round_trip(lib, tiny_spec):
         lib.remove(rec.id)
 
 
+def test_add_under_a_given_id_twice_stores_once(tmp_path, lib, tiny_spec):
+    """A request sent again (same idempotency key, so the same id) gets what the first stored, from any process."""
+    first = lib.add(random_adapter(tiny_spec, seed=1), "once", ["Stored once."], "generated", adapter_id="k" * 32)
+    other = AdapterLibrary(lib.root, tiny_spec)  # another replica
+    again = other.add(random_adapter(tiny_spec, seed=2), "twice", ["Stored twice?"], "generated", adapter_id="k" * 32)
+    assert again == first and [r.id for r in other.list()] == ["k" * 32]
+    with pytest.raises(InvalidAdapterId):
+        lib.add(random_adapter(tiny_spec), "x", ["x"], "generated", adapter_id="../escape")
+
+
 def test_record_to_dict_is_json_safe_without_paths(lib, tiny_spec):
     d = _add(lib, tiny_spec).to_dict()
     assert set(d) == {"id", "name", "descriptions", "source", "base_model", "rank", "target_modules", "created",

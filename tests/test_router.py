@@ -81,6 +81,17 @@ def test_reopening_gives_identical_results_from_the_saved_index(built, encoder):
     assert_same_routes(first.route(queries), again.route(queries))
 
 
+def test_an_index_built_in_the_background_routes_like_one_built_at_once(lib_copy, encoder):
+    """The service's Router starts without waiting for its index; a route call made meanwhile waits for it."""
+    queries = [q for t in TASKS for q in held_out(t, 2)]
+    shutil.rmtree(lib_copy.index_dir)  # no saved index: the background thread has to embed every key
+    lib_copy.index_dir.mkdir()
+    background = Router(lib_copy, encoder, CFG, background=True)
+    routes = background.route(queries)
+    assert background._loaded.rebuilt is True
+    assert_same_routes(Router(lib_copy, encoder, CFG).route(queries), routes)
+
+
 def test_routes_are_ranked_weighted_and_abstain_below_threshold(lib_copy, encoder):
     routes = Router(lib_copy, encoder, CFG).route(held_out(TASKS[0], 2), top_k=4)
     for r in routes:

@@ -29,6 +29,7 @@ def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("service")
     port = free_port()
     cfg, spec = tiny_service(tmp, port)
+    cfg.deployments["Gateway"].num_replicas = 2  # as serve/config.yaml: unsaved adapters must work through both
     with running_service(cfg, port, API_KEY) as url:
         yield url, cfg, spec, AdapterLibrary(cfg.library_root(), spec)
 
@@ -202,6 +203,21 @@ def test_generate_and_save_needs_key_and_persists(client, service):
     assert a["id"] not in service[3]
 
 
+def test_a_save_sent_again_with_its_idempotency_key_stores_nothing_new(client, service):
+    """What lets Serve's proxy send a save again after its Gateway replica died (serve/proxy_retry.py)."""
+    body = {"description": "Reply with a haiku.", "save": True, "name": "haiku", "strategy": "generate"}
+    key = {**AUTH, "Idempotency-Key": "haiku-1"}
+    first = client.post("/v1/adapters", json=body, headers=key).json()["adapters"][0]
+    again = client.post("/v1/adapters", json=body, headers=key).json()["adapters"][0]
+    other = client.post("/v1/adapters", json=body, headers={**AUTH, "Idempotency-Key": "haiku-2"}).json()
+    ids = [r.id for r in service[3].list() if r.name == "haiku"]
+    assert again == first and sorted(ids) == sorted([first["id"], other["adapters"][0]["id"]])
+    r = client.post("/v1/adapters", json=body, headers={**AUTH, "Idempotency-Key": "x" * 201})
+    assert r.status_code == 422 and "Idempotency-Key" in r.json()["error"]["param"]
+    for aid in ids:
+        client.delete(f"/v1/adapters/{aid}", headers=AUTH)
+
+
 def test_download_loads_in_peft_with_the_services_logits(client, service, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -244,6 +260,27 @@ def test_unsaved_adapter_downloads_too(client):
     r = client.get(f"/v1/adapters/{aid}/download")
     names = tarfile.open(fileobj=io.BytesIO(r.content)).getnames()
     assert names == [f"{aid}/adapter_config.json", f"{aid}/adapter_model.safetensors", f"{aid}/hyperlora.json"]
+
+
+def test_unsaved_adapter_made_through_one_gateway_replica_works_through_the_other(client):
+    """Two Gateway replicas share the load: an unsaved adapter's id works whichever replica a request reaches."""
+    made = client.post("/v1/adapters", json={"description": "Answer in one word."})
+    aid, maker = made.json()["adapters"][0]["id"], made.headers["X-Hyperlora-Replica"]
+    body = {"model": aid, "prompt": "hello", "max_tokens": 2, "temperature": 0}
+    answered, texts = set(), set()
+    for _ in range(40):  # Serve picks a replica per request; two in 40 tries never reaching the other: 2**-40
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        answered.add(r.headers["X-Hyperlora-Replica"])
+        texts.add(r.json()["choices"][0]["text"])
+        assert client.get(f"/v1/adapters/{aid}").json()["saved"] is False
+        if len(answered) == 2:
+            break
+    assert len(answered) == 2 and maker in answered, answered
+    assert len(texts) == 1  # the same adapter on both
+    assert client.delete(f"/v1/adapters/{aid}", headers=AUTH).status_code == 200
+    for _ in range(4):  # deleted through one replica: gone through both
+        assert client.get(f"/v1/adapters/{aid}").status_code == 404
 
 
 @pytest.mark.parametrize("kind", ["tar.gz", "zip"])
@@ -561,7 +598,7 @@ def test_replica_crash_keeps_saved_adapters(client):
     before = client.post("/v1/completions", json={"model": saved, "prompt": "still here?", "max_tokens": 4}).json()
     names = [a for a in ray.util.list_named_actors(all_namespaces=True)
              if "hyperlora" in a["name"] and ("Gateway" in a["name"] or "LLM" in a["name"])]
-    assert len(names) == 2, names
+    assert len(names) == 3, names  # two Gateway replicas and the LLM
     for a in names:
         ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
     deadline = time.time() + 180

@@ -73,7 +73,8 @@ def world(tmp_path_factory):
     from generator.config import load_spec
     from retriever.library import AdapterLibrary
     from serve.config import ServeConfig
-    from serve.state import EphemeralStore, GatewayState
+    from serve.state import GatewayState
+    from serve.unsaved import UnsavedStore
 
     tmp = tmp_path_factory.mktemp("gateway")
     model_dir = build_tiny_model(tmp / "tiny-llama")
@@ -86,7 +87,8 @@ def world(tmp_path_factory):
     with_instr = library.add(backends.adapter(INSTRUCTION, seed=1), "sentiment", ["Sentiment."], "trained").id
     plain = library.add(backends.adapter(None, seed=2), "plain", ["No instruction."], "trained").id
     state = GatewayState(cfg=cfg, spec=spec, library=library, backends=backends,
-                         ephemeral=EphemeralStore(64 << 20), base_names=frozenset({spec.name, "base"}))
+                         ephemeral=UnsavedStore(cfg.unsaved_root(), 64 << 20),
+                         base_names=frozenset({spec.name, "base"}))
     return state, backends, library, with_instr, plain
 
 

@@ -25,9 +25,11 @@ def test_default_library_fills_in_the_background_once(tmp_path, monkeypatch):
 
     def start_and_wait():
         gen = module.Generator.func_or_class(cfg.model_dump())
+        assert gen.library_fill["state"] in ("waiting", "ready")  # the fill waits until the service answers...
+        asyncio.run(gen.info())  # ... which the gateway's first info call says
         adapters = gen._generate("t2l", ["Answer like a pirate."])  # served while the library may still fill
         deadline = time.time() + 600  # a guard against hanging, not a performance assertion
-        while gen.library_fill["state"] == "filling" and time.time() < deadline:
+        while gen.library_fill["state"] in ("waiting", "filling") and time.time() < deadline:
             time.sleep(0.2)
         return gen, adapters
 
@@ -38,6 +40,8 @@ def test_default_library_fills_in_the_background_once(tmp_path, monkeypatch):
     assert info["state"] == "ready" and info["adapters"] == n_tasks
     ids = {r.name: r.id for r in AdapterLibrary(cfg.library_root()).list()}
     assert len(ids) == n_tasks
+    assert gen.strategy.library is not None  # built in the background meanwhile (its index keys the library)
     again, _ = start_and_wait()  # a restart: the set is there already
     assert again.library_fill["state"] == "ready" and again.library_fill["adapters"] == n_tasks
     assert {r.name: r.id for r in AdapterLibrary(cfg.library_root()).list()} == ids
+    assert again.strategy.router.n_adapters == n_tasks

@@ -8,6 +8,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import random_adapter
+
+from generator.spec import ModelSpec
 
 # ---- config -----------------------------------------------------------------------------------------
 
@@ -172,20 +175,49 @@ def test_model_names():
     assert same_base_model("", "anything")
 
 
-def test_ephemeral_store_is_bounded():
-    import torch
-
-    from generator.lora import LoraAdapter
-    from serve.gateway import EphemeralStore
+def _info(i: int, **kw):
     from serve.schemas import AdapterInfo
 
-    ad = LoraAdapter("m", 1, 1.0, {"q_proj": torch.zeros(1, 1, 4)}, {"q_proj": torch.zeros(1, 4, 1)})
-    store = EphemeralStore(max_bytes=ad.nbytes() * 2)
-    for i in range(3):
-        info = AdapterInfo(id=f"tmp-{i}", name="n", descriptions=["d"], source="generated", saved=False,
-                           base_model="m", rank=1, target_modules=["q_proj"], created="now")
-        store.put(ad, info, None)
-    assert [i.id for i in store.infos()] == ["tmp-1", "tmp-2"] and store.get("tmp-0") is None
+    return AdapterInfo(id=f"tmp-{i:032x}", name="n", descriptions=["d"], source="generated", saved=False,
+                       base_model="m", rank=1, target_modules=["q_proj"], created="now", **kw)
+
+
+def test_unsaved_store_is_bounded_least_recently_used_first(tmp_path):
+    import time
+
+    from serve.unsaved import UnsavedStore
+
+    ad = random_adapter(ModelSpec("m", 2, {"q_proj": (8, 8)}), targets=("q_proj",), rank=1)
+    store = UnsavedStore(tmp_path, max_bytes=1)
+    store.put(ad, _info(0), None)
+    per = store.nbytes
+    store = UnsavedStore(tmp_path, max_bytes=per * 2)
+    store.put(ad, _info(1), None)
+    time.sleep(0.02)
+    assert store.get(_info(0).id) is not None  # used: now the most recent
+    time.sleep(0.02)
+    store.put(ad, _info(2), None)
+    assert store.ids() == [_info(0).id, _info(2).id] and store.get(_info(1).id) is None
+
+
+def test_unsaved_adapter_made_through_one_store_is_found_through_another(tmp_path):
+    """Two gateway replicas (two stores on one directory): what one makes, the other reads, and deletes."""
+    import torch
+
+    from serve.unsaved import UnsavedStore
+
+    ad = random_adapter(ModelSpec("m", 2, {"q_proj": (8, 8), "v_proj": (8, 4)}), rank=2)
+    ad.metadata["instruction"] = "Say hi."
+    one, two = UnsavedStore(tmp_path, 1 << 20), UnsavedStore(tmp_path, 1 << 20)
+    info = _info(7, instruction="Say hi.")
+    one.put(ad, info, None)
+    got = two.get(info.id, share=lambda a: ("ref", a))
+    assert got.info == info and got.ref[0] == "ref" and got.adapter.metadata["instruction"] == "Say hi."
+    for m in ad.a:
+        assert torch.equal(got.adapter.a[m], ad.a[m]) and torch.equal(got.adapter.b[m], ad.b[m])
+    assert [p.name for p in (tmp_path / info.id).iterdir() if p.suffix in (".bin", ".pt", ".pkl")] == []
+    assert two.remove(info.id) and one.get(info.id) is None  # gone for the replica that made it too
+    assert two.get("../library") is None and two.get("tmp-" + "0" * 31 + "/") is None  # never a path outside
 
 
 # ---- metrics and schemas ----------------------------------------------------------------------------
@@ -233,7 +265,7 @@ def test_request_schemas():
             cls(**kw)
 
 
-def test_lookup_refuses_an_adapter_of_another_base_model():
+def test_lookup_refuses_an_adapter_of_another_base_model(tmp_path):
     """A library shared with a service of another base model: using its adapter is a 400 naming both."""
     from types import SimpleNamespace
 
@@ -241,7 +273,8 @@ def test_lookup_refuses_an_adapter_of_another_base_model():
     from retriever.records import AdapterNotFound
     from serve.config import ServeConfig
     from serve.errors import UnknownAdapter, WrongBaseModel
-    from serve.gateway import EphemeralStore, GatewayState
+    from serve.gateway import GatewayState
+    from serve.unsaved import UnsavedStore
 
     record = SimpleNamespace(base_model="mistralai/Mistral-7B-v0.1", to_dict=lambda: {})
 
@@ -252,7 +285,8 @@ def test_lookup_refuses_an_adapter_of_another_base_model():
             return record
 
     state = GatewayState(cfg=ServeConfig(), spec=ModelSpec("HuggingFaceTB/SmolLM2-135M-Instruct", 1, {}),
-                         library=Library(), backends=None, ephemeral=EphemeralStore(1 << 20))
+                         library=Library(), backends=None,
+                         ephemeral=UnsavedStore(tmp_path, 1 << 20))
     with pytest.raises(WrongBaseModel) as e:
         state.lookup("abc")
     assert "Mistral-7B" in e.value.message and "SmolLM2-135M-Instruct" in e.value.message and e.value.status == 400
@@ -271,3 +305,45 @@ def test_console_says_whether_an_api_key_is_set(monkeypatch):
     monkeypatch.setenv("HL_NOTICE_KEY", "k")
     text, warn = api_key_notice(cfg)
     assert not warn and "HL_NOTICE_KEY is set" in text and "Bearer" in text
+
+
+def test_replicas_starting_at_once_convert_the_base_model_once(tmp_path, monkeypatch):
+    """Every replica resolves the embedded base model as it starts; on a first start one converts, the rest wait."""
+    import threading
+    import time
+
+    from generator import models
+
+    calls = []
+
+    def convert(out):
+        calls.append(out)
+        time.sleep(0.2)  # long enough for the other threads to arrive meanwhile
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setenv("HYPERLORA_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models.resolve_base_model())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(got)) == 1 and (got[0] / "model.safetensors").exists()
+
+
+def test_startup_phases_add_up_and_the_serve_command_line_is_read_back(tmp_path):
+    import json
+
+    from serve.startup import Phases, _driver_phases
+
+    phases = Phases()
+    phases.mark("ray_init")
+    phases.mark("deployments")
+    d = phases.as_dict()
+    assert list(d) == ["process", "ray_init", "deployments", "total"] and d["process"] >= 0
+    assert d["total"] >= d["ray_init"] + d["deployments"]
+    log = tmp_path / "serve.log"
+    log.write_text(f"starting...\nstartup phases: {json.dumps(d)}\nhyperlora is serving\n")
+    assert _driver_phases(log) == d

@@ -1,0 +1,139 @@
+"""Where start-up time goes: each deployment times the phases of its start (shown in `/healthz` under `startup`),
+and `hyperlora bench startup` measures `hyperlora serve` (what `make serve` runs) from launch to first answers.
+
+    hyperlora bench startup        # a new empty $HYPERLORA_HOME (first start), a restart with it; removed after
+    hyperlora bench startup --home ~/.cache/hyperlora --runs restart
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Phases:
+    """Seconds per named phase of a start, in order; `process` is from the process's creation to this object
+    (Python, Ray's worker set-up and the module imports that came before)."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.items: dict[str, float] = {"process": round(_process_age(), 2)}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.items[name] = round(now - self.last, 2)
+        self.last = now
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.items, "total": round(self.items["process"] + self.last - self.t0, 2)}
+
+
+def _process_age() -> float:
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or no access: unknown
+        return 0.0
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`hyperlora serve` exited with {proc.returncode} before answering")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no answer from {url} in {timeout_s:.0f} s")
+
+
+def measure(home: Path, port: int, config: Path, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Launch `hyperlora serve` on `home` and time its first answers; stop it after."""
+    import httpx
+
+    env = {**os.environ, "HYPERLORA_HOME": str(home), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "hyperlora.py"), "serve", "--port", str(port), "--config", str(config)]
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile("w+", prefix="hyperlora-startup-", suffix=".log", delete=False)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    out: dict[str, Any] = {}
+    try:
+        _wait(url, proc, timeout_s)
+        out["healthz_s"] = round(time.perf_counter() - t0, 1)
+        with httpx.Client(base_url=url, timeout=timeout_s) as c:
+            r = c.post("/v1/completions", json={"model": "base", "prompt": "Say hi.", "max_tokens": 4})
+            out["first_completion_s"] = round(time.perf_counter() - t0, 1) if r.status_code == 200 else None
+            r = c.post("/v1/adapters", json={"description": "Answer in French.", "strategy": "generate"})
+            out["first_adapter_s"] = round(time.perf_counter() - t0, 1) if r.status_code == 200 else None
+            health = c.get("/healthz").json()
+        out["startup"] = {name: (health.get(name) or {}).get("startup") for name in ("gateway", "generator",
+                                                                                      "router", "llm")}
+        out["default_library"] = health.get("default_library")
+        out["serve_command"] = _driver_phases(Path(log.name))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out["log"] = log.name
+    return out
+
+
+def _driver_phases(log: Path) -> dict[str, float] | None:
+    """The `startup phases: {...}` line `hyperlora serve` prints."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("startup phases: "):
+            return json.loads(line.removeprefix("startup phases: "))
+    return None
+
+
+def run(runs: list[str], home: str | None, port: int, config: Path, out: Path) -> dict[str, Any]:
+    """`fresh`: an empty HYPERLORA_HOME (the base model converted, the default library built in the background);
+    `restart`: the same home again (or `home` if given)."""
+    fresh_home = Path(home) if home else Path(tempfile.mkdtemp(prefix="hyperlora-home-"))
+    report: dict[str, Any] = {"home": str(fresh_home), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
+    try:
+        _runs(runs, fresh_home, port, config, report)
+    finally:
+        if home is None:  # a temporary home: a converted model and a library, gone with the run
+            shutil.rmtree(fresh_home, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}", flush=True)
+    return report
+
+
+def _runs(runs: list[str], fresh_home: Path, port: int, config: Path, report: dict[str, Any]) -> None:
+    for name in runs:
+        if name not in ("fresh", "restart"):
+            raise ValueError(f"unknown run {name!r}; runs are fresh and restart")
+        if name == "fresh" and any(fresh_home.iterdir()):
+            raise ValueError(f"a fresh run needs an empty HYPERLORA_HOME, and {fresh_home} is not")
+        load = os.getloadavg()[0]
+        got = measure(fresh_home, port, config)
+        got["load_average_before"] = round(load, 2)  # other work on the machine slows every phase
+        report[name] = got
+        print(f"{name}: /healthz answered {got['healthz_s']} s after launch, first completion "
+              f"{got['first_completion_s']} s, first generated adapter {got['first_adapter_s']} s", flush=True)
+        print(f"  serve command: {got['serve_command']}", flush=True)
+        for dep, phases in got["startup"].items():
+            print(f"  {dep}: {phases}", flush=True)
