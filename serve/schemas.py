@@ -46,6 +46,7 @@ def _not_bool(v: Any) -> Any:
     return v
 
 
+StopText = Annotated[str, Field(min_length=1), AfterValidator(encodable)]  # a stop string: not empty
 GeneratorKind = Literal["t2l", "cvae", "sg"]  # generator.generate.GENERATORS (a test keeps them equal)
 
 
@@ -241,7 +242,7 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None  # {"include_usage": true} adds a final usage chunk
-    stop: Text | list[Text] | None = None
+    stop: StopText | list[StopText] | None = None
     seed: int | None = Field(None, ge=-JSON_SAFE_INT, le=JSON_SAFE_INT,
                              description="An integer that a JSON number holds exactly: |seed| < 2**53.")
     task_description: Text | None = Field(None, min_length=1, description="Generate an adapter for this and use it.")
