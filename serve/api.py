@@ -99,7 +99,7 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     for e in errors[:5]:  # union branches show up in `loc` as e.g. "function-after[...]" or "list[...]": dropped
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body" and "[" not in str(x))
         first = first or loc or None
-        msg = "must hold some text (it is empty or blank)" if e.get("type") == "string_pattern_mismatch" \
+        msg = "must hold some text, without control characters" if e.get("type") == "string_pattern_mismatch" \
             else e.get("msg", "invalid")
         parts.append(f"{loc or 'body'}: {msg}")
     return "; ".join(parts), first

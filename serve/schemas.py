@@ -47,6 +47,9 @@ def _not_bool(v: Any) -> Any:
 
 
 StopText = Annotated[str, Field(min_length=1), AfterValidator(encodable)]  # a stop string: not empty
+NAME_PATTERN = r"^[^\x00-\x1f]*\S[^\x00-\x1f]*$"  # what the library takes (retriever/records.py): no control chars
+AdapterName = Annotated[str, Field(min_length=1, max_length=200, pattern=NAME_PATTERN),
+                        BeforeValidator(lambda v: encodable(v) if isinstance(v, str) else v)]
 GeneratorKind = Literal["t2l", "cvae", "sg"]  # generator.generate.GENERATORS (a test keeps them equal)
 
 
@@ -72,7 +75,7 @@ class GenerateAdaptersRequest(BaseModel):
     generator: GeneratorKind | None = Field(
         None, description="Which generator makes them: t2l (Text-to-LoRA), cvae (ICM-LoRA) or sg (semantic-guided), "
                           "as served (404 if this service does not serve it); default: the service's (t2l).")
-    name: Text | None = Field(None, min_length=1, max_length=200,
+    name: AdapterName | None = Field(None,
                               description="Library name (default: the description).")
     sample_inputs: list[Text] = Field(default_factory=list, max_length=100,
                                      description="A few inputs of the task, used as the adapter's routing key.")

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from generator.peft_io import AdapterFormatError, load_peft
 from serve.errors import Invalid, InvalidAdapter, ServiceError, WrongBaseModel
 from serve.protocol import public_model_name, same_base_model
-from serve.schemas import AdapterInfo, errors
+from serve.schemas import NAME_PATTERN, AdapterInfo, errors
 from serve.state import GatewayState, IdempotencyKey, check_texts, idempotent_ids
 from serve.uploads import collect_files, extract_archive
 
@@ -26,7 +26,8 @@ def add_routes(app: FastAPI, state: GatewayState) -> None:
                   "multipart/form-data": {"schema": {"type": "object", "properties": {
                       "file": {"type": "string", "format": "binary", "description": ".zip/.tar/.tar.gz of a PEFT dir"},
                       "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                      "name": {"type": "string"}, "description": {"type": "string"},
+                      "name": {"type": "string", "maxLength": 200, "pattern": NAME_PATTERN},
+                      "description": {"type": "string"},
                       "instruction": {"type": "string", "description": "put in front of every input (else the "
                                                                         "archive's hyperlora.json instruction)"},
                       "sample_inputs": {"type": "array", "items": {"type": "string"}}}}},
