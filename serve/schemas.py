@@ -77,7 +77,7 @@ class GenerateAdaptersRequest(BaseModel):
                           "as served (404 if this service does not serve it); default: the service's (t2l).")
     name: AdapterName | None = Field(None,
                               description="Library name (default: the description).")
-    sample_inputs: list[Text] = Field(default_factory=list, max_length=100,
+    sample_inputs: list[NonBlank] = Field(default_factory=list, max_length=100,
                                      description="A few inputs of the task, used as the adapter's routing key.")
     strategy: Literal["generate", "retrieve", "auto"] | None = Field(
         None, description="generate: always a generated adapter; retrieve: the library adapter whose descriptions "
