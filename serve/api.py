@@ -105,6 +105,11 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return "; ".join(parts), first
 
 
+def default_name(description: str) -> str:
+    """A library name from a description: control characters become spaces, runs of space one, at most 200."""
+    return " ".join("".join(c if ord(c) >= 32 else " " for c in description).split())[:200]
+
+
 def _allowed_methods(request: Request) -> list[str]:
     from starlette.routing import Match
 
@@ -235,7 +240,7 @@ def _adapter_routes(app: FastAPI, state: GatewayState) -> None:
         infos = []
         ids = idempotent_ids(idempotency_key, len(texts))
         for text, adapter, decision, saved_id in zip(texts, adapters, decisions, ids, strict=True):
-            name = body.name or text[:200]
+            name = body.name or default_name(text)
             if adapter is None:  # the library adapter, as is
                 record = await asyncio.to_thread(state.library.get, decision["mixture"][0]["id"])
                 infos.append(state.record_info(record))

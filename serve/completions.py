@@ -53,7 +53,8 @@ def _check_sampling(state: GatewayState, body, max_new: int) -> None:
         raise TooLarge(f"max_tokens={max_new} exceeds this service's limit of {cap}", param="max_tokens", limit=cap)
     lim = state.cfg.limits
     if len(body.stops) > lim.max_stop:
-        raise Invalid(f"{len(body.stops)} stop strings given; at most {lim.max_stop} are allowed", param="stop")
+        raise TooLarge(f"{len(body.stops)} stop strings given; at most {lim.max_stop} are allowed", param="stop",
+                       limit=lim.max_stop)
     if any(not s for s in body.stops):
         raise Invalid("stop strings must be non-empty", param="stop")
 

@@ -432,3 +432,12 @@ def test_a_temperature_next_to_zero_is_greedy(client, world):
     r = client.post("/v1/completions", json={"model": "base", "prompt": "x", "temperature": 1e-40})
     assert r.status_code == 200, r.text
     assert world[1].requests[-1].temperature == 0.0
+
+
+def test_a_name_made_from_a_description_is_one_the_library_takes():
+    from retriever.records import check_fields
+    from serve.api import default_name
+
+    name = default_name("tab\there,\x1cnewline\nend " + "x" * 300)
+    assert name.startswith("tab here, newline end ") and len(name) == 200
+    assert check_fields(name, ["d"], "generated", [])[0] == name
