@@ -63,11 +63,16 @@ class RetrieverConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RetrieverConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown RetrieverConfig field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
+        return from_known_fields(cls, d)
+
+
+def from_known_fields(cls, d: dict[str, Any]):
+    """`cls(**d)` for a config dataclass, refusing keys it has no field for (naming them and the allowed ones)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**d)
 
 
 # field -> (minimum, maximum or None)

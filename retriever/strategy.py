@@ -31,7 +31,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +41,7 @@ from safetensors.numpy import load_file
 from generator.lora import LoraAdapter
 from generator.registry import registrar
 from retriever.compose import fuse
-from retriever.config import RetrieverConfig
+from retriever.config import RetrieverConfig, from_known_fields
 from retriever.library import AdapterLibrary
 from retriever.router import Route, Router, softmax
 
@@ -102,11 +102,7 @@ class StrategyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StrategyConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown StrategyConfig field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
+        return from_known_fields(cls, d)
 
 
 def _number(v: object) -> bool:

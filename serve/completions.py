@@ -55,8 +55,6 @@ def _check_sampling(state: GatewayState, body, max_new: int) -> None:
     if len(body.stops) > lim.max_stop:
         raise TooLarge(f"{len(body.stops)} stop strings given; at most {lim.max_stop} are allowed", param="stop",
                        limit=lim.max_stop)
-    if any(not s for s in body.stops):
-        raise Invalid("stop strings must be non-empty", param="stop")
 
 
 def _prompts(state: GatewayState, body: CompletionRequest | ChatCompletionRequest, chat: bool):
@@ -82,8 +80,6 @@ def _prompts(state: GatewayState, body: CompletionRequest | ChatCompletionReques
         if len(p) > lim.max_prompt_chars:
             raise TooLarge(f"prompt #{i} is {len(p)} characters; the limit is {lim.max_prompt_chars}",
                            param="prompt", limit=lim.max_prompt_chars)
-        if not p.strip():
-            raise Invalid(f"prompt #{i} is empty", param="prompt")
     return prompts, None, prompts
 
 
@@ -126,10 +122,10 @@ async def plan_adapters(state: GatewayState, body, texts: list[str]) -> list[Pla
     if is_base:
         return [Plan((), {}, AdapterUse(adapters=[]))] * n
     if model == "auto":
-        found = iter(await state.backends.route([t for t in texts if t.strip()], state.cfg.retriever_config().top_k)
-                     if any(t.strip() for t in texts) else [])
+        live = [t for t in texts if t.strip()]  # a blank text has nothing to route by: the base model answers
+        found = iter(await state.backends.route(live, state.cfg.retriever_config().top_k) if live else [])
         plans = []
-        for r in (next(found) if t.strip() else {"abstain": True, "ids": []} for t in texts):  # blank: base model
+        for r in (next(found) if t.strip() else {"abstain": True, "ids": []} for t in texts):
             if r["abstain"] or not r["ids"]:
                 plans.append(Plan((), {}, AdapterUse(adapters=[], routed=True, abstained=True)))
             else:

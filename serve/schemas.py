@@ -287,14 +287,6 @@ class CompletionRequest(_Sampling):
     _completion_numbers = field_validator("max_tokens", "logprobs", mode="before")(_not_bool)
     echo: JsonFalse = Field(False, description="Not supported; must be false.")
 
-    @model_validator(mode="after")
-    def _no_echo(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo=true is not supported")
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt is an empty list")
-        return self
-
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -327,12 +319,6 @@ class ChatCompletionRequest(_Sampling):
                                                    description="The same as max_tokens (OpenAI's newer name).")
     _chat_numbers = field_validator("max_tokens", "max_completion_tokens", mode="before")(_not_bool)
     logprobs: JsonFalse | None = Field(None, description="Not supported for chat; must be false or absent.")
-
-    @model_validator(mode="after")
-    def _no_logprobs(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs are supported on /v1/completions only")
-        return self
 
     @property
     def limit(self) -> int | None:

@@ -147,11 +147,11 @@ def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: l
     desc = torch.stack([emb[t.name][0] for t in dev])  # (n_dev, dim): each dev task's first description
     defn = torch.stack([emb[f"{t.name}::definition"][0] for t in dev])
     for name, source in sources.items():
+        s = strength_with_examples(source)
         for suffix, e, kinds in (("", desc, ("instruction", "icl")), (" [definition]", defn, ("instruction",))):
             ads = generated_adapters(source, spec, e, device)
             rows += [make_row(name + suffix + PROMPTS[k][2], "dev", t, tok, k, a, mx)
                      for t, a in zip(dev, ads, strict=True) for k in kinds]
-            s = strength_with_examples(source)
             if not suffix and s is not None and s != 1.0:  # the shipped rule: weaker beside in-context examples
                 rows += [make_row(f"{name} x{s:g}" + PROMPTS["icl"][2], "dev", t, tok, "icl",
                                   replace(a, alpha=a.alpha * s), mx) for t, a in zip(dev, ads, strict=True)]
