@@ -112,6 +112,7 @@ def test_refuses_wrong_embedding_width(tiny_spec):
         (dict(dropout=1.0), "dropout must be in"),
         (dict(n_blocks=-1), "n_blocks must be >= 0"),
         (dict(target_modules=("lm_head",)), "unknown target module"),
+        (dict(rank=4, base_rank=4), r"base_rank must be in \[0, rank=4\)"),
     ],
 )
 def test_config_validation(tiny_spec, fields, message):
@@ -126,6 +127,35 @@ def test_config_dict_round_trip(tiny_spec):
     assert back == cfg
     with pytest.raises(ValueError, match=r"unknown hypernetwork config field\(s\) \['colour'\]"):
         HypernetConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_residual_network_holds_its_base_adapter_as_leading_ranks(tiny_spec, tmp_path, variant):
+    """With base_rank, every adapter starts with the base adapter's ranks (B rescaled to the network's alpha /
+    rank, so the base's delta is unchanged), then the generated ones; the base travels in the checkpoint."""
+    torch.manual_seed(0)
+    cfg = HypernetConfig(spec=tiny_spec, variant=variant, rank=6, alpha=12.0, base_rank=2, **SMALL)
+    net = build_hypernet(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    base_a = {m: torch.randn(tiny_spec.n_layers, 2, tiny_spec.shapes[m][0], generator=g) for m in cfg.target_modules}
+    base_b = {m: torch.randn(tiny_spec.n_layers, tiny_spec.shapes[m][1], 2, generator=g) for m in cfg.target_modules}
+    net.set_base(base_a, base_b, scaling=4.0)  # the base adapter's own alpha / rank
+    emb = task_embeddings(3, 16)
+    with torch.no_grad():
+        a, b = net(emb)
+    assert_adapter_shapes(a, b, tiny_spec, cfg.target_modules, n=3, rank=6)
+    for m in cfg.target_modules:
+        assert torch.equal(a[m][:, :, :2], base_a[m].expand(3, -1, -1, -1))
+        delta = (b[m][:, :, :, :2] @ a[m][:, :, :2]) * (cfg.alpha / cfg.rank)  # the base part at the net's scaling
+        assert torch.allclose(delta, (base_b[m] @ base_a[m] * 4.0).expand(3, -1, -1, -1), atol=1e-5)
+        assert not torch.equal(a[m][0, :, 2:], a[m][1, :, 2:])  # the generated ranks depend on the task
+    save_checkpoint(net, tmp_path / "ck", dtype=torch.float32)
+    back = load_checkpoint(tmp_path / "ck", tiny_spec)
+    with torch.no_grad():
+        a1, b1 = back(emb)
+    assert all(torch.equal(a[m], a1[m]) and torch.equal(b[m], b1[m]) for m in a)
+    with pytest.raises(ValueError, match="base adapter targets"):
+        net.set_base({"q_proj": base_a["q_proj"]}, {"q_proj": base_b["q_proj"]}, 4.0)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ def multitask_lora(
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default 100)."),
     lr: float = typer.Option(None, "--lr", help="Learning rate (default 1e-3)."),
     batch: int = typer.Option(None, "--batch", help="Examples per step, mixed over all tasks (default 8)."),
+    holdout: int = typer.Option(0, "--holdout", help="Leave out the train tasks that `train hypernet --val-tasks "
+                                                     "N` holds out (same N): the base for a residual hypernetwork."),
     base_model: str = BaseOpt, data: str = DataOpt, device: str = DevOpt, dtype: str = DtypeOpt,
     limit_tasks: int = LimitOpt, tiny: bool = TinyOpt,
 ) -> None:
@@ -87,7 +89,10 @@ def multitask_lora(
     from training.lora_library import train_multitask
 
     cfg = _train_cfg(base_model, data, device, dtype, limit_tasks, tiny)
-    path = train_multitask(cfg, _lora_cfg(tiny, steps=steps, lr=lr, per_task=batch), out)
+    try:
+        path = train_multitask(cfg, _lora_cfg(tiny, steps=steps, lr=lr, per_task=batch), out, holdout=holdout)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
     typer.echo(f"wrote the multi-task LoRA to {path}")
 
 
@@ -101,6 +106,9 @@ def hypernet(
     lr: float = typer.Option(None, "--lr", help="Learning rate (default 1e-3 recon, 2e-4 sft)."),
     tasks_per_step: int = typer.Option(32, "--tasks-per-step", help="Tasks per step, one sampled description each."),
     init_from: str = typer.Option(None, "--init-from", help="Start from this checkpoint (e.g. a recon one)."),
+    base_adapter: str = typer.Option(None, "--base-adapter", help="SFT: a LoRA directory (e.g. `train multitask-lora "
+                                     "--holdout N`) that every generated adapter holds as fixed leading ranks; the "
+                                     "network learns a task residual on top of it."),
     val_tasks: int = typer.Option(0, "--val-tasks", help="SFT: hold out this many train tasks and keep the step "
                                                          "with the lowest loss on them (0: keep the last step)."),
     eval_every: int = typer.Option(100, "--eval-every", help="SFT: steps between validation losses."),
@@ -123,7 +131,8 @@ def hypernet(
     recon = mode == "recon"
     fields = {"mode": mode, "variant": variant, "steps": steps or (3000 if recon else 1000),
               "lr": lr or (1e-3 if recon else 2e-4), "tasks_per_step": tasks_per_step, "val_tasks": val_tasks,
-              "eval_every": eval_every, "dropout": dropout, "embed_noise": embed_noise, "weight_decay": weight_decay}
+              "eval_every": eval_every, "dropout": dropout, "embed_noise": embed_noise, "weight_decay": weight_decay,
+              "base_adapter": base_adapter if not recon else None}
     if tiny:
         fields |= {"steps": steps or 4, "tasks_per_step": 2, "per_task": 2, "hidden_dim": 32, "warmup": 1,
                    "eval_every": min(eval_every, 2)}

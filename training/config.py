@@ -77,6 +77,8 @@ class HypernetTrainConfig:
     # rather than the description its adapter was generated from (evaluation and most users give a definition-like
     # instruction; serving puts the description itself in front)
     val_tasks: int = 0  # sft: train tasks held out to pick the step (early stopping); 0 keeps the last step
+    base_adapter: str | None = None  # sft: a PEFT LoRA (e.g. the multi-task LoRA trained without the val tasks)
+    # that every generated adapter contains as fixed leading ranks: the network learns a residual on top of it
     eval_every: int = 100  # sft: steps between validation losses
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from generator.scoring import Batcher, answer_loss  # noqa: F401  (re-exported: training code imports them here)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sni"
 
@@ -78,40 +78,6 @@ def sample_examples(task: Task, rng: random.Random, rate: float = EXAMPLE_RATE) 
     return [(e.input, e.outputs[0]) for e in rng.sample(task.positive_examples, k)]
 
 
-class Batcher:
-    """Tokenises (prompt, answer) pairs into right-padded batches with loss only on the answer tokens."""
-
-    def __init__(self, tokenizer, max_prompt_tokens: int = 256, max_answer_tokens: int = 64) -> None:
-        from generator.inference import stop_ids
-
-        self.tok = tokenizer
-        self.max_prompt, self.max_answer = max_prompt_tokens, max_answer_tokens
-        self.stop = stop_ids(tokenizer)[-1]  # <|im_end|> for chat models
-        self._cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
-
-    def encode(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-        key = (prompt, answer)
-        if key not in self._cache:
-            p = self.tok(prompt, add_special_tokens=False)["input_ids"][-self.max_prompt:]
-            a = self.tok(answer, add_special_tokens=False)["input_ids"][: self.max_answer - 1] + [self.stop]
-            self._cache[key] = (p, a)
-        return self._cache[key]
-
-    def batch(self, pairs: Sequence[tuple[str, str]], device: torch.device | str) -> dict[str, torch.Tensor]:
-        enc = [self.encode(p, a) for p, a in pairs]
-        width = max(len(p) + len(a) for p, a in enc)
-        pad = self.tok.pad_token_id
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        labels = torch.full((len(enc), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for i, (p, a) in enumerate(enc):
-            seq = p + a
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(p): len(seq)] = torch.tensor(a)
-            mask[i, : len(seq)] = 1
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
 def sample_pairs(tokenizer, tasks: Sequence[Task], per_task: int, rng: random.Random,
                  instructions: Sequence[str] | None = None,
                  example_rate: float = EXAMPLE_RATE) -> list[tuple[str, str]]:
@@ -130,17 +96,3 @@ def sample_pairs(tokenizer, tasks: Sequence[Task], per_task: int, rng: random.Ra
     return pairs
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over sequences of each sequence's mean answer-token cross-entropy.
-
-    The LM head runs only where a next token is scored (the answer tokens), not over the whole
-    `(batch, seq, vocab)` grid: with a 49k vocabulary that is most of a step's memory.
-    """
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted from position t
-    mask = labels != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (n_answer_tokens, vocab)
-    ce = torch.nn.functional.cross_entropy(logits, labels[mask], reduction="none")
-    seq = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[mask]  # owner of each token
-    per_seq = torch.zeros(labels.shape[0], device=ce.device).index_add_(0, seq, ce)
-    return (per_seq / mask.sum(1).clamp(min=1)).mean()

@@ -41,7 +41,11 @@ class EvalConfig:
     hypernets: dict[str, str] = field(default_factory=dict)  # row name -> T2L checkpoint dir, e.g. {"t2l-sft": ...}
     generators: dict[str, str] = field(default_factory=dict)  # row name -> "kind:checkpoint" of other generators
     multitask: str | None = None  # multi-task LoRA PEFT dir
+    loras: dict[str, str] = field(default_factory=dict)  # row name -> PEFT dir: more fixed LoRAs, like multitask
     library: str | None = None  # LoRA library dir (oracle rows)
+    baselines: bool = True  # the rows without adapter, the multi-task LoRA and the oracles (off: only the
+    # generators' and `loras`' rows, to merge into an earlier predictions file)
+    example_strength: bool = True  # a T2L row whose strength beside 2 examples is chosen from those examples
 
 
 @dataclass
@@ -131,17 +135,38 @@ def strength_with_examples(kind_ckpt: str) -> float | None:
     return None if s is None else float(s)
 
 
+def example_strength_rows(name: str, ads: list[LoraAdapter], dev: list[Task], model, tok, injector, spec, mx,
+                          device) -> tuple[list[Row], dict]:
+    """`name x[examples] + instruction + 2 examples`: each task's adapter at the strength that best predicts the
+    prompt's own 2 examples from each other (generator.scoring), as a server does with a request's examples."""
+    from generator.scoring import strength_from_examples
+
+    rows, chosen = [], {}
+    for t, a in zip(dev, ads, strict=True):
+        examples = [(e.input, e.outputs[0]) for e in t.positive_examples[:2]]
+        if len(examples) < 2:
+            continue
+        s, loss = strength_from_examples(model, tok, injector, spec, a, t.definition, examples, device=device)
+        chosen[t.name] = {"strength": s, "loss": loss}
+        rows.append(make_row(f"{name} x[examples]" + PROMPTS["icl"][2], "dev", t, tok, "icl",
+                             replace(a, alpha=a.alpha * s), mx))
+    return rows, chosen
+
+
 def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: list[Task], train: list[Task],
-               device) -> list[Row]:
+               device, model=None, injector=None) -> tuple[list[Row], dict]:
     """Dev: every baseline prompt without adapter, the multi-task LoRA and each generator with the instruction
-    (and with 2 examples); train sample: oracle library LoRAs against the generators."""
-    rows = []
+    (and with 2 examples); train sample: oracle library LoRAs against the generators. Also returns, per
+    example-strength row, each task's chosen strength (needs `model` and `injector`)."""
+    rows, notes = [], {}
     mx = ecfg.max_per_task
-    for t in dev:
-        rows += [make_row(PROMPTS[k][1], "dev", t, tok, k, None, mx) for k in PROMPTS]
-    if ecfg.multitask:
-        mt = load_peft(ecfg.multitask, spec)
-        rows += [make_row("multi-task LoRA" + PROMPTS[k][2], "dev", t, tok, k, mt, mx)
+    if ecfg.baselines:
+        for t in dev:
+            rows += [make_row(PROMPTS[k][1], "dev", t, tok, k, None, mx) for k in PROMPTS]
+    fixed = ({"multi-task LoRA": ecfg.multitask} if ecfg.multitask and ecfg.baselines else {}) | dict(ecfg.loras)
+    for name, path in fixed.items():
+        lora = load_peft(path, spec)
+        rows += [make_row(name + PROMPTS[k][2], "dev", t, tok, k, lora, mx)
                  for t in dev for k in ("instruction", "icl")]
     sources = {name: f"t2l:{path}" for name, path in ecfg.hypernets.items()} | dict(ecfg.generators)
     desc = torch.stack([emb[t.name][0] for t in dev])  # (n_dev, dim): each dev task's first description
@@ -155,12 +180,16 @@ def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: l
             if not suffix and s is not None and s != 1.0:  # the shipped rule: weaker beside in-context examples
                 rows += [make_row(f"{name} x{s:g}" + PROMPTS["icl"][2], "dev", t, tok, "icl",
                                   replace(a, alpha=a.alpha * s), mx) for t, a in zip(dev, ads, strict=True)]
-    if ecfg.library and train:
+            if not suffix and ecfg.example_strength and model is not None and source.startswith("t2l:"):
+                more, notes[f"{name} x[examples]"] = example_strength_rows(name, ads, dev, model, tok, injector,
+                                                                          spec, mx, device)
+                rows += more
+    if ecfg.library and train and ecfg.baselines:
         lib = Path(ecfg.library)
         sample = [t for t in train if (lib / t.name / "adapter_model.safetensors").is_file()][: ecfg.train_sample]
         if not sample:
             logger.warning("no trained library LoRA in %s: the train-task rows are left out", lib)
-            return rows
+            return rows, notes
         rows += [make_row("oracle LoRA + instruction", "train", t, tok, "instruction", load_peft(lib / t.name, spec),
                           mx) for t in sample]
         rows += [make_row("base + instruction", "train", t, tok, "instruction", None, mx) for t in sample]
@@ -169,11 +198,13 @@ def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: l
             ads = generated_adapters(source, spec, e, device)
             rows += [make_row(name + " + instruction", "train", t, tok, "instruction", a, mx)
                      for t, a in zip(sample, ads, strict=True)]
-    return rows
+    return rows, notes
 
 
-def predict(cfg, ecfg: EvalConfig, out: str | Path, embeddings: str | None = None, command: str = "") -> Path:
-    """Generate all rows' answers; write predictions.json (scored by training.report)."""
+def predict(cfg, ecfg: EvalConfig, out: str | Path, embeddings: str | None = None, command: str = "",
+            merge_into: str | Path | None = None) -> Path:
+    """Generate all rows' answers; write predictions.json (scored by training.report). With `merge_into` (an
+    earlier predictions file, .json or .json.gz), its records are kept and only the methods it lacks are added."""
     from training.embeddings import task_embeddings
     from training.runtime import load_frozen
 
@@ -184,12 +215,24 @@ def predict(cfg, ecfg: EvalConfig, out: str | Path, embeddings: str | None = Non
     model, tok, spec, injector = load_frozen(cfg, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"))
     t0 = time.perf_counter()
-    rows = build_rows(ecfg, tok, spec, emb, dev, train, cfg.device)
+    rows, notes = build_rows(ecfg, tok, spec, emb, dev, train, cfg.device, model, injector)
+    old = None
+    if merge_into:  # only the methods the earlier file lacks are generated
+        from training.report import load_predictions
+
+        old = load_predictions(merge_into)
+        have = {r["method"] for r in old["records"]}
+        rows = [r for r in rows if r.method not in have]
     records = run_rows(rows, model, tok, injector, spec, ecfg, cfg.device)
+    doc = {"command": command, "base_model": spec.name, "device": str(cfg.device), "dtype": cfg.dtype,
+           "seconds": time.perf_counter() - t0, "max_new_tokens": ecfg.max_new_tokens, "example_strengths": notes}
+    if old is not None:
+        records = old["records"] + records
+        doc |= {"command": f"{old.get('command', '')} ; then {command}",
+                "example_strengths": old.get("example_strengths", {}) | notes}
+    doc["records"] = records
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"command": command, "base_model": spec.name, "device": str(cfg.device),
-                                "dtype": cfg.dtype, "seconds": time.perf_counter() - t0,
-                                "max_new_tokens": ecfg.max_new_tokens, "records": records}, indent=1))
+    path.write_text(json.dumps(doc, indent=1))
     logger.info("wrote %d predictions to %s", len(records), path)
     return path

@@ -79,10 +79,20 @@ def build_net(hcfg: HypernetTrainConfig, spec, embed_dim: int, init_from: str | 
         net.train()
         return net
     torch.manual_seed(0)
-    cfg = HypernetConfig(spec=spec, variant=hcfg.variant, target_modules=hcfg.target_modules, rank=hcfg.rank,
-                         alpha=hcfg.alpha, embed_dim=embed_dim, hidden_dim=hcfg.hidden_dim, n_blocks=hcfg.n_blocks,
-                         dropout=hcfg.dropout)
-    return build_hypernet(cfg).to(device).train()
+    base = load_peft(hcfg.base_adapter, spec) if hcfg.base_adapter else None
+    base_rank = base.rank if base is not None else 0
+    rank = hcfg.rank + base_rank  # a residual network's adapters hold the base's ranks, then the generated ones
+    cfg = HypernetConfig(spec=spec, variant=hcfg.variant, target_modules=hcfg.target_modules, rank=rank,
+                         alpha=hcfg.alpha * rank / hcfg.rank, embed_dim=embed_dim, hidden_dim=hcfg.hidden_dim,
+                         n_blocks=hcfg.n_blocks, dropout=hcfg.dropout, base_rank=base_rank)
+    net = build_hypernet(cfg)
+    if base is not None:
+        if tuple(base.target_modules) != tuple(cfg.target_modules):
+            raise ValueError(f"base adapter {hcfg.base_adapter} targets {list(base.target_modules)}, the "
+                             f"hypernetwork {list(cfg.target_modules)}")
+        net.set_base(base.a, base.b, base.alpha / base.rank)
+        cfg.extra["base_adapter"] = Path(hcfg.base_adapter).name
+    return net.to(device).train()
 
 
 def _library_targets(library: Path, names: list[str], spec, device) -> tuple[list[str], dict, dict]:
@@ -175,7 +185,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         fwd = wrap(net) if wrap is not None else net  # gradients sync through the wrapper's forward
         tasks, val = split_val(tasks, hcfg.val_tasks)
         names = [t.name for t in tasks]
-        scaling = hcfg.alpha / hcfg.rank
+        scaling = net.cfg.alpha / net.cfg.rank
         validator = Validator(val, emb, batcher) if val and rank == 0 else None
 
         texts = {t.name: description_texts(t, emb[t.name]) for t in tasks}
@@ -197,9 +207,11 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
     on_step = None
     if hcfg.mode == "sft" and validator is not None:
         extra |= {"val_tasks": [t.name for t in val], "val_curve": [], "best_val_loss": float("inf")}
+        if hcfg.base_adapter:
+            extra["base_adapter"] = str(hcfg.base_adapter)
 
         def on_step(step: int, _loss: float) -> None:
-            if (step + 1) % hcfg.eval_every and step + 1 != hcfg.steps:
+            if step >= 0 and (step + 1) % hcfg.eval_every and step + 1 != hcfg.steps:
                 return
             v = validator.loss(net, model, injector, scaling, cfg.device)
             extra["val_curve"].append([step + 1, round(v, 4)])
@@ -209,6 +221,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
                 net.cfg.extra = dict(extra)
                 save_checkpoint(net, out_dir)
 
+        on_step(-1, 0.0)  # step 0 is a candidate too: a residual network starts at its base adapter
     losses = run_steps(params, hcfg.steps, hcfg.lr, loss_fn, f"hypernet-{hcfg.mode}", warmup=hcfg.warmup,
                        weight_decay=hcfg.weight_decay, on_step=on_step)
     if rank != 0:

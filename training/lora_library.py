@@ -118,10 +118,16 @@ def train_lora_library(cfg: TrainConfig, lcfg: LoraTrainConfig, out_dir: str | P
     return done
 
 
-def train_multitask(cfg: TrainConfig, lcfg: LoraTrainConfig, out_dir: str | Path, split: str = "train") -> Path:
+def train_multitask(cfg: TrainConfig, lcfg: LoraTrainConfig, out_dir: str | Path, split: str = "train",
+                    holdout: int = 0) -> Path:
     """One LoRA on all `split` tasks mixed (each step `per_task` samples, each of a task drawn uniformly, with
-    that task's definition as the instruction); written as a PEFT directory with meta.json."""
-    tasks = load_split(split, cfg.data or DEFAULT_DATA, cfg.limit_tasks)
+    that task's definition as the instruction); written as a PEFT directory with meta.json. `holdout`: leave
+    out the tasks that SFT with `val_tasks=holdout` holds out, so a residual hypernetwork on this LoRA
+    (HypernetTrainConfig.base_adapter) is still chosen by tasks nothing was trained on."""
+    from training.hypernet_train import split_val
+
+    tasks, held = split_val(load_split(split, cfg.data or DEFAULT_DATA, cfg.limit_tasks), holdout)
+    exclude = [t.name for t in held]
     model, tok, spec, injector = load_frozen(cfg, lcfg.target_modules)
     batcher = Batcher(tok, cfg.max_prompt_tokens, cfg.max_answer_tokens)
     rng = random.Random(cfg.seed)
@@ -144,6 +150,7 @@ def train_multitask(cfg: TrainConfig, lcfg: LoraTrainConfig, out_dir: str | Path
                           {m: t[0].detach().cpu() for m, t in b.items()})
     out = Path(out_dir)
     save_peft(adapter, out)
-    (out / META).write_text(json.dumps({"task": "multitask", "tasks": [t.name for t in tasks], "steps": lcfg.steps,
+    (out / META).write_text(json.dumps({"task": "multitask", "tasks": [t.name for t in tasks],
+                                        "excluded": sorted(exclude), "steps": lcfg.steps,
                                         "loss": sum(losses[-10:]) / len(losses[-10:])}, indent=2))
     return out

@@ -43,11 +43,12 @@ def run(args: argparse.Namespace) -> None:
             train_lora_library(cfg, LoraTrainConfig(steps=args.library_steps, per_task=args.library_per_task,
                                                     tasks_per_batch=args.tasks_per_batch, lr=args.library_lr),
                                work / "dev-library", split="dev")
-        elif stage == "multitask" and not (work / "multitask" / "meta.json").exists():
+        elif stage == "multitask" and not (work / args.multitask_out / "meta.json").exists():
             from training.lora_library import train_multitask
 
             train_multitask(cfg, LoraTrainConfig(steps=args.multitask_steps, per_task=args.multitask_batch,
-                                                 lr=args.multitask_lr or args.library_lr), work / "multitask")
+                                                 lr=args.multitask_lr or args.library_lr), work / args.multitask_out,
+                            holdout=args.multitask_holdout)
         elif stage in ("recon", "sft") and not (work / _hypernet_dir(stage, args) / "hypernet.json").exists():
             from training.hypernet_train import train_hypernet
 
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> None:
                                        tasks_per_step=args.tasks_per_step, per_task=args.sft_per_task,
                                        description_pool=args.sft_pool, dropout=args.dropout,
                                        embed_noise=args.embed_noise, weight_decay=args.weight_decay,
-                                       val_tasks=args.val_tasks if stage == "sft" else 0, eval_every=args.eval_every)
+                                       val_tasks=args.val_tasks if stage == "sft" else 0, eval_every=args.eval_every,
+                                       base_adapter=args.base_adapter if stage == "sft" else None)
             init = str(work / "t2l-recon") if stage == "sft" and args.sft_init_from_recon else None
             train_hypernet(cfg, hcfg, work / _hypernet_dir(stage, args), embeddings=emb,
                            library=str(work / "lora-library"), init_from=init)
@@ -66,12 +68,17 @@ def run(args: argparse.Namespace) -> None:
 
             hypernets = {d.name: str(d) for d in sorted(work.glob("t2l-*")) if (d / "hypernet.json").exists()}
             gens = dict(g.split("=", 1) for g in args.generator) if args.generator else {}
+            only = set(args.predict_only.split(",")) if args.predict_only else None
+            if only is not None:  # just these generators' rows (and --lora-row's), merged into --merge-into
+                hypernets = {k: v for k, v in hypernets.items() if k in only}
+                gens = {k: v for k, v in gens.items() if k in only}
             ecfg = EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch,
                               max_per_task=args.max_per_task, train_sample=args.train_sample, hypernets=hypernets,
                               generators=gens,
                               multitask=str(work / "multitask") if (work / "multitask").is_dir() else None,
-                              library=str(work / "lora-library"))
-            predict(cfg, ecfg, work / "predictions.json", embeddings=emb,
+                              loras=dict(g.split("=", 1) for g in args.lora_row or []),
+                              library=str(work / "lora-library"), baselines=only is None)
+            predict(cfg, ecfg, work / "predictions.json", embeddings=emb, merge_into=args.merge_into,
                     command="python -m training.pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         timings[stage] = round(time.perf_counter() - t0, 1)
         print(f"stage {stage}: {timings[stage]} s", flush=True)
@@ -101,6 +108,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--multitask-steps", type=int, default=300)
     p.add_argument("--multitask-batch", type=int, default=64)
     p.add_argument("--multitask-lr", type=float, default=None, help="default: --library-lr")
+    p.add_argument("--multitask-out", default="multitask", help="multi-task LoRA folder under --work")
+    p.add_argument("--multitask-holdout", type=int, default=0, help="leave out the train tasks that SFT with "
+                   "--val-tasks N holds out (same N), so a residual hypernetwork on it is validated on unseen tasks")
+    p.add_argument("--base-adapter", default=None, help="SFT: a LoRA dir every generated adapter contains as fixed "
+                   "leading ranks (the network learns a residual on it), e.g. WORK/multitask-holdout")
     p.add_argument("--variant", default="M", choices=["L", "M", "S"])
     p.add_argument("--recon-steps", type=int, default=3000)
     p.add_argument("--sft-steps", type=int, default=1000)
@@ -123,6 +135,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-task", type=int, default=None)
     p.add_argument("--train-sample", type=int, default=16)
     p.add_argument("--generator", action="append", help="extra eval row NAME=KIND:CHECKPOINT (e.g. cvae=cvae:DIR)")
+    p.add_argument("--lora-row", action="append", help="extra eval rows NAME=PEFT_DIR: a fixed LoRA with the "
+                   "instruction (and with 2 examples), like the multi-task LoRA")
+    p.add_argument("--predict-only", default=None, help="predict: only these t2l-*/--generator names' rows (and "
+                   "--lora-row's); no baselines")
+    p.add_argument("--merge-into", default=None, help="predict: keep an earlier predictions file's records and add "
+                   "only the methods it lacks")
     return p
 
 

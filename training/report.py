@@ -63,10 +63,15 @@ def _harm(res: dict, kinds: dict[str, str]) -> None:
         r.update(reference=ref, delta=delta, harmed=sorted(t for t, d in delta.items() if d < -HARM_POINTS))
 
 
+def load_predictions(pred_path: str | Path) -> dict:
+    """A predictions file as written by training.evaluate (.json, or gzipped .json.gz)."""
+    path = Path(pred_path)
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+
+
 def score(pred_path: str | Path) -> dict:
     """Per task set and method: per-task means, their average with 95% intervals, and harm against the reference."""
-    path = Path(pred_path)
-    pred = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+    pred = load_predictions(pred_path)
     per: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     kinds: dict[str, str] = {}
     for r in pred["records"]:

@@ -22,6 +22,7 @@ import torch
 
 from generator.apply import AdapterBank
 from generator.hypernet.checkpoint import load_checkpoint
+from generator.lora import LoraAdapter
 from training.config import TrainConfig
 from training.data import DEFAULT_DATA, Batcher, answer_loss, load_split
 from training.embeddings import task_embeddings
@@ -33,23 +34,47 @@ STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 @torch.no_grad()
 def heldout_icl_loss(net, model, tok, injector, tasks, emb, strengths, device, per_task: int = 16) -> dict:
-    """Mean answer loss per strength over (held-out task, adapter from its first paraphrase / definition)."""
+    """Held-out answer loss with the instruction and 2 examples in the prompt, per strength and per (task,
+    adapter from its first paraphrase / definition) item: {"mean": {s: loss}, "items": [{s: loss}, ...]}."""
     batcher = Batcher(tok, 1024, 64)
     build = PROMPTS["icl"][0]
-    out = {}
-    for s in strengths:
-        losses = []
-        for t in tasks:
-            pairs = [(build(tok, t, e.input), e.outputs[0]) for e in t.train[:per_task]]
-            batch = batcher.batch(pairs, device)
-            for e in (emb[t.name][:1], emb[f"{t.name}::definition"][:1]):
-                a, b = net(e.to(device))
+    items: list[dict[str, float]] = []
+    for t in tasks:
+        pairs = [(build(tok, t, e.input), e.outputs[0]) for e in t.train[:per_task]]
+        batch = batcher.batch(pairs, device)
+        for e in (emb[t.name][:1], emb[f"{t.name}::definition"][:1]):
+            a, b = net(e.to(device))
+            row = {}
+            for s in strengths:
                 bank = AdapterBank.from_factors(a, b, s * net.cfg.alpha / net.cfg.rank)
                 with injector.use(bank.gather(torch.zeros(len(pairs), dtype=torch.long, device=device))):
-                    losses.append(answer_loss(model, batch).item())
-        out[str(s)] = round(sum(losses) / len(losses), 4)
-        logger.info("strength %.2f: held-out loss with 2 examples %.4f", s, out[str(s)])
-    return out
+                    row[str(s)] = answer_loss(model, batch).item()
+            items.append(row)
+    mean = {str(s): round(sum(r[str(s)] for r in items) / len(items), 4) for s in strengths}
+    for s in strengths:
+        logger.info("strength %.2f: held-out loss with 2 examples %.4f", s, mean[str(s)])
+    return {"mean": mean, "items": items}
+
+
+@torch.no_grad()
+def example_rule_loss(net, model, tok, injector, spec, tasks, emb, items: list[dict[str, float]], strengths,
+                      device) -> dict:
+    """The request-time rule (generator.scoring.strength_from_examples: each adapter at the strength that best
+    predicts the prompt's own 2 examples from each other) on the same held-out items: its mean loss and the
+    strengths it chose, beside each fixed strength's."""
+    from generator.scoring import strength_from_examples
+
+    chosen = []
+    for t in tasks:
+        examples = [(e.input, e.outputs[0]) for e in t.positive_examples[:2]]
+        for e in (emb[t.name][:1], emb[f"{t.name}::definition"][:1]):
+            a, b = net(e.to(device))
+            adapter = LoraAdapter(spec.name, net.cfg.rank, net.cfg.alpha, {m: x[0] for m, x in a.items()},
+                                  {m: x[0] for m, x in b.items()})
+            chosen.append(strength_from_examples(model, tok, injector, spec, adapter, t.definition, examples,
+                                                 strengths, device)[0] if len(examples) >= 2 else None)
+    losses = [r[str(s if s is not None else max(strengths))] for r, s in zip(items, chosen, strict=True)]
+    return {"loss": round(sum(losses) / len(losses), 4), "chosen": chosen}
 
 
 def record_strength(checkpoint: str | Path, chosen: float, loss: dict) -> None:
@@ -74,12 +99,16 @@ def run(args: argparse.Namespace) -> dict:
     emb = task_embeddings(train + dev, args.embeddings)
     model, tok, spec, injector = load_frozen(cfg, net.cfg.target_modules)
     strengths = [float(s) for s in args.strengths.split(",")]
-    loss = heldout_icl_loss(net, model, tok, injector, train, emb, strengths, cfg.device)
+    held_out = heldout_icl_loss(net, model, tok, injector, train, emb, strengths, cfg.device)
+    loss = held_out["mean"]
     chosen = float(min(loss, key=loss.get))
+    rule = example_rule_loss(net, model, tok, injector, spec, train, emb, held_out["items"], strengths, cfg.device)
+    logger.info("strength chosen from each prompt's examples: held-out loss %.4f (fixed %g: %.4f)", rule["loss"],
+                chosen, loss[str(chosen)])
     if args.record:  # generated adapters carry it (generator/generate.py); predict adds its dev row
         record_strength(args.checkpoint, chosen, loss)
     result = {"heldout_tasks": sorted(held), "heldout_icl_loss_by_strength": loss, "chosen_strength": chosen,
-              "records": []}
+              "example_rule": rule, "records": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.rows:

