@@ -73,10 +73,13 @@ class AdapterGenerator(ABC):
     @torch.no_grad()
     def generate_embedded(self, emb: torch.Tensor, descriptions: Sequence[str]) -> list[LoraAdapter]:
         """One adapter per row of `emb` `(N, embed_dim)`, the descriptions' embeddings made by `self.encoder`
-        (a caller that embedded them already, e.g. to search the library, does not embed twice)."""
+        (a caller that embedded them already, e.g. to search the library, does not embed twice). The adapters
+        are on the CPU whatever device made them, like every adapter the library and uploads hold: mixing a
+        generated adapter with library ones (retriever/strategy.py) or sending it to another process needs that."""
         if emb.ndim != 2 or emb.shape[0] != len(descriptions):
             raise ValueError(f"{len(descriptions)} descriptions but embeddings of shape {tuple(emb.shape)}")
         a, b = self.factors(emb)
+        a, b = ({m: t.detach().float().cpu() for m, t in f.items()} for f in (a, b))  # one copy per module
         out = [
             LoraAdapter(self.spec.name, self.rank, self.alpha, {m: t[i] for m, t in a.items()},
                         {m: t[i] for m, t in b.items()}, metadata=self.metadata(d))

