@@ -112,10 +112,38 @@ def test_sft_early_stopping_holds_out_tasks_and_keeps_the_best_step(work):
     last = load_split("train", limit=3)[-1].name  # every second of the last 2 * val_tasks: the last one
     assert extra["val_tasks"] == [last] and extra["train_tasks"] == 2
     steps = [s for s, _ in extra["val_curve"]]
-    assert steps == [2, 4]
+    assert steps == [0, 2, 4]  # step 0 (the untrained network) is a candidate too
     curve = dict(extra["val_curve"])
     assert curve[extra["best_step"]] == min(curve.values())  # the kept step has the lowest (rounded) loss
     assert extra["best_val_loss"] == pytest.approx(min(curve.values()), abs=1e-4)
+
+
+def test_residual_sft_on_a_held_out_multitask_lora(work):
+    """`multitask-lora --holdout 1` leaves out the task SFT validates on; `hypernet --base-adapter` makes every
+    adapter hold that LoRA as its leading ranks, with step 0 (the LoRA alone) among the validated steps."""
+    from generator.hypernet.checkpoint import load_checkpoint
+    from generator.peft_io import load_peft
+
+    base = work / "res" / "multitask-holdout"
+    _invoke(["train", "multitask-lora", "--tiny", "--out", str(base), "--holdout", "1"])
+    meta = json.loads((base / "meta.json").read_text())
+    last = load_split("train", limit=3)[-1].name
+    assert meta["excluded"] == [last] and last not in meta["tasks"] and len(meta["tasks"]) == 2
+    out = work / "res" / "t2l-res"
+    _invoke(["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(out), "--steps", "2", "--val-tasks", "1",
+             "--eval-every", "2", "--base-adapter", str(base), "--embeddings", str(work / "emb.safetensors")])
+    net = load_checkpoint(out)
+    lora = load_peft(base)
+    assert net.cfg.base_rank == lora.rank and net.cfg.rank == 2 * lora.rank
+    assert net.cfg.extra["val_tasks"] == [last] and [s for s, _ in net.cfg.extra["val_curve"]][0] == 0
+    with torch.no_grad():
+        a, _ = net(torch.nn.functional.normalize(torch.randn(2, net.cfg.embed_dim), dim=-1))
+    for m in lora.target_modules:  # the fixed ranks are the LoRA's A (fp16 in the checkpoint)
+        assert torch.allclose(a[m][:, :, : lora.rank], lora.a[m].expand(2, -1, -1, -1), atol=1e-3)
+    from training.variants import summarise
+
+    row = summarise(work / "res")["t2l-res"]  # what the GPU jobs write to variants.json
+    assert row["base_adapter"] == str(base) and row["best_val_loss"] == net.cfg.extra["best_val_loss"]
 
 
 def test_sft_data_parallel_on_ray_train(work):

@@ -31,15 +31,7 @@ done
 sleep 60; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 wait
 cd $W
-python3 - <<'PY' > $W/variants.json
-import json, glob
-rows = {}
-for f in sorted(glob.glob("t2l-*/hypernet.json")):
-    e = json.load(open(f))["extra"]
-    rows[f.split("/")[0]] = {k: e.get(k) for k in ("mode", "steps", "best_step", "best_val_loss", "final_loss",
-                                                    "val_curve", "val_loss_by_strength", "train_tasks", "base_adapter")}
-print(json.dumps(rows, indent=1))
-PY
+python3 -m training.variants $W > $W/variants.json
 tar -cf - t2l-res-* multitask-holdout 2>/dev/null | split -b 15M -d - $OUT/ckpt.tar.
 cp variants.json $OUT/; cp strength/strength.json $OUT/ 2>/dev/null
 tar -czf $OUT/logs-residual.tgz logs variants.json 2>/dev/null

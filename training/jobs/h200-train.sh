@@ -37,15 +37,7 @@ fi
 sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 wait
 cd $W
-python3 - <<'PY' > $W/variants.json
-import json, glob
-rows = {}
-for f in sorted(glob.glob("t2l-*/hypernet.json")):
-    e = json.load(open(f))["extra"]
-    rows[f.split("/")[0]] = {k: e.get(k) for k in ("mode", "steps", "best_step", "best_val_loss", "final_loss",
-                                                    "val_curve", "val_loss_by_strength", "train_tasks")}
-print(json.dumps(rows, indent=1))
-PY
+python3 -m training.variants $W > $W/variants.json
 SHIPPED=$(python3 -c "import json; print(json.load(open('$R/generator/checkpoints/smollm2-t2l/hypernet.json'))['extra']['best_val_loss'])")
 better=$(python3 -c "
 import json; v=json.load(open('variants.json'))
