@@ -7,10 +7,12 @@ first 32. Calibration queries are taken from `CALIBRATION_SLICE` (descriptions 1
 uses `EVALUATION_SLICE` (150-199), so no number is reported on what it was fitted on.
 
 What is fitted (every value a cosine score; see retriever/strategy.py for how each is used):
-- `match_threshold`, `match_margin`: the grid point of the highest expected ROUGE-L over queries whose own task is
-  in the library (even-numbered tasks) or left out of it (odd-numbered ones: then any retrieval is wrong), a
-  retrieval scoring `quality_own` when right and `quality_other` when wrong, a generated adapter `quality_generated`
-  (measured on train tasks: a task's own trained LoRA, another task's, a generated adapter);
+- `match_threshold`, `match_margin`: the grid point of the highest expected ROUGE-L, a retrieval scoring
+  `quality_own` when right and `quality_other` when wrong, a generated adapter `quality_generated` (measured on train
+  tasks: a task's own trained LoRA, another task's, a generated adapter), averaged over random libraries of several
+  sizes (`library_fractions` of the train tasks): how close a lacking task's paraphrase comes to some library task
+  grows with the library's size, so one size only would misfit the others. In each library, the queries whose task
+  it holds and those whose task it lacks (any retrieval then wrong) weigh half each: no prior on either;
 - `instruction_threshold`, `instruction_margin`: a library adapter is also keyed by its instruction (a trained
   LoRA's is its task definition); over the train tasks' definitions (even-numbered tasks' adapters in the library,
   so their definition is an instruction key; odd-numbered ones' definitions describe tasks the library lacks), the
@@ -32,6 +34,7 @@ import logging
 import os
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +66,9 @@ class CalibrationConfig:
     quality_other: float = 5.0
     instruction_recall: float = 0.98  # restated instructions an instruction match must keep ((0, 1]): nearly all;
     #   what it loses are twins (two library tasks with one definition), whose adapters are near-interchangeable
+    library_fractions: tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.75)  # the match fit's simulated libraries hold
+    #   these shares of the train tasks (each in (0, 1)): a deployment's library may be small or large
+    library_draws: int = 2  # random libraries per share (>= 1)
     near_precision: float = 0.4  # a mixture must hold the query's own task this often ((0, 1])
     top_k: int = 3  # library tasks a mixture may hold (as StrategyConfig.top_k)
     scope_position: float = 1 / 3  # where scope_threshold sits between nonsense's 95th percentile (0) and unseen
@@ -84,6 +90,11 @@ class CalibrationConfig:
                 raise ValueError(f"{name}={getattr(self, name)} (must be in (0, 1])")
         if not 0 <= self.scope_position <= 1:
             raise ValueError(f"scope_position={self.scope_position} (must be in [0, 1])")
+        if not self.library_fractions or not all(0 < f < 1 for f in self.library_fractions):
+            raise ValueError(f"library_fractions={self.library_fractions} (must be a non-empty list of shares in "
+                             "(0, 1))")
+        if self.library_draws < 1:
+            raise ValueError(f"library_draws={self.library_draws} (must be >= 1)")
         if self.nonsense < 10:
             raise ValueError(f"nonsense={self.nonsense} (must be >= 10)")
 
@@ -152,28 +163,61 @@ def _best_two(scores: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.nda
     return top2[:, 0], (top2[:, 1] if s.shape[1] > 1 else np.full(len(s), -1.0))
 
 
-def fit_match(scores: np.ndarray, owner: np.ndarray, quality: tuple[float, float, float]) -> tuple[float, float, dict]:
+def even_half(n_tasks: int) -> np.ndarray:
+    """The library of the instruction and near fits: the even-numbered tasks `(ceil(n_tasks / 2),)`."""
+    return np.arange(0, n_tasks, 2)
+
+
+def simulated_libraries(n_tasks: int, fractions: Sequence[float], draws: int, seed: int = 0) -> list[np.ndarray]:
+    """Random libraries of train tasks, `draws` per fraction of the tasks (at least 2 and at most n_tasks - 1
+    tasks each, so that some queries' tasks are in and some out): sorted task indices."""
+    rng = np.random.default_rng(seed)
+    sizes = [min(max(round(f * n_tasks), 2), n_tasks - 1) for f in fractions for _ in range(draws)]
+    return [np.sort(rng.choice(n_tasks, k, replace=False)) for k in sizes] if n_tasks > 2 else [even_half(n_tasks)]
+
+
+def _match_outcomes(scores: np.ndarray, owner: np.ndarray, library: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For one library (task indices): per query `(n_queries,)` its best and second-best library score, whether the
+    best is its own task, and its weight (half the mass on queries whose task the library holds, half on the rest)."""
+    s = scores[:, library]  # (n_queries, n_library)
+    top2 = -np.sort(-s, axis=1)[:, :2]
+    second = top2[:, 1] if s.shape[1] > 1 else np.full(len(s), -1.0)
+    in_lib = np.isin(owner, library)
+    right = library[s.argmax(1)] == owner
+    n_in, n_out = int(in_lib.sum()), int((~in_lib).sum())
+    share = 0.5 if n_in and n_out else 1.0
+    weight = np.where(in_lib, share / max(n_in, 1), share / max(n_out, 1))
+    return top2[:, 0], second, right, in_lib, weight
+
+
+def fit_match(scores: np.ndarray, owner: np.ndarray, quality: tuple[float, float, float],
+              libraries: Sequence[np.ndarray] | None = None) -> tuple[float, float, dict]:
     """Grid search over (threshold, margin) on query x task scores `(n_queries, n_tasks)` for the highest expected
-    quality; `quality`: (own adapter, generated, another task's adapter)."""
+    quality, averaged over `libraries` (task-index arrays; default: the even-numbered tasks), each weighing the
+    queries whose task it holds and those whose task it lacks equally; `quality`: (own adapter, generated,
+    another task's adapter). A library's density sets how far a lacking task's queries reach into it, so a fit on
+    one library size only would suit libraries of that size."""
     own, generated, other = quality
-    in_lib = owner % 2 == 0
-    best, second = _best_two(scores, owner)
-    s = scores.copy()
-    s[~in_lib, owner[~in_lib]] = -np.inf  # odd tasks' own adapters are not in the library
-    right = (s.argmax(1) == owner) & in_lib
-    gain = np.where(right, own - generated, other - generated)  # (n_queries,) retrieving instead of generating
-    chosen, top = (0.99, 0.2), 0.0
-    for thr in np.round(np.arange(0.40, 1.0, 0.01), 2):
-        for margin in np.round(np.arange(0.0, 0.21, 0.01), 2):
-            take = (best >= thr) & (best - second >= margin)
-            g = float(gain[take].sum()) / len(gain)
-            if g > top + 1e-9:
-                chosen, top = (float(thr), float(margin)), g
-    take = (best >= chosen[0]) & (best - second >= chosen[1])
-    stats = {"recall": round(float((right & take).sum() / max(in_lib.sum(), 1)), 4),
-             "precision": round(float(right[take].mean()) if take.any() else 1.0, 4),
+    libraries = list(libraries) if libraries is not None else [even_half(scores.shape[1])]
+    outcomes = [_match_outcomes(scores, owner, lib) for lib in libraries]
+    grid = [(float(t), float(m)) for t in np.round(np.arange(0.40, 1.0, 0.01), 2)
+            for m in np.round(np.arange(0.0, 0.21, 0.01), 2)]
+    total = np.zeros(len(grid))
+    for best, second, right, _, weight in outcomes:
+        gain = np.where(right, own - generated, other - generated) * weight  # (n_queries,) retrieving vs generating
+        total += [gain[(best >= t) & (best - second >= m)].sum() for t, m in grid]
+    total /= len(outcomes)
+    i = int(np.argmax(total))
+    chosen, top = (grid[i], float(total[i])) if total[i] > 1e-9 else ((0.99, 0.2), 0.0)
+    hit = taken = held = 0.0
+    for best, second, right, in_lib, weight in outcomes:
+        take = (best >= chosen[0]) & (best - second >= chosen[1])
+        hit, taken, held = hit + weight[right & take].sum(), taken + weight[take].sum(), held + weight[in_lib].sum()
+    always = np.mean([(np.where(r, own - generated, other - generated) * w).sum() for _, _, r, _, w in outcomes])
+    stats = {"libraries": len(outcomes), "recall": round(float(hit / max(held, 1e-12)), 4),
+             "precision": round(float(hit / taken) if taken else 1.0, 4),
              "expected_quality": round(generated + top, 2),
-             "always_retrieve": round(generated + float(gain.mean()), 2), "always_generate": generated}
+             "always_retrieve": round(generated + float(always), 2), "always_generate": generated}
     return chosen[0], chosen[1], stats
 
 
@@ -228,7 +272,8 @@ def fit(e: Embedded, ccfg: CalibrationConfig) -> dict:
     row_task = np.array([e.tasks.index(n) for n in row_names])
     qs = e.queries @ e.keys.T  # (n_queries, n_tasks) description-key scores, as the library would give
     quality = (ccfg.quality_own, ccfg.quality_generated, ccfg.quality_other)
-    match_t, margin, match_stats = fit_match(qs, e.owner, quality)
+    libraries = simulated_libraries(len(e.tasks), ccfg.library_fractions, ccfg.library_draws, ccfg.seed)
+    match_t, margin, match_stats = fit_match(qs, e.owner, quality, libraries)
     best, second = _best_two(qs, e.owner)
     retrieved = (best >= match_t) & (best - second >= margin)
     near_t, near_stats = fit_near(qs, e.owner, retrieved, ccfg.top_k, ccfg.near_precision)

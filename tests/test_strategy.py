@@ -41,6 +41,18 @@ def test_config_names_the_bad_value(fields, bad):
         StrategyConfig.from_dict({"nope": 1})
 
 
+@pytest.mark.parametrize("fields, bad", [
+    ({"library_fractions": (0.5, 1.0)}, "library_fractions="),
+    ({"library_fractions": ()}, "library_fractions="),
+    ({"library_draws": 0}, "library_draws=0"),
+])
+def test_calibration_config_names_the_bad_value(fields, bad):
+    from retriever.calibrate import CalibrationConfig
+
+    with pytest.raises(ValueError, match=bad):
+        CalibrationConfig(**fields)
+
+
 T = Thresholds(match_threshold=0.8, match_margin=0.05, near_threshold=0.6, scope_threshold=0.3)
 
 
@@ -175,14 +187,45 @@ def test_match_fit_maximises_expected_quality_and_instruction_fit_avoids_near_co
     scores[[2, 4], [0, 0]] = 0.75
     thr, margin, stats = fit_match(scores, owner, (52.0, 21.0, 5.0))
     assert 0.75 < thr <= 0.85 and stats["precision"] == 1.0 and stats["recall"] == 1.0
-    assert stats["expected_quality"] == pytest.approx((3 * 52 + 2 * 21) / 5, abs=0.01)
-    scores[4, 0] = 0.9  # one absent task's query now outscores every right match: retrieving it costs 16 points
-    thr, _, stats = fit_match(scores, owner, (52.0, 21.0, 5.0))  # ... the three right ones gain 3 * 31: still worth it
-    assert thr <= 0.85 and stats["recall"] == 1.0 and stats["precision"] == 0.75
+    # the queries of held tasks and those of lacking tasks weigh half each: (52 + 21) / 2
+    assert stats["expected_quality"] == pytest.approx((52 + 21) / 2, abs=0.01)
+    scores[4, 0] = 0.9  # one absent task's query now outscores every right match: retrieving it costs 16 / 4 points
+    thr, _, stats = fit_match(scores, owner, (52.0, 21.0, 5.0))  # ... the three right ones gain 31 / 2: worth it
+    assert thr <= 0.85 and stats["recall"] == 1.0 and stats["precision"] == pytest.approx(0.5 / 0.75, abs=1e-3)
     # definitions (even tasks' are library instructions): the absent task 1's is a near-copy of task 0's (0.97)
     defs = np.array([[1.0, 0.97, 0.5, 0.2], [0.97, 1.0, 0.5, 0.2], [0.5, 0.5, 1.0, 0.2], [0.2, 0.2, 0.2, 1.0]])
     thr, margin, stats = fit_instruction(defs, recall=0.98)
     assert (thr, margin) == (0.98, 0.0) and stats == {"recall": 1.0, "wrong_matches": 0.0}
+
+
+def test_match_fit_counts_a_lacking_task_against_the_library_only():
+    from retriever.calibrate import fit_match
+
+    # task 0 is held and its query scores 0.8 on it; task 1's query (task 1 lacking) scores 0.85 on task 3, which the
+    # library [0, 2] lacks too, and 0.3 on task 0: it cannot be matched wrongly above 0.3
+    owner = np.array([0, 1])
+    scores = np.array([[0.8, 0.1, 0.1, 0.1], [0.3, 0.9, 0.1, 0.85]])
+    thr, _, stats = fit_match(scores, owner, (30.0, 21.0, 0.0), [np.array([0, 2])])
+    assert 0.3 < thr <= 0.8 and stats["precision"] == 1.0 and stats["recall"] == 1.0
+    # in the library [0, 2, 3], task 1's query would take task 3's adapter (-21) for task 0's +9: generate always
+    thr, _, stats = fit_match(scores, owner, (30.0, 21.0, 0.0), [np.array([0, 2, 3])])
+    assert thr > 0.85 and stats["recall"] == 0.0
+    # averaged over both (each query weighs 1/2): (+4.5 + (4.5 - 10.5)) / 2 < 0 from 0.4 to 0.8; with a 52-point own
+    # adapter (+15.5 a right match) it pays in both
+    thr, _, stats = fit_match(scores, owner, (30.0, 21.0, 0.0), [np.array([0, 2]), np.array([0, 2, 3])])
+    assert thr > 0.85 and stats["libraries"] == 2
+    thr, _, stats = fit_match(scores, owner, (52.0, 21.0, 0.0), [np.array([0, 2]), np.array([0, 2, 3])])
+    assert thr <= 0.8 and stats["precision"] == pytest.approx(0.5 / 0.75, abs=1e-3)
+
+
+def test_simulated_libraries_span_the_sizes_and_repeat():
+    from retriever.calibrate import simulated_libraries
+
+    libs = simulated_libraries(20, (0.1, 0.5, 0.99), draws=2, seed=3)
+    assert [len(x) for x in libs] == [2, 2, 10, 10, 19, 19]
+    assert all((np.diff(x) > 0).all() and x.max() < 20 for x in libs)
+    again = simulated_libraries(20, (0.1, 0.5, 0.99), draws=2, seed=3)
+    assert all((a == b).all() for a, b in zip(libs, again, strict=True))
 
 
 @pytest.mark.slow
