@@ -47,7 +47,9 @@ def _not_bool(v: Any) -> Any:
 
 
 StopText = Annotated[str, Field(min_length=1), AfterValidator(encodable)]  # a stop string: not empty
-NAME_PATTERN = r"^[^\x00-\x1f]*\S[^\x00-\x1f]*$"  # what the library takes (retriever/records.py): no control chars
+# what the library takes (retriever/records.py): no control characters, and some text (the one non-space character
+# must not be a control character either: `\S` alone matched one)
+NAME_PATTERN = r"^[^\x00-\x1f]*[^\x00-\x1f\s][^\x00-\x1f]*$"
 AdapterName = Annotated[str, Field(min_length=1, max_length=200, pattern=NAME_PATTERN),
                         BeforeValidator(lambda v: encodable(v) if isinstance(v, str) else v)]
 GeneratorKind = Literal["t2l", "cvae", "sg"]  # generator.generate.GENERATORS (a test keeps them equal)

@@ -393,11 +393,15 @@ def test_cors_only_when_configured(world):
     ("/v1/adapters", {"description": None}, None),  # exactly one of description/descriptions, not null
     ("/v1/completions", {"model": "base", "prompt": []}, "prompt"),
     ("/v1/route", {"inputs": ["ok", "  "]}, "inputs.1"),
+    ("/v1/adapters", {"description": "x", "name": "\x99\x04\xd6"}, "name"),  # a control character, even alone
+    ("/v1/adapters", {"description": "x", "name": "\x04"}, "name"),
 ])
 def test_values_the_schema_refuses_are_422(client, path, body, param):
     r = client.post(path, json=body)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["param"] == param, r.text
+    if param == "name":
+        assert r.json()["error"]["message"] == "name: must hold some text, without control characters"
 
 
 def test_schema_states_what_the_server_checks(client):
