@@ -472,3 +472,10 @@ def test_a_name_made_from_a_description_is_one_the_library_takes():
     name = default_name("tab\there,\x1cnewline\nend " + "x" * 300)
     assert name.startswith("tab here, newline end ") and len(name) == 200
     assert check_fields(name, ["d"], "generated", [])[0] == name
+    assert default_name("\x1b\x1f") == "unnamed"
+
+
+def test_a_description_of_control_characters_saves_under_a_name(client):
+    r = client.post("/v1/adapters", json={"descriptions": ["Be kind.", "\x1b"], "save": True})
+    assert r.status_code == 200, r.text
+    assert [a["name"] for a in r.json()["adapters"]] == ["Be kind.", "unnamed"]
