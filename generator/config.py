@@ -32,10 +32,13 @@ class GeneratorConfig:
 
 
 def load_spec(base_model: str = DEFAULT_BASE_MODEL) -> ModelSpec:
-    """The base model's spec from its config alone (no weights loaded)."""
+    """The base model's spec from its config alone (no weights loaded; config.json as JSON when it holds every
+    shape, transformers' AutoConfig otherwise)."""
+    path = resolve_base_model(base_model)
+    if (spec := ModelSpec.from_config_json(path / "config.json", base_model_name(base_model))) is not None:
+        return spec
     from transformers import AutoConfig
 
-    path = resolve_base_model(base_model)
     ggufs = sorted(path.glob("*.gguf")) if not (path / "config.json").exists() else []
     extra = {"gguf_file": ggufs[0].name} if ggufs else {}
     return ModelSpec.from_hf_config(AutoConfig.from_pretrained(path, **extra), base_model_name(base_model))

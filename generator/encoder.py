@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from generator.models import DEFAULT_EMBEDDER, load_embedder
+from generator.mean_pooling import MeanPoolingModel, load_mean_pooling
+from generator.models import DEFAULT_EMBEDDER, load_embedder, resolve_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +33,21 @@ class TaskEncoder:
     """Embeds task descriptions (or inputs) into the vectors a hypernetwork or retriever is conditioned on."""
 
     def __init__(self, model, name: str = DEFAULT_EMBEDDER) -> None:
-        self.model = model
+        self.model = model  # a SentenceTransformer, or a MeanPoolingModel (generator/mean_pooling.py)
         self.name = name
-        self._plain = _plain_mean_pooling(model)  # the HF model behind a Transformer -> mean Pooling stack
+        # the HF model behind a Transformer -> mean Pooling stack
+        self._plain = model.auto_model if isinstance(model, MeanPoolingModel) else _plain_mean_pooling(model)
 
     @classmethod
     def load(cls, name_or_path: str = DEFAULT_EMBEDDER, device: torch.device | str = "cpu") -> TaskEncoder:
-        return cls(load_embedder(name_or_path, device), name_or_path)
+        """A plain mean-pooling model (the default MiniLM) with transformers alone; anything else with
+        sentence-transformers."""
+        t0 = time.perf_counter()
+        light = load_mean_pooling(resolve_embedder(name_or_path), device)
+        if light is None:
+            return cls(load_embedder(name_or_path, device), name_or_path)
+        logger.info("loaded embedder %s (mean pooling) in %.2f s", name_or_path, time.perf_counter() - t0)
+        return cls(light, name_or_path)
 
     @property
     def dim(self) -> int:

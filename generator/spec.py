@@ -7,7 +7,10 @@ HF config alone: no weights need to be loaded to plan an adapter.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 # module type -> the sub-module of a decoder layer that holds it
@@ -21,6 +24,9 @@ MODULE_PARENTS: dict[str, str] = {
     "down_proj": "mlp",
 }
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+# config.json fields the shapes come from; read as JSON only when all are there (no model-class defaults)
+_SHAPE_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "num_hidden_layers")
+_HEAD_DIM_FROM_HIDDEN = ("llama", "mistral", "qwen2")  # model types whose missing head_dim is hidden_size // heads
 
 
 def check_targets(targets: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -58,6 +64,22 @@ class ModelSpec:
             "down_proj": (inter, hidden),
         }
         return cls(name=name, n_layers=config.num_hidden_layers, shapes=shapes)
+
+    @classmethod
+    def from_config_json(cls, path: Path, name: str) -> ModelSpec | None:
+        """The spec from a HF `config.json` read as plain JSON (no transformers import: a second or two of a
+        service replica's start), or None when the file leaves a shape to a model class's defaults: then
+        `from_hf_config(AutoConfig...)` is the reference."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(raw, dict) or any(not isinstance(raw.get(k), int) or isinstance(raw.get(k), bool)
+                                            for k in _SHAPE_FIELDS):
+            return None
+        if not isinstance(raw.get("head_dim"), int) and raw.get("model_type") not in _HEAD_DIM_FROM_HIDDEN:
+            return None  # e.g. Gemma's head_dim defaults to 256, not hidden_size // heads
+        return cls.from_hf_config(SimpleNamespace(**{k: raw.get(k) for k in (*_SHAPE_FIELDS, "head_dim")}), name)
 
     def module_path(self, layer: int, module: str) -> str:
         """Dotted name of one target inside a `*ForCausalLM` model."""

@@ -34,7 +34,8 @@ from retriever.records import AdapterRecord
 
 logger = logging.getLogger(__name__)
 INDEX_FILE, KEYS_FILE, META_FILE = "index.faiss", "keys.safetensors", "index.json"
-KEEP_BUILDS = 3  # older build directories are pruned
+KEEP_BUILDS = 3  # older build directories are pruned, per key signature (the routers sharing a library's index
+#                 directory, e.g. the service's Router and the description strategy's two, keep each other's builds)
 
 
 @dataclass
@@ -158,9 +159,22 @@ class IndexStore:
         return sorted(dirs, key=lambda d: d.stat().st_mtime_ns, reverse=True)
 
     def _prune(self, keep: str) -> None:
-        for d in self._builds()[KEEP_BUILDS:]:
-            if d.name != keep:
+        """Keep the newest KEEP_BUILDS builds of each key signature: a router with other key settings over the same
+        library must not evict this one's cached keys (it would re-embed the whole library at its next change)."""
+        kept: dict[str, int] = {}
+        for d in self._builds():
+            group = _keys_group(d)
+            kept[group] = kept.get(group, 0) + 1
+            if d.name != keep and (group == "" or kept[group] > KEEP_BUILDS):
                 shutil.rmtree(d, ignore_errors=True)
         for d in self.dir.glob(".tmp-*"):  # temp dirs of crashed builds, if old
             if time.time() - d.stat().st_mtime > 3600:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def _keys_group(build: Path) -> str:
+    """The key signature of a saved build ("" when its index.json is unreadable: such a build is pruned)."""
+    try:
+        return _digest(json.loads((build / META_FILE).read_text())["keys"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""

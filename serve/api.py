@@ -106,8 +106,9 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 
 def default_name(description: str) -> str:
-    """A library name from a description: control characters become spaces, runs of space one, at most 200."""
-    return " ".join("".join(c if ord(c) >= 32 else " " for c in description).split())[:200]
+    """A library name from a description: control characters become spaces, runs of space one, at most 200;
+    "unnamed" when nothing is left (a description of control characters only)."""
+    return " ".join("".join(c if ord(c) >= 32 else " " for c in description).split())[:200] or "unnamed"
 
 
 def _allowed_methods(request: Request) -> list[str]:

@@ -33,8 +33,11 @@ def encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(encodable)]  # every string a request carries
+# the characters str.strip() removes (str.isspace()), spelled out: `\s` means three different sets to the schema's
+# readers (ECMA), pydantic (Rust regex) and the server (Python), e.g. on U+001F and U+0085
+SPACE = r"\x09-\x0d\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # a description, prompt or routing input: at least one non-blank character (the schema says so too)
-NonBlank = Annotated[str, Field(pattern=r"\S"),
+NonBlank = Annotated[str, Field(pattern=f"[^{SPACE}]"),
                      BeforeValidator(lambda v: encodable(v) if isinstance(v, str) else v)]  # before the pattern
 
 
@@ -47,7 +50,8 @@ def _not_bool(v: Any) -> Any:
 
 
 StopText = Annotated[str, Field(min_length=1), AfterValidator(encodable)]  # a stop string: not empty
-NAME_PATTERN = r"^[^\x00-\x1f]*\S[^\x00-\x1f]*$"  # what the library takes (retriever/records.py): no control chars
+# what the library takes (retriever/records.py): no control characters, and some text (a character that is neither)
+NAME_PATTERN = f"^[^\\x00-\\x1f]*[^\\x00-\\x1f{SPACE}][^\\x00-\\x1f]*$"
 AdapterName = Annotated[str, Field(min_length=1, max_length=200, pattern=NAME_PATTERN),
                         BeforeValidator(lambda v: encodable(v) if isinstance(v, str) else v)]
 GeneratorKind = Literal["t2l", "cvae", "sg"]  # generator.generate.GENERATORS (a test keeps them equal)

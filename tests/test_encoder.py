@@ -103,22 +103,63 @@ def test_fresh_generator_is_reproducible_and_leaves_the_global_rng_alone(encoder
 
 
 def test_fast_mean_pooling_matches_sentence_transformers(encoder):
-    assert encoder._plain is not None  # MiniLM is Transformer -> mean Pooling -> Normalize
+    """The default MiniLM is loaded without sentence-transformers and embeds exactly as SentenceTransformer does."""
+    from generator.mean_pooling import MeanPoolingModel
+    from generator.models import load_embedder
+
+    assert isinstance(encoder.model, MeanPoolingModel) and encoder._plain is not None
+    st = load_embedder()
+    assert (encoder.dim, encoder.max_tokens) == (st.get_embedding_dimension(), st.max_seq_length)
     texts = ["Classify the sentiment.", "Translate English sentences into French, keeping names as they are. " * 3,
-             "x"]
-    ours = encoder.encode(texts, batch_size=2)  # two batches, with padding
-    ref = encoder.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True,
-                               show_progress_bar=False).float()
+             "x", "word " * 400]  # the last one is truncated to the window
+    with pytest.warns(UserWarning, match="exceed the embedder's 256-token window"):
+        ours = encoder.encode(texts, batch_size=2)  # two batches, with padding
+    ref = st.encode(texts, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False).float()
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-def test_other_pooling_falls_back_to_encode(encoder):
-    from generator.encoder import _plain_mean_pooling
+def test_the_default_encoder_needs_no_sentence_transformers():
+    """The Router and Generator replicas start without importing it (and scikit-learn, SciPy behind it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    pooling = encoder.model[1]
+    code = ("import sys; from generator.encoder import TaskEncoder; e = TaskEncoder.load(); "
+            "print(tuple(e.encode(['hi']).shape), 'sentence_transformers' in sys.modules, 'sklearn' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    assert out.split()[-4:] == ["(1,", "384)", "False", "False"]
+
+
+def test_other_sentence_transformers_models_load_with_it(tmp_path):
+    """A directory that is not exactly Transformer -> mean Pooling (-> Normalize), without prompts or lower-casing,
+    is left to sentence-transformers, and its pooling is checked there too."""
+    import json
+    import shutil
+
+    from generator.encoder import _plain_mean_pooling
+    from generator.mean_pooling import mean_pooling_settings
+    from generator.models import load_embedder, resolve_embedder
+
+    src = resolve_embedder()
+    assert mean_pooling_settings(src) == (256, 384)
+    changes = {"1_Pooling/config.json": {"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True},
+               "sentence_bert_config.json": {"do_lower_case": True},
+               "config_sentence_transformers.json": {"prompts": {"query": "query: "}}}
+    for name, change in changes.items():
+        d = tmp_path / name.replace("/", "-")
+        shutil.copytree(src, d)
+        (d / name).write_text(json.dumps({**json.loads((d / name).read_text()), **change}))
+        assert mean_pooling_settings(d) is None, name
+    (tmp_path / "bare").mkdir()
+    assert mean_pooling_settings(tmp_path / "bare") is None
+    st = load_embedder()
+    pooling = st[1]
     cfg = pooling.get_config_dict()
     pooling.get_config_dict = lambda: {**cfg, "pooling_mode": "cls"}
     try:
-        assert _plain_mean_pooling(encoder.model) is None
+        assert _plain_mean_pooling(st) is None
     finally:
         del pooling.get_config_dict

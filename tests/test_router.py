@@ -126,6 +126,32 @@ def test_router_follows_adds_and_removes_made_elsewhere(lib_copy, encoder, spec,
     assert router.n_adapters == len(TASKS)
 
 
+def test_routers_with_other_keys_over_the_library_keep_its_cached_keys(tmp_path, encoder, spec, monkeypatch):
+    """The service's Router and the description strategy's routers share the library's index directory: many
+    rebuilds by the others (one per saved adapter) leave the Router's builds, so it embeds only the new keys."""
+    from retriever.index_store import KEEP_BUILDS
+
+    lib = AdapterLibrary(tmp_path / "lib", spec)
+    made = random_adapter(spec)
+    made.metadata["instruction"] = "Add the numbers."
+    lib.add(made, "sums", ["Add the numbers."], "generated", ["What is 3 + 4?", "What is 10 + 2?"])
+    Router(lib, encoder, CFG)
+    others = [RetrieverConfig(key_mode="description"), RetrieverConfig(key_mode="instruction")]
+    added = []
+    for i in range(KEEP_BUILDS + 1):
+        added.append(lib.add(random_adapter(spec, seed=i), f"task-{i}", [f"Repeat the word number {i}."],
+                             "generated", [f"word {i}", f"another word {i}"]))
+        for cfg in others:
+            Router(lib, encoder, cfg)
+    embedded = []
+    real = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda texts, what="description", **kw: (
+        embedded.extend(texts) if what == "key text" else None) or real(texts, what, **kw))
+    router = Router(lib, encoder, CFG)
+    assert router._loaded.rebuilt and router.n_adapters == 1 + len(added)
+    assert sorted(embedded) == sorted(s for r in added for s in r.sample_inputs)  # the new adapters' keys only
+
+
 def test_hnsw_router_agrees_with_flat(lib_copy, encoder):
     queries = [q for t in TASKS for q in held_out(t, 2)]
     flat = Router(lib_copy, encoder, CFG)

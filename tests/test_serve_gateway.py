@@ -393,11 +393,42 @@ def test_cors_only_when_configured(world):
     ("/v1/adapters", {"description": None}, None),  # exactly one of description/descriptions, not null
     ("/v1/completions", {"model": "base", "prompt": []}, "prompt"),
     ("/v1/route", {"inputs": ["ok", "  "]}, "inputs.1"),
+    ("/v1/adapters", {"description": "x", "name": "\x99\x04\xd6"}, "name"),  # a control character, even alone
+    ("/v1/adapters", {"description": "x", "name": "\x04"}, "name"),
+    ("/v1/adapters", {"description": "x", "name": " \x85"}, "name"),  # blank to str.strip(), not to ECMA's \s
+    ("/v1/adapters", {"descriptions": ["ok", "\x1f"]}, "descriptions.1"),  # blank to str.strip(), not to \s elsewhere
+    ("/v1/route", {"input": "\u3000\x1c"}, "input"),
 ])
 def test_values_the_schema_refuses_are_422(client, path, body, param):
     r = client.post(path, json=body)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["param"] == param, r.text
+    if param == "name":
+        assert r.json()["error"]["message"] == "name: must hold some text, without control characters"
+
+
+def test_blank_means_what_str_strip_removes_in_the_schema_and_the_server():
+    """The schema's patterns name the blank characters one by one, so its readers (ECMA regexes), pydantic (Rust
+    regexes) and the server (str.strip) agree on which text is blank."""
+    import re
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from serve.schemas import NAME_PATTERN, SPACE, AdapterName, NonBlank
+
+    chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000]
+    assert [c for c in chars if not re.search(f"[^{SPACE}]", c)] == [c for c in chars if c.isspace()]
+    non_blank, name = TypeAdapter(NonBlank), TypeAdapter(AdapterName)
+    for c in ("\x1c", "\x1f", "\x85", "\xa0", "\u2028", "\u3000", "\ufeff", "\u200b", "\x04", "a"):
+        for adapter, text, ok in ((non_blank, c, bool(c.strip())),
+                                  (name, c, bool(c.strip()) and ord(c) >= 32),
+                                  (name, f"a{c}", ord(c) >= 32)):
+            try:
+                adapter.validate_python(text)
+                assert ok, repr(text)
+            except ValidationError:
+                assert not ok, repr(text)
+            assert bool(re.fullmatch(NAME_PATTERN, text)) == ok or adapter is non_blank
 
 
 def test_schema_states_what_the_server_checks(client):
@@ -406,7 +437,7 @@ def test_schema_states_what_the_server_checks(client):
     from typing import get_args
 
     from generator.generate import GENERATORS
-    from serve.schemas import GeneratorKind
+    from serve.schemas import SPACE, GeneratorKind
 
     assert set(get_args(GeneratorKind)) == set(GENERATORS)
     comps = client.get("/openapi.json").json()["components"]["schemas"]
@@ -414,7 +445,7 @@ def test_schema_states_what_the_server_checks(client):
     assert len(gen["oneOf"]) == 2 and {"required": ["description"], "properties": {
         "description": {"not": {"type": "null"}}, "descriptions": {"type": "null"}}} in gen["oneOf"]
     assert comps["CompletionRequest"]["not"]["required"] == ["task_description", "adapters"]
-    assert "\\S" in json.dumps(comps["RouteRequest"]["properties"]["input"])
+    assert comps["RouteRequest"]["properties"]["input"]["anyOf"][0]["pattern"] == f"[^{SPACE}]"
 
 
 def test_blank_chat_with_auto_answers_from_the_base_model(client, world):
@@ -441,3 +472,10 @@ def test_a_name_made_from_a_description_is_one_the_library_takes():
     name = default_name("tab\there,\x1cnewline\nend " + "x" * 300)
     assert name.startswith("tab here, newline end ") and len(name) == 200
     assert check_fields(name, ["d"], "generated", [])[0] == name
+    assert default_name("\x1b\x1f") == "unnamed"
+
+
+def test_a_description_of_control_characters_saves_under_a_name(client):
+    r = client.post("/v1/adapters", json={"descriptions": ["Be kind.", "\x1b"], "save": True})
+    assert r.status_code == 200, r.text
+    assert [a["name"] for a in r.json()["adapters"]] == ["Be kind.", "unnamed"]

@@ -48,6 +48,48 @@ def test_spec_shapes_match_the_built_model(family):
             assert (linear.in_features, linear.out_features) == spec.shapes[m]
 
 
+@pytest.mark.parametrize("family", sorted(SHAPES))
+@pytest.mark.parametrize("head_dim", ["saved", "dropped"])
+def test_spec_from_config_json_agrees_with_autoconfig(tmp_path, family, head_dim):
+    """config.json read as JSON gives AutoConfig's spec, or None (AutoConfig then) when a shape is left to the
+    model class's defaults: Gemma without head_dim (it defaults to 256), any file without num_key_value_heads."""
+    import json
+
+    from generator.config import load_spec
+
+    _configs()[family].save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    if head_dim == "dropped":
+        raw.pop("head_dim", None)
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+    fast = ModelSpec.from_config_json(tmp_path / "config.json", str(tmp_path))
+    reference = load_spec(str(tmp_path))  # JSON when it can, AutoConfig otherwise
+    assert (fast is None) == (family == "gemma" and head_dim == "dropped")
+    assert fast is None or fast == reference
+    if head_dim == "saved":
+        assert [reference.shapes[m] for m in MODULE_PARENTS] == SHAPES[family]
+    raw.pop("num_key_value_heads")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert ModelSpec.from_config_json(tmp_path / "config.json", "x") is None
+    assert ModelSpec.from_config_json(tmp_path / "missing.json", "x") is None
+
+
+def test_load_spec_of_a_saved_model_needs_no_transformers(tmp_path):
+    """A service replica that only needs shapes (the Gateway) does not pay for importing transformers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny_llama_config().save_pretrained(tmp_path)
+    code = ("import sys; from generator.config import load_spec; s = load_spec(sys.argv[1]); "
+            "print(s.shapes['v_proj'], 'transformers' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    assert out.split() == ["(32,", "16)", "False"]
+
+
 @pytest.mark.slow
 def test_smollm2_spec_has_grouped_query_v_proj():
     from generator.config import load_spec
