@@ -9,15 +9,7 @@
 #      fixed 0.75, by held-out train-task loss (never dev).
 # Back in $OUT: the residual checkpoints, the held-out multi-task LoRA, variants.json, strength.json, logs.
 set -u
-R=$(pwd)
-export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-W=/tmp/work; mkdir -p $W/logs
-[ -d /tmp/stage/sni ] || tar -C /tmp/stage -xzf /tmp/stage/sni.tgz
-[ -f /tmp/hf/config.json ] || { python3 -m generator.models /tmp/stage /tmp/hf > $W/logs/convert.log 2>&1 &&
-  ln -sf /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/hf/; }
-EMB=/tmp/stage/emb.safetensors
-C="--work $W --base-model /tmp/hf --data /tmp/stage/sni --embeddings $EMB --device cuda --dtype bfloat16 --max-prompt-tokens 384"
-P="python3 -m training.pipeline"
+. training/jobs/common.sh
 ( timeout 120 python3 -m training.strength --checkpoint generator/checkpoints/smollm2-t2l --base-model /tmp/hf \
     --data /tmp/stage/sni --embeddings $EMB --device cuda --dtype bfloat16 --out $W/strength > $W/logs/strength.log 2>&1
   echo "strength rc=$?" ) &

@@ -4,12 +4,7 @@
 # row to the committed results/predictions.json.gz (only missing rows are generated).
 # -> $OUT/hypernet.json (the checkpoint's config with the strength), strength.json, predictions.json.gz
 set -u
-R=$(pwd)
-export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
-W=/tmp/work; mkdir -p $W/logs
-[ -d /tmp/stage/sni ] || tar -C /tmp/stage -xzf /tmp/stage/sni.tgz
-[ -f /tmp/hf/config.json ] || { python3 -m generator.models /tmp/stage /tmp/hf > $W/logs/convert.log 2>&1 &&
-  ln -sf /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/hf/; }
+OMP_NUM_THREADS=8 . training/jobs/common.sh
 NAME=${NAME:-t2l-res-m-lr2}
 rm -rf $W/$NAME && cp -r generator/checkpoints/smollm2-t2l $W/$NAME
 timeout 150 python3 -m training.strength --checkpoint $W/$NAME --record --base-model /tmp/hf --data /tmp/stage/sni \

@@ -9,16 +9,8 @@
 # Back in $OUT: recon, cvae, sg, the SFT variants whose held-out train-task loss beats the shipped checkpoint's
 # (never chosen by dev), variants.json and logs.
 set -u
-R=$(pwd)
-export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-W=/tmp/work; mkdir -p $W/logs
+. training/jobs/common.sh
 [ -d $W/multitask ] || cp -r runs/h200/multitask $W/multitask
-[ -d /tmp/stage/sni ] || tar -C /tmp/stage -xzf /tmp/stage/sni.tgz
-[ -f /tmp/hf/config.json ] || { python3 -m generator.models /tmp/stage /tmp/hf > $W/logs/convert.log 2>&1 &&
-  ln -sf /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/hf/; }
-EMB=/tmp/stage/emb.safetensors
-C="--work $W --base-model /tmp/hf --data /tmp/stage/sni --embeddings $EMB --device cuda --dtype bfloat16 --max-prompt-tokens 384"
-P="python3 -m training.pipeline"
 (
   timeout ${LIB_S:-390} $P --stages library $C --tasks-per-batch ${TPB:-50} --library-per-task 4 --library-steps 100 --library-lr 1e-3 > $W/logs/library.log 2>&1
   echo "library rc=$? tasks=$(ls $W/lora-library/*/meta.json | wc -l)"
