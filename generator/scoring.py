@@ -1,10 +1,10 @@
 """Scoring known answers under a prompt: the answer tokens' cross-entropy, with or without an adapter.
 
-Training minimises it; `strength_from_examples` uses it at request time to weigh a generated adapter against
-the examples a user put in the prompt: each example's answer is scored from the instruction and the other
-examples, at several adapter strengths, and the strength that predicts the examples best is used. An adapter
-that imposes answer words the examples contradict then steps back (strength 0 is the base model), one that
-agrees with them keeps its weight.
+Training minimises it. `strength_from_examples` is a request-time rule, measured but not served: it weighs a
+generated adapter against the examples a user put in the prompt (each example's answer scored from the instruction
+and the other examples, at several adapter strengths; the strength that predicts the examples best wins), so an
+adapter that imposes answer words the examples contradict steps back (strength 0 is the base model). On held-out
+train tasks it lost to the checkpoint's fixed strength (training/strength.py, README "Strength with examples").
 """
 
 from __future__ import annotations

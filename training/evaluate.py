@@ -154,10 +154,11 @@ def example_strength_rows(name: str, ads: list[LoraAdapter], dev: list[Task], mo
 
 
 def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: list[Task], train: list[Task],
-               device, model=None, injector=None) -> tuple[list[Row], dict]:
+               device, model=None, injector=None, skip: frozenset[str] = frozenset()) -> tuple[list[Row], dict]:
     """Dev: every baseline prompt without adapter, the multi-task LoRA and each generator with the instruction
     (and with 2 examples); train sample: oracle library LoRAs against the generators. Also returns, per
-    example-strength row, each task's chosen strength (needs `model` and `injector`)."""
+    example-strength row, each task's chosen strength (needs `model` and `injector`). Methods in `skip` (those an
+    earlier predictions file holds) are left out."""
     rows, notes = [], {}
     mx = ecfg.max_per_task
     if ecfg.baselines:
@@ -180,16 +181,18 @@ def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: l
             if not suffix and s is not None and s != 1.0:  # the shipped rule: weaker beside in-context examples
                 rows += [make_row(f"{name} x{s:g}" + PROMPTS["icl"][2], "dev", t, tok, "icl",
                                   replace(a, alpha=a.alpha * s), mx) for t, a in zip(dev, ads, strict=True)]
-            if not suffix and ecfg.example_strength and model is not None and source.startswith("t2l:"):
-                more, notes[f"{name} x[examples]"] = example_strength_rows(name, ads, dev, model, tok, injector,
-                                                                          spec, mx, device)
+            chosen_by_examples = f"{name} x[examples]"
+            if (not suffix and ecfg.example_strength and model is not None and source.startswith("t2l:")
+                    and chosen_by_examples + PROMPTS["icl"][2] not in skip):
+                more, notes[chosen_by_examples] = example_strength_rows(name, ads, dev, model, tok, injector, spec,
+                                                                        mx, device)
                 rows += more
     if ecfg.library and train and ecfg.baselines:
         lib = Path(ecfg.library)
         sample = [t for t in train if (lib / t.name / "adapter_model.safetensors").is_file()][: ecfg.train_sample]
         if not sample:
             logger.warning("no trained library LoRA in %s: the train-task rows are left out", lib)
-            return rows, notes
+            return [r for r in rows if r.method not in skip], notes
         rows += [make_row("oracle LoRA + instruction", "train", t, tok, "instruction", load_peft(lib / t.name, spec),
                           mx) for t in sample]
         rows += [make_row("base + instruction", "train", t, tok, "instruction", None, mx) for t in sample]
@@ -198,7 +201,7 @@ def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: l
             ads = generated_adapters(source, spec, e, device)
             rows += [make_row(name + " + instruction", "train", t, tok, "instruction", a, mx)
                      for t, a in zip(sample, ads, strict=True)]
-    return rows, notes
+    return [r for r in rows if r.method not in skip], notes
 
 
 def predict(cfg, ecfg: EvalConfig, out: str | Path, embeddings: str | None = None, command: str = "",
@@ -215,14 +218,13 @@ def predict(cfg, ecfg: EvalConfig, out: str | Path, embeddings: str | None = Non
     model, tok, spec, injector = load_frozen(cfg, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"))
     t0 = time.perf_counter()
-    rows, notes = build_rows(ecfg, tok, spec, emb, dev, train, cfg.device, model, injector)
     old = None
     if merge_into:  # only the methods the earlier file lacks are generated
         from training.report import load_predictions
 
         old = load_predictions(merge_into)
-        have = {r["method"] for r in old["records"]}
-        rows = [r for r in rows if r.method not in have]
+    have = frozenset(r["method"] for r in old["records"]) if old else frozenset()
+    rows, notes = build_rows(ecfg, tok, spec, emb, dev, train, cfg.device, model, injector, skip=have)
     records = run_rows(rows, model, tok, injector, spec, ecfg, cfg.device)
     doc = {"command": command, "base_model": spec.name, "device": str(cfg.device), "dtype": cfg.dtype,
            "seconds": time.perf_counter() - t0, "max_new_tokens": ecfg.max_new_tokens, "example_strengths": notes}

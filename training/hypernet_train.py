@@ -91,7 +91,6 @@ def build_net(hcfg: HypernetTrainConfig, spec, embed_dim: int, init_from: str | 
             raise ValueError(f"base adapter {hcfg.base_adapter} targets {list(base.target_modules)}, the "
                              f"hypernetwork {list(cfg.target_modules)}")
         net.set_base(base.a, base.b, base.alpha / base.rank)
-        cfg.extra["base_adapter"] = Path(hcfg.base_adapter).name
     return net.to(device).train()
 
 
@@ -203,12 +202,10 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
 
     params = [p for p in net.parameters() if p.requires_grad]
     extra = {"mode": hcfg.mode, "steps": hcfg.steps, "train_tasks": len(tasks), "init_from": bool(init_from),
-             "workers": world}
+             "workers": world, **({"base_adapter": str(hcfg.base_adapter)} if hcfg.base_adapter else {})}
     on_step = None
     if hcfg.mode == "sft" and validator is not None:
         extra |= {"val_tasks": [t.name for t in val], "val_curve": [], "best_val_loss": float("inf")}
-        if hcfg.base_adapter:
-            extra["base_adapter"] = str(hcfg.base_adapter)
 
         def on_step(step: int, _loss: float) -> None:
             if step >= 0 and (step + 1) % hcfg.eval_every and step + 1 != hcfg.steps:

@@ -23,13 +23,13 @@ import torch
 from generator.apply import AdapterBank
 from generator.hypernet.checkpoint import load_checkpoint
 from generator.lora import LoraAdapter
+from generator.scoring import STRENGTHS
 from training.config import TrainConfig
 from training.data import DEFAULT_DATA, Batcher, answer_loss, load_split
 from training.embeddings import task_embeddings
 from training.evaluate import PROMPTS, EvalConfig, generated_adapters, make_row, run_rows
 
 logger = logging.getLogger(__name__)
-STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ R=$(pwd)
 export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 W=/tmp/work; mkdir -p $W/logs
-[ -d /tmp/stage/sni ] || tar -C /tmp/stage -xzf /tmp/stage/sni.tgz
+[ -d /tmp/stage/sni ] || [ ! -f /tmp/stage/sni.tgz ] || tar -C /tmp/stage -xzf /tmp/stage/sni.tgz
 [ -f /tmp/hf/config.json ] || { python3 -m generator.models /tmp/stage /tmp/hf > $W/logs/convert.log 2>&1 &&
   ln -sf /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/hf/; }
 EMB=/tmp/stage/emb.safetensors

