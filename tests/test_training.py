@@ -179,3 +179,28 @@ def test_eval_quality_writes_table_plot_and_command(work):
     assert (out / "quality.md").read_text().startswith("Produced by: `hyperlora eval quality")
     assert (out / "quality.png").stat().st_size > 1000
     assert "2-shot ICL" in printed
+
+
+def test_sft_moving_average_and_snapshots(work):
+    """`--ema d` saves the exponential moving average of the weights: the same run without it, snapshotted after
+    every step, averaged by hand (the first step copies, then ema = d * ema + (1 - d) * w), gives the same net."""
+    from generator.hypernet.checkpoint import load_checkpoint
+    from training.hypernet_train import snapshot_dir
+
+    emb = str(work / "emb.safetensors")
+    plain, avg = work / "ema" / "t2l-plain", work / "ema" / "t2l-avg"
+    _invoke(["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(plain), "--steps", "3",
+             "--snapshot-steps", "1,2,3", "--embeddings", emb])
+    _invoke(["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(avg), "--steps", "3", "--ema", "0.5",
+             "--snapshot-steps", "2", "--embeddings", emb])
+    steps = [load_checkpoint(snapshot_dir(plain, s)).state_dict() for s in (1, 2, 3)]
+    assert load_checkpoint(snapshot_dir(plain, 2)).cfg.extra["snapshot_step"] == 2
+    got, mid = load_checkpoint(avg).state_dict(), load_checkpoint(snapshot_dir(avg, 2)).state_dict()
+    moved = 0
+    for k, w3 in steps[2].items():
+        by_hand = 0.5 * steps[0][k] + 0.5 * steps[1][k]  # after step 2
+        assert torch.allclose(mid[k], by_hand, atol=2e-3, rtol=2e-3), k
+        assert torch.allclose(got[k], 0.5 * by_hand + 0.5 * w3, atol=2e-3, rtol=2e-3), k
+        moved += int(not torch.allclose(got[k], w3, atol=1e-4))
+    assert moved > 0  # the average is not the last step's weights
+    assert json.loads((avg / "hypernet.json").read_text())["extra"]["ema"] == 0.5

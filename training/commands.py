@@ -96,6 +96,13 @@ def multitask_lora(
     typer.echo(f"wrote the multi-task LoRA to {path}")
 
 
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise typer.BadParameter(f"--snapshot-steps takes comma-separated step numbers, got {text!r}") from e
+
+
 def hypernet(
     mode: str = typer.Option("sft", "--mode", help="recon: fit the library's adapters; sft: train end to end "
                                                    "through the base model."),
@@ -116,6 +123,10 @@ def hypernet(
     embed_noise: float = typer.Option(0.0, "--embed-noise", help="Std of Gaussian noise on each sampled description "
                                                                  "embedding in training (0: none)."),
     weight_decay: float = typer.Option(1e-2, "--weight-decay", help="AdamW weight decay."),
+    ema: float = typer.Option(0.0, "--ema", help="Decay of a moving average of the network's weights, validated and "
+                                                 "saved instead of the last step's (e.g. 0.99; 0: off)."),
+    snapshot_steps: str = typer.Option("", "--snapshot-steps", help="Also save the network after these steps "
+                                       "(comma-separated, e.g. 300,350) into OUT/../snapshots/NAME-stepN."),
     ray_workers: int = typer.Option(0, "--ray-workers", help="SFT data-parallel on this many Ray Train workers "
                                                              "(a GPU each when there are enough); 0: one process."),
     ray_address: str = typer.Option(None, "--ray", help="With --ray-workers: a running Ray cluster ('auto' or an "
@@ -132,7 +143,8 @@ def hypernet(
     fields = {"mode": mode, "variant": variant, "steps": steps or (3000 if recon else 1000),
               "lr": lr or (1e-3 if recon else 2e-4), "tasks_per_step": tasks_per_step, "val_tasks": val_tasks,
               "eval_every": eval_every, "dropout": dropout, "embed_noise": embed_noise, "weight_decay": weight_decay,
-              "base_adapter": base_adapter if not recon else None}
+              "base_adapter": base_adapter if not recon else None, "ema": ema,
+              "snapshot_steps": _steps(snapshot_steps)}
     if tiny:
         fields |= {"steps": steps or 4, "tasks_per_step": 2, "per_task": 2, "hidden_dim": 32, "warmup": 1,
                    "eval_every": min(eval_every, 2)}

@@ -80,6 +80,10 @@ class HypernetTrainConfig:
     base_adapter: str | None = None  # sft: a PEFT LoRA (e.g. the multi-task LoRA trained without the val tasks)
     # that every generated adapter contains as fixed leading ranks: the network learns a residual on top of it
     eval_every: int = 100  # sft: steps between validation losses
+    ema: float = 0.0  # decay of an exponential moving average of the network's weights, which is what validation
+    # sees and what is saved (0: off; e.g. 0.99 averages about the last 100 steps)
+    snapshot_steps: tuple[int, ...] = ()  # also save the network (its average with `ema`) after these steps, into
+    # OUT/step-N: a run on all train tasks keeps the step a held-out run chose
 
     def __post_init__(self) -> None:
         if self.description_pool not in ("descriptions", "descriptions+definition"):
@@ -95,5 +99,9 @@ class HypernetTrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.embed_noise < 0:
             raise ValueError(f"embed_noise must be >= 0, got {self.embed_noise}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1) (0: off), got {self.ema}")
+        if any(s <= 0 or s > self.steps for s in self.snapshot_steps):
+            raise ValueError(f"snapshot_steps must lie in 1..steps={self.steps}, got {list(self.snapshot_steps)}")
         if not 0.0 <= self.definition_rate <= 1.0:
             raise ValueError(f"definition_rate must be in [0, 1], got {self.definition_rate}")

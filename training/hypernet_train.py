@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from generator.apply import AdapterBank
 from generator.hypernet.checkpoint import load_checkpoint, save_checkpoint
@@ -103,6 +104,12 @@ def _library_targets(library: Path, names: list[str], spec, device) -> tuple[lis
     a = {m: torch.stack([ad.a[m] for ad in adapters]).to(device) for m in adapters[0].target_modules}
     b = {m: torch.stack([ad.b[m] for ad in adapters]).to(device) for m in adapters[0].target_modules}
     return present, a, b
+
+
+def snapshot_dir(out_dir: str | Path, step: int) -> Path:
+    """Where `snapshot_steps` saves the network after `step`: beside the checkpoint, in `snapshots/`."""
+    out = Path(out_dir)
+    return out.parent / "snapshots" / f"{out.name}-step{step}"
 
 
 def split_val(tasks: list[Task], n_val: int) -> tuple[list[Task], list[Task]]:
@@ -201,30 +208,39 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
                                   cfg.device, instructions)
 
     params = [p for p in net.parameters() if p.requires_grad]
+    averager = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(hcfg.ema)) if hcfg.ema else None
+    kept = averager.module if averager is not None else net  # what is validated and saved
     extra = {"mode": hcfg.mode, "steps": hcfg.steps, "train_tasks": len(tasks), "init_from": bool(init_from),
-             "workers": world, **({"base_adapter": str(hcfg.base_adapter)} if hcfg.base_adapter else {})}
-    on_step = None
-    if hcfg.mode == "sft" and validator is not None:
+             "workers": world, **({"base_adapter": str(hcfg.base_adapter)} if hcfg.base_adapter else {}),
+             **({"ema": hcfg.ema} if hcfg.ema else {})}
+    if validator is not None:
         extra |= {"val_tasks": [t.name for t in val], "val_curve": [], "best_val_loss": float("inf")}
 
-        def on_step(step: int, _loss: float) -> None:
-            if step >= 0 and (step + 1) % hcfg.eval_every and step + 1 != hcfg.steps:
-                return
-            v = validator.loss(net, model, injector, scaling, cfg.device)
-            extra["val_curve"].append([step + 1, round(v, 4)])
-            logger.info("step %d: validation loss %.4f on %d held-out tasks", step + 1, v, len(val))
-            if v < extra["best_val_loss"]:  # keep the best step on disk, so a killed run leaves it behind
-                extra.update(best_val_loss=v, best_step=step + 1)
-                net.cfg.extra = dict(extra)
-                save_checkpoint(net, out_dir)
+    def on_step(step: int, _loss: float) -> None:
+        done = step + 1
+        if averager is not None and step >= 0:
+            averager.update_parameters(net)
+        if rank == 0 and done in hcfg.snapshot_steps:
+            kept.cfg.extra = dict(extra, snapshot_step=done)
+            save_checkpoint(kept, snapshot_dir(out_dir, done))
+        if validator is None or (step >= 0 and done % hcfg.eval_every and done != hcfg.steps):
+            return
+        v = validator.loss(kept, model, injector, scaling, cfg.device)
+        extra["val_curve"].append([done, round(v, 4)])
+        logger.info("step %d: validation loss %.4f on %d held-out tasks", done, v, len(val))
+        if v < extra["best_val_loss"]:  # keep the best step on disk, so a killed run leaves it behind
+            extra.update(best_val_loss=v, best_step=done)
+            kept.cfg.extra = dict(extra)
+            save_checkpoint(kept, out_dir)
 
+    if validator is not None:
         on_step(-1, 0.0)  # step 0 is a candidate too: a residual network starts at its base adapter
     losses = run_steps(params, hcfg.steps, hcfg.lr, loss_fn, f"hypernet-{hcfg.mode}", warmup=hcfg.warmup,
                        weight_decay=hcfg.weight_decay, on_step=on_step)
     if rank != 0:
         return None
     extra["final_loss"] = sum(losses[-20:]) / len(losses[-20:])
-    if on_step is not None:  # the best step's checkpoint is already written; record the whole run in it
+    if validator is not None:  # the best step's checkpoint is already written; record the whole run in it
         best = load_checkpoint(out_dir, spec, cfg.device)
         # the held-out loss at other adapter strengths (0: the base model with the same prompts), for the record
         # and for choosing a strength by held-out train tasks
@@ -234,6 +250,6 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         best = best.to("cpu")
         best.cfg.extra = extra
         return save_checkpoint(best, out_dir)
-    net.cfg.extra = extra
-    net.eval()
-    return save_checkpoint(net, out_dir)
+    kept.cfg.extra = extra
+    kept.eval()
+    return save_checkpoint(kept, out_dir)

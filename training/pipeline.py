@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> None:
                                        description_pool=args.sft_pool, dropout=args.dropout,
                                        embed_noise=args.embed_noise, weight_decay=args.weight_decay,
                                        val_tasks=args.val_tasks if stage == "sft" else 0, eval_every=args.eval_every,
-                                       base_adapter=args.base_adapter if stage == "sft" else None)
+                                       base_adapter=args.base_adapter if stage == "sft" else None, ema=args.ema,
+                                       snapshot_steps=tuple(int(x) for x in args.snapshot_steps.split(",") if x))
             init = str(work / "t2l-recon") if stage == "sft" and args.sft_init_from_recon else None
             train_hypernet(cfg, hcfg, work / _hypernet_dir(stage, args), embeddings=emb,
                            library=str(work / "lora-library"), init_from=init)
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> None:
                               generators=gens,
                               multitask=str(work / "multitask") if (work / "multitask").is_dir() else None,
                               loras=dict(g.split("=", 1) for g in args.lora_row or []),
-                              library=str(work / "lora-library"), baselines=only is None)
+                              library=str(work / "lora-library"), baselines=only is None,
+                              example_strength=not args.no_example_strength)
             predict(cfg, ecfg, work / "predictions.json", embeddings=emb, merge_into=args.merge_into,
                     command="python -m training.pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         timings[stage] = round(time.perf_counter() - t0, 1)
@@ -128,6 +130,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-2, help="hypernetwork AdamW weight decay")
     p.add_argument("--val-tasks", type=int, default=0, help="SFT: train tasks held out to pick the best step")
     p.add_argument("--eval-every", type=int, default=100, help="SFT: steps between validation losses")
+    p.add_argument("--ema", type=float, default=0.0, help="decay of a moving average of the hypernetwork's weights, "
+                   "validated and saved instead of the last step's (0: off)")
+    p.add_argument("--snapshot-steps", default="", help="also save the network after these steps (comma-separated) "
+                   "into WORK/snapshots/NAME-stepN")
     p.add_argument("--tasks-per-step", type=int, default=32)
     p.add_argument("--sft-per-task", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -139,6 +145,8 @@ def parser() -> argparse.ArgumentParser:
                    "instruction (and with 2 examples), like the multi-task LoRA")
     p.add_argument("--predict-only", default=None, help="predict: only these t2l-*/--generator names' rows (and "
                    "--lora-row's); no baselines")
+    p.add_argument("--no-example-strength", action="store_true", help="predict: leave out the T2L rows whose "
+                   "strength is chosen from each prompt's examples (x[examples])")
     p.add_argument("--merge-into", default=None, help="predict: keep an earlier predictions file's records and add "
                    "only the methods it lacks")
     return p
