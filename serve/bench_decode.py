@@ -8,6 +8,7 @@ synchronised (tokens/s over wall time with prefill; ms/step over the decode step
   engine_dynamic_b32_32_adapters  our engine's DynamicCache loop (the CPU path), 32 distinct adapters
   engine_b32_base / _1_adapter / _32_adapters / _mix3   the static step at batch 32
   engine_b256_256_adapters     the static step at batch 256, every row its own adapter
+  engine_compiled_b32_32_adapters  the static step through torch.compile before capture (`static.compile`)
 and the greedy agreement of the static step with the dynamic engine on the same weights and adapters:
 free-running (share of tokens equal) and teacher-forced (the static step fed the dynamic engine's tokens:
 share of next-token choices equal), with the largest first-step logit difference.
@@ -222,6 +223,23 @@ def hf_numerics_rows(model, spec: ModelSpec, dev: torch.device, dtype: str, max_
     return out
 
 
+def compiled_rows(model, spec: ModelSpec, dev: torch.device, dtype: str, max_len: int, adapters,
+                  dynamic: LLMEngine, prompts: list[list[int]], new_tokens: int, cap_s: float,
+                  repeats: int) -> dict[str, dict]:
+    """The static step through torch.compile (`static.compile`) before capture, batch 32 with 32 distinct
+    adapters: its speed (compile time in the first run's warm-up) and its greedy agreement with the dynamic engine."""
+    eng = build_engine(model, spec, dev, dtype, "static", 32, max_len, adapters, compile_step=True)
+    t0 = time.perf_counter()
+    with torch.inference_mode():  # compile and capture every shape the timed runs use
+        eng.generate(_jobs(prompts, _distinct, new_tokens))
+    out = {"engine_compiled_b32_32_adapters": timed(lambda: decode(eng, _jobs(prompts, _distinct, new_tokens)), cap_s,
+                                                     repeats),
+           "agreement_compiled": agreement(eng, dynamic, prompts, new_tokens)}
+    out["engine_compiled_b32_32_adapters"]["compile_s"] = round(time.perf_counter() - t0, 1)
+    eng._static = None
+    return out
+
+
 def _padded(prompts: list[list[int]], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     longest = max(map(len, prompts))
     ids = torch.full((len(prompts), longest), 2, dtype=torch.long)  # (batch, T), left-padded
@@ -270,8 +288,9 @@ def hf_rows(shape: dict, dev: torch.device, dtype: torch.dtype, prompts: list[li
 
 
 def build_engine(model, spec: ModelSpec, dev: torch.device, dtype: str, decode_mode: str, max_batch: int,
-                 max_len: int, adapters, numerics: str = "fused") -> LLMEngine:
-    static = StaticDecodeConfig(max_len=max_len, pool_slots=max_batch + 32, pool_rank=8, max_mix=3, numerics=numerics)
+                 max_len: int, adapters, numerics: str = "fused", compile_step: bool = False) -> LLMEngine:
+    static = StaticDecodeConfig(max_len=max_len, pool_slots=max_batch + 32, pool_rank=8, max_mix=3, numerics=numerics,
+                                compile=compile_step)
     cfg = EngineConfig(max_batch_size=max_batch, max_prompt_tokens=max_len - 1, max_new_tokens=max_len, device=str(dev),
                        dtype=dtype, targets=("q_proj", "v_proj"), cache_bytes=8 << 30, decode=decode_mode,
                        static=static)
@@ -301,6 +320,8 @@ def run(device: str, dtype: str, new_tokens: int, peft_tokens: int, repeats: int
     steps: list[tuple[str, Callable[[], dict]]] = [
         ("engine", lambda: engine_rows(static, p32, pbig, new_tokens, cap_s, repeats)),
         ("agreement", lambda: {"agreement": agreement(static, dynamic, p32, new_tokens)}),
+        ("compiled", lambda: compiled_rows(model, spec, dev, dtype, max_len, adapters[:32], dynamic, p32, new_tokens,
+                                           cap_s, repeats)),
         ("hf_numerics", lambda: hf_numerics_rows(model, spec, dev, dtype, max_len, adapters[:32], dynamic, p32,
                                                  new_tokens, cap_s, repeats)),
         ("engine_dynamic", lambda: {"engine_dynamic_b32_32_adapters": timed(
@@ -339,11 +360,13 @@ def summarise(results: dict[str, dict], big: int) -> dict:
         out["target_distinct_keeps_90pct"] = d32 / one >= 0.9
     if tps.get(f"engine_b{big}_{big}_adapters") and big == 256:
         out["target_b256_256_adapters_60k"] = tps["engine_b256_256_adapters"] >= 60_000
+    if tps.get("engine_compiled_b32_32_adapters"):
+        out["target_compiled_b32_32_adapters_20k"] = tps["engine_compiled_b32_32_adapters"] >= 20_000
     if d32 and tps.get("hf_static_compile_b32"):
         out["b32_32_adapters_vs_hf_static_compile"] = round(d32 / tps["hf_static_compile_b32"], 2)
     if d32 and tps.get("engine_dynamic_b32_32_adapters"):
         out["b32_32_adapters_vs_dynamic_engine"] = round(d32 / tps["engine_dynamic_b32_32_adapters"], 2)
-    for name in ("agreement", "agreement_hf_numerics"):
+    for name in ("agreement", "agreement_hf_numerics", "agreement_compiled"):
         if "teacher_forced" in results.get(name, {}):
             out[f"target_{name}_99pct"] = results[name]["teacher_forced"] >= 0.99
     return out

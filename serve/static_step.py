@@ -43,6 +43,10 @@ class StaticDecodeConfig:
     # fused: norm, residual adds and rotary fused into fewer kernels (one rounding each); hf: rounded where HF
     # Llama rounds (bf16 tokens closer to the dynamic path's, a few more kernels per layer)
     numerics: Literal["fused", "hf"] = "fused"
+    # compile: the step's math through torch.compile (inductor) before capture, which fuses norms, rotary, the
+    # KV write and the SwiGLU into fewer kernels; each (batch, window, mix, sample) shape compiles once (tens of
+    # seconds on first use), so it is off by default and for benchmarks or servers that warm every shape up
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_len", "pool_slots"):
@@ -75,6 +79,14 @@ def supports(model) -> str | None:
     if getattr(model.config, "sliding_window", None):
         return "sliding-window attention is not supported by the static step"
     return None
+
+
+def _compiled(fn):
+    """`fn` through torch.compile, one specialisation per shape (the int arguments are constants to it)."""
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    return torch.compile(fn, dynamic=False)
 
 
 def _base(linear) -> torch.nn.Linear:
@@ -129,6 +141,7 @@ class StaticStep:
         self.use_graphs = cfg.cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._step = _compiled(self.forward) if cfg.compile else self.forward
 
     # ---- the math ------------------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -196,13 +209,13 @@ class StaticStep:
     def run(self, b: int, window: int, k: int, sample: bool) -> None:
         key = (b, window, k, sample)
         if not self.use_graphs:
-            self.forward(*key)
+            self._step(*key)
             return
         if key not in self._graphs:
             self._graphs[key] = self._capture(key)
         graph = self._graphs[key]
         if graph is None:
-            self.forward(*key)
+            self._step(*key)
         else:
             graph.replay()
 
@@ -219,13 +232,13 @@ class StaticStep:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.forward(*key)
+                self._step(*key)
                 restore()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._mempool):
-                self.forward(*key)
+                self._step(*key)
         except RuntimeError as e:  # an op that cannot be captured: run this shape eagerly
             logger.warning("CUDA graph capture of the decode step %s failed (%s); running it eagerly", key, e)
             torch.cuda.synchronize(self.device)

@@ -157,3 +157,16 @@ def test_failed_and_abandoned_streams_give_slots_back(engines):
     batch = static.new_batch()
     assert isinstance(batch, SlotBatch) and not isinstance(static.new_batch(), SlotBatch)  # one batch at a time
     batch.release()
+
+
+def test_compiled_step_matches_engine_greedy(tiny, engines):
+    """`static.compile`: the same step through torch.compile (inductor, on the CPU here) gives the same greedy
+    tokens for distinct adapters and mixtures."""
+    from serve.engine import GenerationJob
+
+    dynamic = engines[0]
+    static = _engine(tiny, "static", compile=True)
+    assert static._static.step._step is not static._static.step.forward
+    jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=5, ignore_stop=True)
+            for p, mix in zip(PROMPTS, MIXES["mixture"], strict=True)]
+    assert [r.token_ids for r in static.generate(jobs)] == [r.token_ids for r in dynamic.generate(jobs)]
