@@ -91,7 +91,7 @@ class GenerationJob:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings (the end-of-turn token always stops)
     logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives
-    ignore_stop: bool = False  # benchmarks only: always decode max_new_tokens
+    ignore_eos: bool = False  # vLLM's: the end-of-turn/EOS tokens do not stop it (stop strings still do)
 
 
 @dataclass
@@ -370,7 +370,7 @@ class LLMEngine:
             return Delta("", [], "error", error=seq.error)
         seq.token_ids.append(token)
         job = seq.job
-        if token in self.stop_token_ids and not job.ignore_stop:
+        if token in self.stop_token_ids and not job.ignore_eos:
             seq.finish_reason = "stop"
         elif len(seq.token_ids) >= seq.max_new:
             seq.finish_reason = "length"
