@@ -150,6 +150,8 @@ class _Group:
                     self.live.discard(pos)
             elif pos in self.failed:
                 step.append(_Failed(self.failed.pop(pos)))
+            elif pos in self.live:  # decoding, nothing to hand out this step (a request that is not streamed)
+                step.append(None)
             else:
                 step.append(StopIteration)
         self.out.put_nowait(step)
@@ -286,21 +288,25 @@ class LLM:
 
     # -- generation
     async def generate(self, req: LLMRequest) -> LLMResult:
-        return fold([ev async for ev in self._run(req)])
+        return fold([ev async for ev in self._run(req, incremental=False)])
 
     async def generate_stream(self, req: LLMRequest) -> AsyncGenerator[Accepted | Delta, None]:
-        async for ev in self._run(req):
+        async for ev in self._run(req, incremental=True):
             yield ev
 
-    async def _run(self, req: LLMRequest) -> AsyncGenerator[Accepted | Delta, None]:
+    async def _run(self, req: LLMRequest, incremental: bool) -> AsyncGenerator[Accepted | Delta, None]:
+        """Accepted, then the request's deltas: every step's when `incremental` (streamed), else one at the end
+        (its coroutine is not woken for every token, and its text is decoded once)."""
         await self._ensure_adapters(req)
         engine = self.engine
         ids = engine.encode_chat(req.messages) if req.messages is not None else engine.encode_prompt(req.prompt or "")
         job = GenerationJob(ids, req.adapters, req.max_new_tokens, req.temperature, req.top_p, req.seed, req.stop,
-                            req.logprobs, req.ignore_eos)
+                            req.logprobs, req.ignore_eos, incremental)
         yield Accepted(len(ids))
         steps = _enqueue_unsplit(self._decode, _Queued(job, req))
         async for item in steps:
+            if item is None:  # a batch-mate's step
+                continue
             if isinstance(item, _Failed):
                 raise item.error
             if item.finish_reason == "error":  # this request alone failed; its batch-mates carry on

@@ -185,3 +185,30 @@ def test_ignore_eos_decodes_max_tokens_past_the_end_of_turn(engines, monkeypatch
     assert all(set(r.token_ids) == {im_end} and r.text == "" for r in full)
     if decode == "static":
         assert eng._static.slots.n_free == 8
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_a_job_that_is_not_incremental_gets_everything_in_one_delta(engines, decode):
+    """`incremental=False` (a request that is not streamed): no delta until it finishes, then one with the same
+    text, tokens, logprobs and finish reason as the step-by-step deltas add up to; stop strings still cut it."""
+    from dataclasses import replace
+
+    from serve.engine import GenerationJob
+
+    eng = engines[0] if decode == "dynamic" else engines[1]
+    jobs = [GenerationJob(eng.encode_prompt(p), MIXES["distinct adapters"][i], 4 + 3 * i, ignore_eos=True,
+                          logprobs=2 if i == 1 else None) for i, p in enumerate(PROMPTS[:3])]
+    full = eng.generate(jobs)
+    stop = full[2].text[3:6]
+    jobs.append(GenerationJob(jobs[2].prompt_ids, jobs[2].adapters, 10, stop=(stop,)) if stop.strip() else jobs[0])
+    want = eng.generate(jobs)
+    held = [replace(j, incremental=False) for j in jobs]
+    steps = list(eng.stream(held))
+    for i, job in enumerate(held):
+        deltas = [s[i] for s in steps if s[i] is not None]
+        assert len(deltas) == 1 and deltas[0].finish_reason is not None  # one delta, at the end
+        d, w = deltas[0], want[i]
+        assert (d.text, d.token_ids, d.finish_reason) == (w.text, w.token_ids, w.finish_reason)
+        assert [x.token for x in d.logprobs or []] == [x.token for x in w.logprobs or []]
+    if stop.strip():
+        assert want[3].finish_reason == "stop" and stop not in want[3].text
