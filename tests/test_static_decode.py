@@ -204,7 +204,7 @@ def test_a_job_that_is_not_incremental_gets_everything_in_one_delta(engines, dec
     want = eng.generate(jobs)
     held = [replace(j, incremental=False) for j in jobs]
     steps = list(eng.stream(held))
-    for i, job in enumerate(held):
+    for i in range(len(held)):
         deltas = [s[i] for s in steps if s[i] is not None]
         assert len(deltas) == 1 and deltas[0].finish_reason is not None  # one delta, at the end
         d, w = deltas[0], want[i]
