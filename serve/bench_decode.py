@@ -122,7 +122,7 @@ def _distinct(i: int) -> tuple[tuple[str, float], ...]:
 
 
 def _jobs(prompts: list[list[int]], mix: Callable[[int], tuple], new_tokens: int) -> list[GenerationJob]:
-    return [GenerationJob(p, mix(i), max_new_tokens=new_tokens, ignore_stop=True) for i, p in enumerate(prompts)]
+    return [GenerationJob(p, mix(i), max_new_tokens=new_tokens, ignore_eos=True) for i, p in enumerate(prompts)]
 
 
 def engine_rows(engine: LLMEngine, prompts32: list[list[int]], prompts256: list[list[int]], new_tokens: int,

@@ -90,7 +90,7 @@ def engine_scenarios(engine: LLMEngine, prompt_ids: list[list[int]], n_adapters:
                      repeats: int) -> dict[str, dict]:
     def run(mix: Callable[[int], tuple[tuple[str, float], ...]]) -> Callable[[int], int]:
         def go(n_tokens: int) -> int:
-            jobs = [GenerationJob(ids, mix(i), max_new_tokens=n_tokens, ignore_stop=True)
+            jobs = [GenerationJob(ids, mix(i), max_new_tokens=n_tokens, ignore_eos=True)
                     for i, ids in enumerate(prompt_ids)]
             return sum(r.completion_tokens for r in engine.generate(jobs))
 
@@ -122,7 +122,7 @@ def scale_scenarios(engine: LLMEngine, prompt_ids: list[list[int]], batches: lis
         engine.cfg.max_batch_size = max(engine.cfg.max_batch_size, b)
 
         def go(n_tokens: int, b=b, ids=ids) -> int:
-            jobs = [GenerationJob(x, ((f"s{b}_{i}", 1.0),), max_new_tokens=n_tokens, ignore_stop=True)
+            jobs = [GenerationJob(x, ((f"s{b}_{i}", 1.0),), max_new_tokens=n_tokens, ignore_eos=True)
                     for i, x in enumerate(ids)]
             return sum(r.completion_tokens for r in engine.generate(jobs))
 

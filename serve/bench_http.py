@@ -68,23 +68,32 @@ async def _load(client: httpx.AsyncClient, make: Callable[[int], tuple[str, dict
     return out
 
 
+ENDPOINTS = ("adapters", "route", "completions")  # what `endpoints` may name
+
+
 async def run_http_bench(url: str, requests: int = 32, concurrency: tuple[int, ...] = (1, 16),
-                         max_tokens: int = 16, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Benchmark the service at `url` (it must be up). Completions cycle through the library's adapters."""
+                         max_tokens: int = 16, timeout_s: float = 600.0, ignore_eos: bool = False,
+                         endpoints: tuple[str, ...] = ENDPOINTS) -> dict[str, Any]:
+    """Benchmark the service at `url` (it must be up). Completions cycle through the library's adapters; with
+    `ignore_eos` each decodes exactly `max_tokens` tokens (vLLM's benchmark_serving does so for throughput)."""
+    unknown = sorted(set(endpoints) - set(ENDPOINTS))
+    if unknown or not endpoints:
+        raise ValueError(f"endpoints must be a non-empty subset of {list(ENDPOINTS)}, got {list(endpoints)}")
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as client:
         adapters = (await client.get("/v1/adapters")).json()["data"]
         ids = [a["id"] for a in adapters if a["saved"]] or ["base"]
         base = (await client.get("/v1/models")).json()["data"][0]["id"]
-        endpoints: dict[str, Callable[[int], tuple[str, dict]]] = {
-            "POST /v1/adapters": lambda i: ("/v1/adapters", {"description": DESCRIPTIONS[i % len(DESCRIPTIONS)]}),
-            "POST /v1/route": lambda i: ("/v1/route", {"input": ROUTE_INPUTS[i % len(ROUTE_INPUTS)], "top_k": 3}),
-            "POST /v1/completions": lambda i: ("/v1/completions", {
+        makers: dict[str, Callable[[int], tuple[str, dict]]] = {
+            "adapters": lambda i: ("/v1/adapters", {"description": DESCRIPTIONS[i % len(DESCRIPTIONS)]}),
+            "route": lambda i: ("/v1/route", {"input": ROUTE_INPUTS[i % len(ROUTE_INPUTS)], "top_k": 3}),
+            "completions": lambda i: ("/v1/completions", {
                 "model": ids[i % len(ids)], "prompt": ROUTE_INPUTS[i % len(ROUTE_INPUTS)], "max_tokens": max_tokens,
-                "temperature": 0}),
+                "temperature": 0, "ignore_eos": ignore_eos}),
         }
         await client.post("/v1/completions", json={"model": base, "prompt": "warm up", "max_tokens": 2})
         results: dict[str, Any] = {}
-        for name, make in endpoints.items():
+        for key in (e for e in ENDPOINTS if e in endpoints):
+            name, make = f"POST /v1/{key}", makers[key]
             await _load(client, make, min(4, requests), 1)  # warm-up: first loads, first batches
             for c in concurrency:
                 n = max(requests, c) if c > 1 else requests
@@ -94,4 +103,5 @@ async def run_http_bench(url: str, requests: int = 32, concurrency: tuple[int, .
                       f"{res['throughput_rps']:>7.2f} req/s" +
                       (f"  {res['completion_tokens_per_s']:.1f} tokens/s" if "completion_tokens_per_s" in res else "")
                       + (f"  ERRORS {res['errors']}: {res['first_error']}" if res["errors"] else ""), flush=True)
-        return {"url": url, "adapters_cycled": len(ids), "max_tokens": max_tokens, "results": results}
+        return {"url": url, "adapters_cycled": len(ids), "max_tokens": max_tokens, "ignore_eos": ignore_eos,
+                "results": results}

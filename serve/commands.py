@@ -188,6 +188,10 @@ def bench_serve(
     requests: int = typer.Option(32, help="Requests per endpoint and concurrency level."),
     concurrency: str = typer.Option("1,16", help="Comma-separated concurrency levels."),
     max_tokens: int = typer.Option(16, help="max_tokens of each completion."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Completions decode exactly max_tokens tokens, "
+                                    "past the end-of-turn token (vLLM's flag; what its throughput runs use)."),
+    endpoints: str = typer.Option("adapters,route,completions", help="Comma-separated endpoints to measure."),
+    out: Path = typer.Option(RESULTS / "bench_serve.json", help="JSON the figures are merged into."),
     engine_only: bool = typer.Option(False, "--engine-only", help="Benchmark the LLM engine alone, no HTTP."),
     device: str = typer.Option("cpu", help="--engine-only: torch device."),
     dtype: str = typer.Option("fp32", help="--engine-only: fp32, bf16 or fp16."),
@@ -217,6 +221,11 @@ def bench_serve(
         typer.echo(f"engine figures ({report['setup']['device']}) merged into {path}")
         return
     levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    from serve.bench_http import ENDPOINTS
+
+    names = tuple(e.strip() for e in endpoints.split(",") if e.strip())
+    if not names or set(names) - set(ENDPOINTS):
+        raise typer.BadParameter(f"--endpoints takes some of {','.join(ENDPOINTS)}, got {endpoints!r}")
     started = url is None
     if started:
         from serve.config import ServeConfig
@@ -229,11 +238,12 @@ def bench_serve(
     try:
         from serve.bench_http import run_http_bench
 
-        report = asyncio.run(run_http_bench(url, requests, levels, max_tokens))
+        report = asyncio.run(run_http_bench(url, requests, levels, max_tokens, ignore_eos=ignore_eos,
+                                            endpoints=names))
     finally:
         if started:
             stop_service()
-    path = write_serve_results({"http": report})
+    path = write_serve_results({"http": report}, out)
     typer.echo(f"wrote {path}")
 
 

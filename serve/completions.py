@@ -154,7 +154,7 @@ async def _serve(state: GatewayState, body, chat: bool):
     reqs = [LLMRequest(prompt=None if msgs is not None else p, messages=msgs, adapters=plan.adapters,
                        inline=dict(plan.inline), max_new_tokens=max_new, temperature=body.temperature or 0.0,
                        top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=body.stops,
-                       logprobs=None if chat else body.logprobs)
+                       logprobs=None if chat else body.logprobs, ignore_eos=body.ignore_eos)
             for p, (plan, msgs) in zip(prompts, plans, strict=True)]
     plans = [plan for plan, _ in plans]
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

@@ -134,8 +134,10 @@ class DecodeBatch:
         out = []
         for r, j in enumerate(self.rows):
             if not self.seqs[j].finished:
-                out.append((j, eng._advance(self.seqs[j], chosen[r], self.detokenize)))
-        self.n_tokens += len(out)
+                self.n_tokens += 1
+                delta = eng._advance(self.seqs[j], chosen[r], self.detokenize)
+                if delta is not None:  # None: a job that is not incremental, not finished yet
+                    out.append((j, delta))
         before = list(self.rows)
         self._compact(force=False)
         if self.done:

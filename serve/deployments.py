@@ -30,7 +30,10 @@ from serve.protocol import Accepted, LLMRequest, LLMResult, fold, public_model_n
 from serve.startup import Phases
 
 logger = logging.getLogger(__name__)
-MAX_MULTIPLEXED_ADAPTERS = 256  # ids one LLM replica advertises; memory is bounded by engine.cache_bytes
+# ids one LLM replica advertises for routing (memory is bounded by engine.cache_bytes, not by this). Serve sets a
+# gauge per advertised id every 0.1 s in the replica: 256 ids took ~10% of a busy CPU replica's time. An id that
+# dropped out of the advertised set but is still in the engine's cache is not read from disk again.
+MAX_MULTIPLEXED_ADAPTERS = 64
 # @serve.batch batches admitted at once. Serve forms a batch as soon as requests arrive, not when the engine is
 # free, so batches join the running decode batch between steps (continuous batching) instead of queueing.
 LLM_CONCURRENT_BATCHES = 8
@@ -147,6 +150,8 @@ class _Group:
                     self.live.discard(pos)
             elif pos in self.failed:
                 step.append(_Failed(self.failed.pop(pos)))
+            elif pos in self.live:  # decoding, nothing to hand out this step (a request that is not streamed)
+                step.append(None)
             else:
                 step.append(StopIteration)
         self.out.put_nowait(step)
@@ -216,8 +221,10 @@ class LLM:
     # -- adapters
     @serve.multiplexed(max_num_models_per_replica=MAX_MULTIPLEXED_ADAPTERS)
     async def _library_adapter(self, adapter_id: str) -> str:
-        """Load a library adapter into the engine cache; Serve then routes its traffic to this replica."""
-        await asyncio.to_thread(self._load_from_library, adapter_id)
+        """Load a library adapter into the engine cache (unless it is there: library adapters never change, and
+        it passed the checks when it was loaded); Serve then routes its traffic to this replica."""
+        if adapter_id not in self.engine.cache:
+            await asyncio.to_thread(self._load_from_library, adapter_id)
         return adapter_id
 
     def _load_from_library(self, adapter_id: str) -> None:
@@ -268,23 +275,38 @@ class LLM:
                 else:
                     self._load_from_library(key)
 
+    def _reload_all(self, reqs: list[LLMRequest]) -> list[ServiceError | None]:
+        """`_reload_missing` for every request (one executor hop for a whole admission); each one's error or None."""
+        errors: list[ServiceError | None] = []
+        for req in reqs:
+            try:
+                self._reload_missing(req)
+                errors.append(None)
+            except ServiceError as e:
+                errors.append(e)
+        return errors
+
     # -- generation
     async def generate(self, req: LLMRequest) -> LLMResult:
-        return fold([ev async for ev in self._run(req)])
+        return fold([ev async for ev in self._run(req, incremental=False)])
 
     async def generate_stream(self, req: LLMRequest) -> AsyncGenerator[Accepted | Delta, None]:
-        async for ev in self._run(req):
+        async for ev in self._run(req, incremental=True):
             yield ev
 
-    async def _run(self, req: LLMRequest) -> AsyncGenerator[Accepted | Delta, None]:
+    async def _run(self, req: LLMRequest, incremental: bool) -> AsyncGenerator[Accepted | Delta, None]:
+        """Accepted, then the request's deltas: every step's when `incremental` (streamed), else one at the end
+        (its coroutine is not woken for every token, and its text is decoded once)."""
         await self._ensure_adapters(req)
         engine = self.engine
         ids = engine.encode_chat(req.messages) if req.messages is not None else engine.encode_prompt(req.prompt or "")
         job = GenerationJob(ids, req.adapters, req.max_new_tokens, req.temperature, req.top_p, req.seed, req.stop,
-                            req.logprobs)
+                            req.logprobs, req.ignore_eos, incremental)
         yield Accepted(len(ids))
         steps = _enqueue_unsplit(self._decode, _Queued(job, req))
         async for item in steps:
+            if item is None:  # a batch-mate's step
+                continue
             if isinstance(item, _Failed):
                 raise item.error
             if item.finish_reason == "error":  # this request alone failed; its batch-mates carry on
@@ -318,12 +340,11 @@ class LLM:
         owners: dict[int, tuple[_Group, int]] = {}  # sequence index -> (its @serve.batch batch, position)
         groups: list[_Group] = []
         while True:
-            while self._waiting and (batch is None or (batch.can_join and batch.active + len(self._waiting[0][0])
-                                                       <= limit)):
-                group = _Group(*self._waiting.pop(0))
-                groups.append(group)
+            joining = self._joining(batch, limit)
+            if joining:  # every @serve.batch batch that fits joins at once: one prefill for all of them
+                groups += joining
                 batch = batch or self.engine.new_batch()
-                await self._admit(loop, batch, group, owners)
+                await self._admit(loop, batch, joining, owners)
             if batch is None or batch.done:
                 if batch is not None and batch.seqs:
                     batch.log_done()
@@ -345,33 +366,53 @@ class LLM:
                 by_group.setdefault(id(group), {})[pos] = d
             groups = [g for g in groups if not g.flush(by_group.get(id(g), {}))]
 
-    async def _admit(self, loop, batch, group: _Group, owners: dict[int, tuple[_Group, int]]) -> None:
+    def _joining(self, batch, limit: int) -> list[_Group]:
+        """The waiting @serve.batch batches that fit into the running decode batch now (the first one always
+        starts a new decode batch), taken off the waiting list in order."""
+        if self._waiting and batch is not None and not batch.can_join:
+            return []
+        room = limit - (batch.active if batch is not None else 0)
+        joining: list[_Group] = []
+        while self._waiting and (len(self._waiting[0][0]) <= room or (batch is None and not joining)):
+            joining.append(_Group(*self._waiting.pop(0)))
+            room -= len(joining[-1].items)
+        return joining
+
+    async def _admit(self, loop, batch, groups: list[_Group], owners: dict[int, tuple[_Group, int]]) -> None:
+        """Prefill the requests of `groups` into `batch` together; a request that cannot join fails alone."""
+        items = [(g, p) for g in groups for p in range(len(g.items))]
+        errors = await loop.run_in_executor(self._executor, self._reload_all, [g.items[p].request for g, p in items])
         ok = []
-        for pos, it in enumerate(group.items):
-            try:
-                await loop.run_in_executor(self._executor, self._reload_missing, it.request)
-                ok.append(pos)
-            except ServiceError as e:
-                group.failed[pos] = e
+        for (group, pos), error in zip(items, errors, strict=True):
+            if error is None:
+                ok.append((group, pos))
+            else:
+                group.failed[pos] = error
         if not ok:
             return
         try:
-            seq_ids = await loop.run_in_executor(self._executor, batch.add, [group.items[p].job for p in ok])
+            seq_ids = await loop.run_in_executor(self._executor, batch.add, [g.items[p].job for g, p in ok])
         except Exception as e:  # noqa: BLE001 - e.g. a prompt that leaves no room to generate
             if len(ok) == 1:
-                group.failed[ok[0]] = e
+                ok[0][0].failed[ok[0][1]] = e
                 return
             # `add` fails before it changes the batch: admit one by one, so only the culprit fails
-            for p in ok:
-                await self._admit_one(loop, batch, group, p, owners)
+            for group, pos in ok:
+                await self._admit_one(loop, batch, group, pos, owners)
             return
-        for j, p in zip(seq_ids, ok, strict=True):
-            owners[j] = (group, p)
-            group.live.add(p)
+        for j, (group, pos) in zip(seq_ids, ok, strict=True):
+            owners[j] = (group, pos)
+            group.live.add(pos)
 
     async def _admit_one(self, loop, batch, group: _Group, pos: int, owners: dict[int, tuple[_Group, int]]) -> None:
+        it = group.items[pos]
+
+        def add() -> list[int]:  # its adapters again first: a large admission may have evicted them
+            self._reload_missing(it.request)
+            return batch.add([it.job])
+
         try:
-            (j,) = await loop.run_in_executor(self._executor, batch.add, [group.items[pos].job])
+            (j,) = await loop.run_in_executor(self._executor, add)
         except Exception as e:  # noqa: BLE001 - reported to this request only
             group.failed[pos] = e
             return

@@ -91,7 +91,8 @@ class GenerationJob:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings (the end-of-turn token always stops)
     logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives
-    ignore_stop: bool = False  # benchmarks only: always decode max_new_tokens
+    ignore_eos: bool = False  # vLLM's: the end-of-turn/EOS tokens do not stop it (stop strings still do)
+    incremental: bool = True  # a Delta every step (streaming); False: one Delta with everything when it finishes
 
 
 @dataclass
@@ -188,6 +189,7 @@ class _Sequence:
     finish_reason: Literal["stop", "length", "error"] | None = None
     generator: torch.Generator | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    held_logprobs: list[TokenLogprob] = field(default_factory=list)  # a job that is not incremental: all so far
     error: str | None = None  # set when this row could not be sampled; the sequence ends with it
 
     @property
@@ -364,17 +366,33 @@ class LLMEngine:
                                                          float(lp[n, tok]), top)]
         return tokens
 
-    def _advance(self, seq: _Sequence, token: int, detokenize: bool) -> Delta:
+    def _advance(self, seq: _Sequence, token: int, detokenize: bool) -> Delta | None:
+        """Take `token` into `seq`; what to hand out, or None for a job that is not `incremental` and not finished
+        (it gets one Delta, with all its text and tokens, when it finishes: no text decoded on the way, unless
+        stop strings need it)."""
         if seq.error is not None:
             seq.finish_reason = "error"
             return Delta("", [], "error", error=seq.error)
         seq.token_ids.append(token)
         job = seq.job
-        if token in self.stop_token_ids and not job.ignore_stop:
+        if token in self.stop_token_ids and not job.ignore_eos:
             seq.finish_reason = "stop"
         elif len(seq.token_ids) >= seq.max_new:
             seq.finish_reason = "length"
         lps, seq.pending_logprobs = seq.pending_logprobs or None, []
+        if job.incremental:
+            return self._delta(seq, token, lps, detokenize)
+        seq.held_logprobs += lps or []
+        if seq.finish_reason is None and not job.stop:
+            return None
+        self._delta(seq, token, lps, detokenize)  # checks stop strings; `seq.emitted` holds the text so far
+        if seq.finish_reason is None:
+            return None
+        return Delta(seq.emitted, list(seq.token_ids), seq.finish_reason, seq.held_logprobs or None)
+
+    def _delta(self, seq: _Sequence, token: int, lps: list[TokenLogprob] | None, detokenize: bool) -> Delta:
+        """The text `token` adds to `seq` (held back while it could still become a stop string)."""
+        job = seq.job
         if not detokenize and not job.stop:
             return Delta("", [token], seq.finish_reason, lps)
         text = self.tokenizer.decode(seq.token_ids, skip_special_tokens=True)

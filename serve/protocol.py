@@ -28,6 +28,7 @@ class LLMRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    ignore_eos: bool = False  # decode past the end-of-turn/EOS token up to max_new_tokens (benchmarks)
 
     def main_adapter(self) -> str | None:
         """The library adapter with the largest weight: the request is routed to replicas that hold it."""

@@ -254,6 +254,9 @@ class _Sampling(BaseModel):
                              description="An integer that a JSON number holds exactly: |seed| < 2**53.")
     task_description: Text | None = Field(None, min_length=1, description="Generate an adapter for this and use it.")
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, description="A weighted mixture of adapters.")
+    ignore_eos: StrictBool = Field(False, description="vLLM's: keep generating past the end-of-turn/EOS token "
+                                   "until max_tokens (finish_reason `length`), e.g. for throughput benchmarks; "
+                                   "`stop` strings still stop.")
     use_instruction: StrictBool = Field(True, description="Put the adapter's instruction in front of the prompt, in "
                                                           "the chat template, when the adapter carries one (see the "
                                                           "README).")

@@ -195,10 +195,12 @@ class SlotBatch:
         out, finished = [], []
         for s, j in sorted(self.live.items()):
             seq = self.seqs[j]
-            out.append((j, eng._advance(seq, chosen[s], self.detokenize)))
+            delta = eng._advance(seq, chosen[s], self.detokenize)
+            if delta is not None:  # None: a job that is not incremental, not finished yet
+                out.append((j, delta))
             if seq.finished:
                 finished.append(s)
-        self.n_tokens += len(out)
+        self.n_tokens += len(self.live)
         self._free(finished)
         return out
 

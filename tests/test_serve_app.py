@@ -391,6 +391,11 @@ def test_completion_variants(client, service, lib_ids):
     assert texts["adapter"] != texts["base"]  # the adapter changes the output
     r = client.post("/v1/completions", json={"model": base, "prompt": ["a b c", "x y z"], "max_tokens": 3})
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    r = client.post("/v1/completions", json={"model": french, "prompt": ["a b c", "x y z"], "max_tokens": 9,
+                                             "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 2
+    assert r.json()["usage"]["completion_tokens"] == 18
 
 
 def test_chat_and_stop(client, lib_ids):

@@ -32,13 +32,13 @@ def test_batched_distinct_adapters_match_one_at_a_time(tiny):
     for i in range(3):
         eng.add_adapter(f"a{i}", _adapter(spec, i))
     mixes = [(("a0", 1.0),), (("a1", 1.0),), (), (("a2", 0.6), ("a0", 0.4))]
-    jobs = [GenerationJob(eng.encode_prompt(p), mix, max_new_tokens=4 + 3 * i, ignore_stop=True)
+    jobs = [GenerationJob(eng.encode_prompt(p), mix, max_new_tokens=4 + 3 * i, ignore_eos=True)
             for i, (p, mix) in enumerate(zip(PROMPTS, mixes, strict=True))]
     together = eng.generate(jobs)
     alone = [eng.generate([j])[0] for j in jobs]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert [r.completion_tokens for r in together] == [4, 7, 10, 13]  # rows leave the batch as they finish
-    plain = eng.generate([GenerationJob(jobs[0].prompt_ids, (), 4, ignore_stop=True)])[0]
+    plain = eng.generate([GenerationJob(jobs[0].prompt_ids, (), 4, ignore_eos=True)])[0]
     assert together[0].token_ids != plain.token_ids  # the adapter changes the output
 
 
@@ -78,7 +78,7 @@ def test_stream_deltas_add_up_and_stop_strings(tiny):
     from serve.engine import GenerationJob
 
     eng = _engine(tiny)
-    job = GenerationJob(eng.encode_prompt("hello"), (), max_new_tokens=12, ignore_stop=True)
+    job = GenerationJob(eng.encode_prompt("hello"), (), max_new_tokens=12, ignore_eos=True)
     full = eng.generate([job])[0]
     streamed = "".join(d[0].text for d in eng.stream([job]) if d[0] is not None)
     assert streamed == full.text and full.finish_reason == "length" and full.completion_tokens == 12
@@ -117,9 +117,9 @@ def test_sampling_is_seeded(tiny):
 
     eng = _engine(tiny)
     ids = eng.encode_prompt("seed me")
-    a, b, c = eng.generate([GenerationJob(ids, (), 8, temperature=1.0, seed=7, ignore_stop=True),
-                            GenerationJob(ids, (), 8, temperature=1.0, seed=7, ignore_stop=True),
-                            GenerationJob(ids, (), 8, temperature=1.0, top_p=0.5, seed=8, ignore_stop=True)])
+    a, b, c = eng.generate([GenerationJob(ids, (), 8, temperature=1.0, seed=7, ignore_eos=True),
+                            GenerationJob(ids, (), 8, temperature=1.0, seed=7, ignore_eos=True),
+                            GenerationJob(ids, (), 8, temperature=1.0, top_p=0.5, seed=8, ignore_eos=True)])
     assert a.token_ids == b.token_ids and len(c.token_ids) == 8
 
 
@@ -171,10 +171,10 @@ def test_sequences_joining_mid_decode_match_one_at_a_time(tiny):
     spec = tiny[2]
     eng.add_adapter("x", _adapter(spec, 21))
     eng.add_adapter("y", _adapter(spec, 22, targets=("q_proj", "k_proj", "v_proj"), rank=2))
-    jobs = [GenerationJob(eng.encode_prompt(PROMPTS[0]), (("x", 1.0),), 6, ignore_stop=True),
-            GenerationJob(eng.encode_prompt(PROMPTS[2]), (), 9, ignore_stop=True),
-            GenerationJob(eng.encode_prompt(PROMPTS[1]), (("y", 0.5), ("x", 0.5)), 5, ignore_stop=True),
-            GenerationJob(eng.encode_prompt(PROMPTS[3]), (("y", 1.0),), 4, ignore_stop=True)]
+    jobs = [GenerationJob(eng.encode_prompt(PROMPTS[0]), (("x", 1.0),), 6, ignore_eos=True),
+            GenerationJob(eng.encode_prompt(PROMPTS[2]), (), 9, ignore_eos=True),
+            GenerationJob(eng.encode_prompt(PROMPTS[1]), (("y", 0.5), ("x", 0.5)), 5, ignore_eos=True),
+            GenerationJob(eng.encode_prompt(PROMPTS[3]), (("y", 1.0),), 4, ignore_eos=True)]
     alone = [eng.generate([j])[0].token_ids for j in jobs]
     batch = DecodeBatch(eng, detokenize=False)
     got: dict[int, list[int]] = {}

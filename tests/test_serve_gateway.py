@@ -479,3 +479,21 @@ def test_a_description_of_control_characters_saves_under_a_name(client):
     r = client.post("/v1/adapters", json={"descriptions": ["Be kind.", "\x1b"], "save": True})
     assert r.status_code == 200, r.text
     assert [a["name"] for a in r.json()["adapters"]] == ["Be kind.", "unnamed"]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": "base", "prompt": "x", "max_tokens": 5}),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}),
+])
+def test_ignore_eos_reaches_the_llm_and_is_documented(client, world, path, body):
+    """vLLM's `ignore_eos`: false unless asked, passed to the LLM as given, only true/false, in the schema."""
+    assert client.post(path, json=body).status_code == 200
+    assert _last(world).ignore_eos is False
+    assert client.post(path, json={**body, "ignore_eos": True}).status_code == 200
+    assert _last(world).ignore_eos is True and _last(world).max_new_tokens == 5
+    r = client.post(path, json={**body, "ignore_eos": 1})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "ignore_eos"
+    comps = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        field = comps[name]["properties"]["ignore_eos"]
+        assert field["type"] == "boolean" and field["default"] is False and "max_tokens" in field["description"]

@@ -48,10 +48,10 @@ def test_extreme_sampling_values_complete(tiny):
 
     eng = _engine(tiny)
     ids = eng.encode_prompt("hello there")
-    greedy = eng.generate([GenerationJob(ids, (), 6, ignore_stop=True)])[0]
-    jobs = [GenerationJob(ids, (), 6, temperature=1e-40, ignore_stop=True),
-            GenerationJob(ids, (), 6, temperature=1.0, top_p=1e-300, ignore_stop=True),
-            GenerationJob(ids, (), 6, temperature=1.0, seed=2**80, ignore_stop=True)]
+    greedy = eng.generate([GenerationJob(ids, (), 6, ignore_eos=True)])[0]
+    jobs = [GenerationJob(ids, (), 6, temperature=1e-40, ignore_eos=True),
+            GenerationJob(ids, (), 6, temperature=1.0, top_p=1e-300, ignore_eos=True),
+            GenerationJob(ids, (), 6, temperature=1.0, seed=2**80, ignore_eos=True)]
     out = eng.generate(jobs)
     assert [r.finish_reason for r in out] == ["length"] * 3
     assert out[0].token_ids == greedy.token_ids and out[1].token_ids == greedy.token_ids
@@ -79,7 +79,7 @@ def test_one_poisoned_request_in_a_batch_of_eight(tiny, poison_weight):
         if i == 3:
             mix = (("poison", 1.0),) if poison_weight == 1 else (("good", 1 - poison_weight), ("poison", poison_weight))
         jobs.append(GenerationJob(eng.encode_prompt(p), mix, 5 + i % 3, temperature=0.8 * (i % 3 == 2), seed=i,
-                                  ignore_stop=True))
+                                  ignore_eos=True))
     together = eng.generate(jobs)
     assert len(together) == 8
     assert together[3].finish_reason == "error" and "not finite" in together[3].error

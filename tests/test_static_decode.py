@@ -55,7 +55,7 @@ def test_static_step_matches_engine_greedy(engines, case):
 
     dynamic, static = engines
     assert static._static is not None and isinstance(static.new_batch(), SlotBatch)
-    jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=6 + 2 * i, ignore_stop=True)
+    jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=6 + 2 * i, ignore_eos=True)
             for i, (p, mix) in enumerate(zip(PROMPTS, MIXES[case], strict=True))]
     want = [r.token_ids for r in dynamic.generate(jobs)]
     got = [r.token_ids for r in static.generate(jobs)]
@@ -68,7 +68,7 @@ def test_hf_numerics_match_engine_greedy(tiny, engines):
 
     dynamic = engines[0]
     static = _engine(tiny, "static", numerics="hf")
-    jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=8, ignore_stop=True)
+    jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=8, ignore_eos=True)
             for p, mix in zip(PROMPTS, MIXES["mixture"], strict=True)]
     assert [r.token_ids for r in static.generate(jobs)] == [r.token_ids for r in dynamic.generate(jobs)]
 
@@ -78,7 +78,7 @@ def test_rows_join_and_leave_by_slot(engines):
     from serve.engine import GenerationJob
 
     dynamic, static = engines
-    jobs = [GenerationJob(dynamic.encode_prompt(PROMPTS[i]), MIXES["mixture"][i], 3 + i, ignore_stop=True,
+    jobs = [GenerationJob(dynamic.encode_prompt(PROMPTS[i]), MIXES["mixture"][i], 3 + i, ignore_eos=True,
                           logprobs=2 if i == 1 else None) for i in range(6)]
     alone = [dynamic.generate([j])[0] for j in jobs]
     batch = static.new_batch(detokenize=False)
@@ -108,10 +108,10 @@ def test_seeded_sampling_is_reproducible_in_any_batch(engines):
 
     _, static = engines
     ids = static.encode_prompt("seed me")
-    job = GenerationJob(ids, (("a1", 1.0),), 10, temperature=0.9, top_p=0.8, seed=7, ignore_stop=True)
+    job = GenerationJob(ids, (("a1", 1.0),), 10, temperature=0.9, top_p=0.8, seed=7, ignore_eos=True)
     alone = static.generate([job])[0].token_ids
-    crowd = static.generate([GenerationJob(static.encode_prompt("other"), (), 4, ignore_stop=True), job,
-                             GenerationJob(ids, (), 10, temperature=1.0, seed=8, ignore_stop=True)])
+    crowd = static.generate([GenerationJob(static.encode_prompt("other"), (), 4, ignore_eos=True), job,
+                             GenerationJob(ids, (), 10, temperature=1.0, seed=8, ignore_eos=True)])
     assert crowd[1].token_ids == alone and len(crowd[2].token_ids) == 10
 
 
@@ -150,13 +150,68 @@ def test_failed_and_abandoned_streams_give_slots_back(engines):
     ids = static.encode_prompt("hi")
     with pytest.raises(UnknownAdapter):
         static.generate([GenerationJob(ids, (("missing", 1.0),), 2)])
-    stream = static.stream([GenerationJob(ids, (("a0", 1.0),), 5, ignore_stop=True)] * 3)
+    stream = static.stream([GenerationJob(ids, (("a0", 1.0),), 5, ignore_eos=True)] * 3)
     next(stream)
     stream.close()  # the client went away mid-way
     assert static._static.slots.n_free == 8
     batch = static.new_batch()
     assert isinstance(batch, SlotBatch) and not isinstance(static.new_batch(), SlotBatch)  # one batch at a time
     batch.release()
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_ignore_eos_decodes_max_tokens_past_the_end_of_turn(engines, monkeypatch, decode):
+    """A model that says <|im_end|> at every step: it stops after one token, unless `ignore_eos`, when it decodes
+    exactly max_new_tokens and finishes with "length" (the dynamic path and the static step alike)."""
+    import serve.engine
+    import serve.slot_batch
+    import serve.static_step
+    from serve.engine import GenerationJob
+
+    eng = engines[0] if decode == "dynamic" else engines[1]
+    im_end = eng.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in eng.stop_token_ids
+    monkeypatch.setattr(serve.engine, "choose_tokens", lambda logits, rows, pad: (
+        torch.full((logits.shape[0],), im_end, dtype=torch.long), []))
+    for module in (serve.slot_batch, serve.static_step):  # the static step's first token and every later one
+        monkeypatch.setattr(module, "choose_tokens", lambda logits, *args: torch.full(
+            (logits.shape[0],), im_end, dtype=torch.long, device=logits.device))
+    ids = [eng.encode_prompt(p) for p in PROMPTS[:3]]
+    stopped = eng.generate([GenerationJob(x, MIXES["distinct adapters"][i], 7) for i, x in enumerate(ids)])
+    assert [(r.finish_reason, r.token_ids) for r in stopped] == [("stop", [im_end])] * 3
+    jobs = [GenerationJob(x, MIXES["distinct adapters"][i], 5 + i, ignore_eos=True) for i, x in enumerate(ids)]
+    full = eng.generate(jobs)
+    assert [(r.finish_reason, r.completion_tokens) for r in full] == [("length", 5), ("length", 6), ("length", 7)]
+    assert all(set(r.token_ids) == {im_end} and r.text == "" for r in full)
+    if decode == "static":
+        assert eng._static.slots.n_free == 8
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_a_job_that_is_not_incremental_gets_everything_in_one_delta(engines, decode):
+    """`incremental=False` (a request that is not streamed): no delta until it finishes, then one with the same
+    text, tokens, logprobs and finish reason as the step-by-step deltas add up to; stop strings still cut it."""
+    from dataclasses import replace
+
+    from serve.engine import GenerationJob
+
+    eng = engines[0] if decode == "dynamic" else engines[1]
+    jobs = [GenerationJob(eng.encode_prompt(p), MIXES["distinct adapters"][i], 4 + 3 * i, ignore_eos=True,
+                          logprobs=2 if i == 1 else None) for i, p in enumerate(PROMPTS[:3])]
+    full = eng.generate(jobs)
+    stop = full[2].text[3:6]
+    jobs.append(GenerationJob(jobs[2].prompt_ids, jobs[2].adapters, 10, stop=(stop,)) if stop.strip() else jobs[0])
+    want = eng.generate(jobs)
+    held = [replace(j, incremental=False) for j in jobs]
+    steps = list(eng.stream(held))
+    for i in range(len(held)):
+        deltas = [s[i] for s in steps if s[i] is not None]
+        assert len(deltas) == 1 and deltas[0].finish_reason is not None  # one delta, at the end
+        d, w = deltas[0], want[i]
+        assert (d.text, d.token_ids, d.finish_reason) == (w.text, w.token_ids, w.finish_reason)
+        assert [x.token for x in d.logprobs or []] == [x.token for x in w.logprobs or []]
+    if stop.strip():
+        assert want[3].finish_reason == "stop" and stop not in want[3].text
 
 
 def test_compiled_step_matches_engine_greedy(tiny, engines):
@@ -167,6 +222,6 @@ def test_compiled_step_matches_engine_greedy(tiny, engines):
     dynamic = engines[0]
     static = _engine(tiny, "static", compile=True)
     assert static._static.step._step is not static._static.step.forward
-    jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=5, ignore_stop=True)
+    jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=5, ignore_eos=True)
             for p, mix in zip(PROMPTS, MIXES["mixture"], strict=True)]
     assert [r.token_ids for r in static.generate(jobs)] == [r.token_ids for r in dynamic.generate(jobs)]
