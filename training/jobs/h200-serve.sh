@@ -26,16 +26,15 @@ for i in $(seq 1 ${WAIT_S:-200}); do
 done
 echo "ready=${ready:-no} after $(( $(date +%s) - t0 )) s"; echo "$h" | head -c 1500; echo
 if [ -n "$ready" ]; then
-  timeout ${BENCH_S:-240} python3 hyperlora.py bench serve --url http://127.0.0.1:8000 --requests 256 \
-    --concurrency 1,64 --max-tokens 64 2>&1 | tail -12
-  cp results/bench_serve.json $OUT/bench_serve_gpu.json
+  timeout ${BENCH_S:-200} python3 hyperlora.py bench serve --url http://127.0.0.1:8000 --requests 256 \
+    --concurrency 1,64 --max-tokens 64 --out $OUT/bench_serve_gpu.json 2>&1 | tail -12
+  # throughput as vLLM's benchmark_serving measures it: every completion decodes max_tokens (ignore_eos)
+  timeout ${BENCH_EOS_S:-150} python3 hyperlora.py bench serve --url http://127.0.0.1:8000 --requests 512 \
+    --concurrency 64 --max-tokens 64 --ignore-eos --endpoints completions --out $OUT/bench_serve_gpu_ignore_eos.json \
+    2>&1 | tail -6
 fi
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 tail -c 6000 /tmp/work/logs/serve.log > $OUT/serve-tail.log
 grep -rh -A12 "Traceback" /tmp/ray/session_latest/logs/serve/ 2>/dev/null | head -60 > $OUT/serve-errors.log
 head -30 $OUT/serve-errors.log
 pkill -f "hyperlora.py serve"; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
-# the engine alone, same GPU: batch 64 with 64 distinct adapters, 64 new tokens (no HTTP, no Ray)
-timeout ${ENGINE_S:-150} python3 hyperlora.py bench serve --engine-only --device cuda --dtype bf16 --gguf-dir /tmp/stage \
-  --batch 64 --adapters 64 --new-tokens 64 2>&1 | tail -8
-cp results/bench_serve.json $OUT/bench_engine_b64.json 2>/dev/null
