@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU job (#12): where a completion's time goes when the service runs on the H200. Starts the service as
+# h200-serve.sh does, warms every library adapter up, then runs the ignore_eos completions bench (c=64) while
+# py-spy records each Serve process (proxy, Gateways, LLM, ...) for 10 s.
+# -> $OUT/spy-<name>.txt (collapsed stacks), $OUT/bench_*.json, $OUT/ps.txt
+set -u
+. training/jobs/common.sh
+export HYPERLORA_HOME=/tmp/hlhome RAY_USAGE_STATS_ENABLED=0
+mkdir -p $HYPERLORA_HOME
+sed -e "s#base_model: HuggingFaceTB/SmolLM2-135M-Instruct#base_model: /tmp/hf#" \
+    -e "s#checkpoint: null #checkpoint: $R/generator/checkpoints/smollm2-t2l #" \
+    -e "s#other_generators: {cvae: null, sg: null}#other_generators: {cvae: $R/generator/checkpoints/smollm2-cvae, sg: $R/generator/checkpoints/smollm2-sg}#" \
+    serve/config.gpu.yaml > /tmp/serve-gpu.yaml
+python3 hyperlora.py serve --config /tmp/serve-gpu.yaml --port 8000 > /tmp/work/logs/serve.log 2>&1 &
+for i in $(seq 1 200); do
+  h=$(python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/healthz', timeout=5).read().decode())" 2>/dev/null || true)
+  case "$h" in *'"state":"ready"'*|*'"state": "ready"'*) break;; esac; sleep 1
+done
+echo "ready after $i s"
+B="python3 hyperlora.py bench serve --url http://127.0.0.1:8000 --concurrency 64 --max-tokens 64 --endpoints completions"
+timeout 100 $B --requests 320 --out $OUT/bench_warm.json 2>&1 | grep "POST"
+ps -eo pid,pcpu,args | grep -E "ray::|ServeReplica|ProxyActor" | grep -v grep > $OUT/ps.txt
+( timeout 150 $B --requests 768 --ignore-eos --out $OUT/bench_eos.json 2>&1 | grep "POST" ) &
+sleep 4; SPY=$(ls /tmp/site/bin/py-spy 2>/dev/null || command -v py-spy); echo "py-spy: $SPY"
+for pid in $(grep -E "ServeReplica|ProxyActor" $OUT/ps.txt | awk '{print $1}'); do
+  name=$(grep "^ *$pid " $OUT/ps.txt | grep -oE "(ServeReplica:[A-Za-z:_]+|ProxyActor)" | head -1 | tr ':' '_')
+  $SPY record -p $pid -d 10 -r 100 -f raw -o $OUT/spy-$name-$pid.txt --nonblocking > /dev/null 2>&1 &
+done
+sleep 2; top -b -n 1 | head -25 > $OUT/top.txt
+wait
+cat $OUT/top.txt | head -22
+ls -la $OUT
+pkill -f "hyperlora.py serve"; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
