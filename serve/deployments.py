@@ -224,8 +224,14 @@ class LLM:
         """Load a library adapter into the engine cache (unless it is there: library adapters never change, and
         it passed the checks when it was loaded); Serve then routes its traffic to this replica."""
         if adapter_id not in self.engine.cache:
-            await asyncio.to_thread(self._load_from_library, adapter_id)
+            await self._on_engine_thread(self._load_from_library, adapter_id)
         return adapter_id
+
+    async def _on_engine_thread(self, fn, *args):
+        """`fn(*args)` on the decode thread: every piece of engine work that touches the device runs on that one
+        thread, between decode steps. (A CUDA graph captured while another thread copies an adapter to the GPU
+        fails, and the copy fails with it: that step then runs eagerly, and the request gets a 500.)"""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _load_from_library(self, adapter_id: str) -> None:
         from generator.peft_io import AdapterFormatError
@@ -260,11 +266,11 @@ class LLM:
                 if not isinstance(value, LoraAdapter):
                     req.inline[key] = value = await value  # an ObjectRef from the gateway
                 if key not in self.engine.cache:
-                    await asyncio.to_thread(self._add, key, value)
+                    await self._on_engine_thread(self._add, key, value)
             else:
                 await self._library_adapter(key)
                 if key not in self.engine.cache:  # the multiplex LRU still knew it, the byte LRU had dropped it
-                    await asyncio.to_thread(self._load_from_library, key)
+                    await self._on_engine_thread(self._load_from_library, key)
 
     def _reload_missing(self, req: LLMRequest) -> None:
         """Right before a batch: bring back adapters evicted since the request was admitted."""

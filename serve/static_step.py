@@ -29,6 +29,8 @@ from serve.kv_slots import KVSlots
 
 logger = logging.getLogger(__name__)
 
+CAPTURE_TRIES = 3  # captures of one shape that may fail before it runs eagerly for good
+
 
 @dataclass
 class StaticDecodeConfig:
@@ -139,7 +141,8 @@ class StaticStep:
         self.counter = torch.zeros(n, **i64)  # tokens drawn so far per row: the sampling noise's counter
         self.logits = torch.zeros(n, self.lm_head.shape[0], device=device)  # (slots, vocab) float32
         self.use_graphs = cfg.cuda_graphs and device.type == "cuda"
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}  # None: capture failed CAPTURE_TRIES times
+        self._failed: dict[tuple, int] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._step = _compiled(self.forward) if cfg.compile else self.forward
 
@@ -212,7 +215,13 @@ class StaticStep:
             self._step(*key)
             return
         if key not in self._graphs:
-            self._graphs[key] = self._capture(key)
+            graph = self._capture(key)
+            if graph is None:  # run eagerly this time; try to capture again next time, a few times at most
+                self._failed[key] = self._failed.get(key, 0) + 1
+                if self._failed[key] < CAPTURE_TRIES:
+                    self._step(*key)
+                    return
+            self._graphs[key] = graph
         graph = self._graphs[key]
         if graph is None:
             self._step(*key)
@@ -237,7 +246,9 @@ class StaticStep:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._mempool):
+            # thread_local: work of other threads (none is expected: the engine runs on one thread) neither breaks
+            # the capture nor fails itself
+            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
                 self._step(*key)
         except RuntimeError as e:  # an op that cannot be captured: run this shape eagerly
             logger.warning("CUDA graph capture of the decode step %s failed (%s); running it eagerly", key, e)

@@ -225,3 +225,34 @@ def test_compiled_step_matches_engine_greedy(tiny, engines):
     jobs = [GenerationJob(dynamic.encode_prompt(p), mix, max_new_tokens=5, ignore_eos=True)
             for p, mix in zip(PROMPTS, MIXES["mixture"], strict=True)]
     assert [r.token_ids for r in static.generate(jobs)] == [r.token_ids for r in dynamic.generate(jobs)]
+
+
+def test_a_failed_capture_is_retried_then_runs_eagerly(tiny, monkeypatch):
+    """A shape whose CUDA graph capture fails runs eagerly and is captured again later (a capture can fail for a
+    passing reason); after CAPTURE_TRIES failures it stays eager for good. Fake graphs: the logic, on the CPU."""
+    from serve.static_step import CAPTURE_TRIES
+
+    step = _engine(tiny, "static")._static.step
+    calls = {"capture": [], "eager": 0, "replay": 0}
+
+    class Graph:
+        def replay(self):
+            calls["replay"] += 1
+
+    def capture(key):
+        calls["capture"].append(key)
+        return Graph() if key[0] == 2 and len(calls["capture"]) >= 2 else None  # shape 2: fails once
+
+    def eager(*key):
+        calls["eager"] += 1
+
+    monkeypatch.setattr(step, "use_graphs", True)
+    monkeypatch.setattr(step, "_capture", capture)
+    monkeypatch.setattr(step, "_step", eager)
+    for _ in range(3):
+        step.run(2, 16, 1, False)
+    assert (calls["capture"], calls["eager"], calls["replay"]) == ([(2, 16, 1, False)] * 2, 1, 2)
+    calls["capture"].clear()
+    for _ in range(CAPTURE_TRIES + 2):
+        step.run(1, 16, 1, False)
+    assert calls["capture"] == [(1, 16, 1, False)] * CAPTURE_TRIES and calls["eager"] == 1 + CAPTURE_TRIES + 2
