@@ -21,13 +21,15 @@ B="python3 hyperlora.py bench serve --url http://127.0.0.1:8000 --concurrency 64
 timeout 100 $B --requests 320 --out $OUT/bench_warm.json 2>&1 | grep "POST"
 ps -eo pid,pcpu,args | grep -E "ray::|ServeReplica|ProxyActor" | grep -v grep > $OUT/ps.txt
 ( timeout 150 $B --requests 768 --ignore-eos --out $OUT/bench_eos.json 2>&1 | grep "POST" ) &
+PIDS=$!
 sleep 4; SPY=$(ls /tmp/site/bin/py-spy 2>/dev/null || command -v py-spy); echo "py-spy: $SPY"
 for pid in $(grep -E "ServeReplica|ProxyActor" $OUT/ps.txt | awk '{print $1}'); do
   name=$(grep "^ *$pid " $OUT/ps.txt | grep -oE "(ServeReplica:[A-Za-z:_]+|ProxyActor)" | head -1 | tr ':' '_')
   $SPY record -p $pid -d 10 -r 100 -f raw -o $OUT/spy-$name-$pid.txt --nonblocking > /dev/null 2>&1 &
+  PIDS="$PIDS $!"
 done
 sleep 2; top -b -n 1 | head -25 > $OUT/top.txt
-wait
+wait $PIDS  # not the service (also a child of this shell)
 cat $OUT/top.txt | head -22
 ls -la $OUT
 pkill -f "hyperlora.py serve"; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
