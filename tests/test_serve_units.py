@@ -347,3 +347,13 @@ def test_startup_phases_add_up_and_the_serve_command_line_is_read_back(tmp_path)
     log = tmp_path / "serve.log"
     log.write_text(f"starting...\nstartup phases: {json.dumps(d)}\nhyperlora is serving\n")
     assert _driver_phases(log) == d
+
+
+def test_startup_bench_refuses_an_unknown_run_before_launching_anything(tmp_path):
+    from serve.config import DEFAULT_CONFIG
+    from serve.startup import run
+
+    out = tmp_path / "startup.json"
+    with pytest.raises(ValueError, match="'warm'.*fresh, restart and clone"):
+        run(["warm"], str(tmp_path), 0, DEFAULT_CONFIG, out)
+    assert not out.exists()
