@@ -49,11 +49,53 @@ def _process_age() -> float:
         return 0.0
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+class CpuSeconds:
+    """CPU seconds (user + system) of a process and all its descendants, by process title, as last seen: a start on
+    two cores is CPU-bound, so this says what to take away. A process that ended between two looks keeps its last."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seen: dict[int, tuple[str, float]] = {}
+
+    def look(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                self.seen[p.pid] = (_title(p.cmdline()), round(t.user + t.system, 2))
+            except psutil.Error:
+                continue
+
+    def as_dict(self) -> dict[str, Any]:
+        by: dict[str, float] = {}
+        for title, s in self.seen.values():
+            by[title] = round(by.get(title, 0.0) + s, 2)
+        return {"total": round(sum(by.values()), 1), "by_process": dict(sorted(by.items(), key=lambda kv: -kv[1]))}
+
+
+def _title(cmdline: list[str]) -> str:
+    """`ray::ServeReplica:hyperlora:Gateway` (a Ray worker's title), or the script or program a process runs."""
+    if not cmdline:
+        return "?"
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split(".")[0].strip()
+    scripts = [a for a in cmdline[1:] if a.endswith(".py") or a.endswith("hyperlora")]
+    return Path(scripts[0] if scripts else cmdline[0]).name
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout_s: float, cpu: CpuSeconds | None = None) -> None:
     import httpx
 
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
+        if cpu is not None:
+            cpu.look()
         if proc.poll() is not None:
             raise RuntimeError(f"`{' '.join(map(str, proc.args))}` exited with {proc.returncode} before answering")
         try:
@@ -101,9 +143,12 @@ def _measure(cmd: list[str], env: dict[str, str], cwd: Path, port: int, timeout_
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     out: dict[str, Any] = {}
+    cpu = CpuSeconds(proc.pid)
     try:
-        _wait(url, proc, timeout_s)
+        _wait(url, proc, timeout_s, cpu)
         out["healthz_s"] = round(time.perf_counter() - t0, 1)
+        cpu.look()
+        out["cpu_s_to_healthz"] = cpu.as_dict()
         with httpx.Client(base_url=url, timeout=timeout_s) as c:
             r = c.post("/v1/completions", json={"model": "base", "prompt": "Say hi.", "max_tokens": 4})
             out["first_completion_s"] = round(time.perf_counter() - t0, 1) if r.status_code == 200 else None
@@ -164,5 +209,6 @@ def _runs(runs: list[str], fresh_home: Path, port: int, config: Path, report: di
         print(f"{name}: /healthz answered {got['healthz_s']} s after launch, first completion "
               f"{got['first_completion_s']} s, first generated adapter {got['first_adapter_s']} s", flush=True)
         print(f"  serve command: {got['serve_command']}", flush=True)
+        print(f"  CPU seconds to /healthz: {got['cpu_s_to_healthz']}", flush=True)
         for dep, phases in got["startup"].items():
             print(f"  {dep}: {phases}", flush=True)
