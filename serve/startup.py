@@ -3,6 +3,8 @@ and `hyperlora bench startup` measures `hyperlora serve` (what `make serve` runs
 
     hyperlora bench startup        # a new empty $HYPERLORA_HOME (first start), a restart with it; removed after
     hyperlora bench startup --home ~/.cache/hyperlora --runs restart
+    hyperlora bench startup --runs clone --out results/bench_startup_clone.json   # `git clone` of HEAD, then
+        # `make serve` in it (the .venv built) on an empty home: what a newcomer waits for
 """
 
 from __future__ import annotations
@@ -47,13 +49,55 @@ def _process_age() -> float:
         return 0.0
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+class CpuSeconds:
+    """CPU seconds (user + system) of a process and all its descendants, by process title, as last seen: a start on
+    two cores is CPU-bound, so this says what to take away. A process that ended between two looks keeps its last."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seen: dict[int, tuple[str, float]] = {}
+
+    def look(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                self.seen[p.pid] = (_title(p.cmdline()), round(t.user + t.system, 2))
+            except psutil.Error:
+                continue
+
+    def as_dict(self) -> dict[str, Any]:
+        by: dict[str, float] = {}
+        for title, s in self.seen.values():
+            by[title] = round(by.get(title, 0.0) + s, 2)
+        return {"total": round(sum(by.values()), 1), "by_process": dict(sorted(by.items(), key=lambda kv: -kv[1]))}
+
+
+def _title(cmdline: list[str]) -> str:
+    """`ray::ServeReplica:hyperlora:Gateway` (a Ray worker's title), or the script or program a process runs."""
+    if not cmdline:
+        return "?"
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split(".")[0].strip()
+    scripts = [a for a in cmdline[1:] if a.endswith(".py") or a.endswith("hyperlora")]
+    return Path(scripts[0] if scripts else cmdline[0]).name
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout_s: float, cpu: CpuSeconds | None = None) -> None:
     import httpx
 
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
+        if cpu is not None:
+            cpu.look()
         if proc.poll() is not None:
-            raise RuntimeError(f"`hyperlora serve` exited with {proc.returncode} before answering")
+            raise RuntimeError(f"`{' '.join(map(str, proc.args))}` exited with {proc.returncode} before answering")
         try:
             if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
                 return
@@ -65,18 +109,46 @@ def _wait(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 def measure(home: Path, port: int, config: Path, timeout_s: float = 600.0) -> dict[str, Any]:
     """Launch `hyperlora serve` on `home` and time its first answers; stop it after."""
-    import httpx
-
     env = {**os.environ, "HYPERLORA_HOME": str(home), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "hyperlora.py"), "serve", "--port", str(port), "--config", str(config)]
+    return _measure(cmd, env, REPO, port, timeout_s)
+
+
+def measure_clone(port: int, timeout_s: float = 1200.0) -> dict[str, Any]:
+    """`git clone` of this repository's HEAD (committed work only) into a new folder, then `make serve` there on a
+    new empty HYPERLORA_HOME: what a newcomer runs, the .venv build and the first start (GGUF conversion) included.
+    `venv_s` is when the .venv was complete; the folder is removed after."""
+    work = Path(tempfile.mkdtemp(prefix="hyperlora-clone-"))
+    try:
+        subprocess.run(["git", "clone", "-q", str(REPO), str(work / "repo")], check=True)
+        (work / "home").mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env["HYPERLORA_HOME"] = str(work / "home")
+        t0 = time.time()
+        out = _measure(["make", "serve", f"SERVE_ARGS=--port {port}"], env, work / "repo", port, timeout_s)
+        stamp = work / "repo" / ".venv" / ".installed"
+        out["venv_s"] = round(stamp.stat().st_mtime - t0, 1) if stamp.exists() else None
+        out["commit"] = subprocess.run(["git", "-C", str(work / "repo"), "rev-parse", "--short", "HEAD"],
+                                       capture_output=True, text=True).stdout.strip()
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(cmd: list[str], env: dict[str, str], cwd: Path, port: int, timeout_s: float) -> dict[str, Any]:
+    import httpx
+
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w+", prefix="hyperlora-startup-", suffix=".log", delete=False)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     out: dict[str, Any] = {}
+    cpu = CpuSeconds(proc.pid)
     try:
-        _wait(url, proc, timeout_s)
+        _wait(url, proc, timeout_s, cpu)
         out["healthz_s"] = round(time.perf_counter() - t0, 1)
+        cpu.look()
+        out["cpu_s_to_healthz"] = cpu.as_dict()
         with httpx.Client(base_url=url, timeout=timeout_s) as c:
             r = c.post("/v1/completions", json={"model": "base", "prompt": "Say hi.", "max_tokens": 4})
             out["first_completion_s"] = round(time.perf_counter() - t0, 1) if r.status_code == 200 else None
@@ -107,7 +179,7 @@ def _driver_phases(log: Path) -> dict[str, float] | None:
 
 def run(runs: list[str], home: str | None, port: int, config: Path, out: Path) -> dict[str, Any]:
     """`fresh`: an empty HYPERLORA_HOME (the base model converted, the default library built in the background);
-    `restart`: the same home again (or `home` if given)."""
+    `restart`: the same home again (or `home` if given); `clone`: a fresh clone's `make serve` (measure_clone)."""
     fresh_home = Path(home) if home else Path(tempfile.mkdtemp(prefix="hyperlora-home-"))
     report: dict[str, Any] = {"home": str(fresh_home), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
@@ -124,16 +196,19 @@ def run(runs: list[str], home: str | None, port: int, config: Path, out: Path) -
 
 def _runs(runs: list[str], fresh_home: Path, port: int, config: Path, report: dict[str, Any]) -> None:
     for name in runs:
-        if name not in ("fresh", "restart"):
-            raise ValueError(f"unknown run {name!r}; runs are fresh and restart")
+        if name not in ("fresh", "restart", "clone"):
+            raise ValueError(f"unknown run {name!r}; runs are fresh, restart and clone")
         if name == "fresh" and any(fresh_home.iterdir()):
             raise ValueError(f"a fresh run needs an empty HYPERLORA_HOME, and {fresh_home} is not")
         load = os.getloadavg()[0]
-        got = measure(fresh_home, port, config)
+        got = measure_clone(port) if name == "clone" else measure(fresh_home, port, config)
         got["load_average_before"] = round(load, 2)  # other work on the machine slows every phase
         report[name] = got
+        if name == "clone":
+            print(f"clone: .venv built {got['venv_s']} s after `make serve` began", flush=True)
         print(f"{name}: /healthz answered {got['healthz_s']} s after launch, first completion "
               f"{got['first_completion_s']} s, first generated adapter {got['first_adapter_s']} s", flush=True)
         print(f"  serve command: {got['serve_command']}", flush=True)
+        print(f"  CPU seconds to /healthz: {got['cpu_s_to_healthz']}", flush=True)
         for dep, phases in got["startup"].items():
             print(f"  {dep}: {phases}", flush=True)

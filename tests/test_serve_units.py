@@ -347,3 +347,30 @@ def test_startup_phases_add_up_and_the_serve_command_line_is_read_back(tmp_path)
     log = tmp_path / "serve.log"
     log.write_text(f"starting...\nstartup phases: {json.dumps(d)}\nhyperlora is serving\n")
     assert _driver_phases(log) == d
+
+
+def test_startup_bench_refuses_an_unknown_run_before_launching_anything(tmp_path):
+    from serve.config import DEFAULT_CONFIG
+    from serve.startup import run
+
+    out = tmp_path / "startup.json"
+    with pytest.raises(ValueError, match="'warm'.*fresh, restart and clone"):
+        run(["warm"], str(tmp_path), 0, DEFAULT_CONFIG, out)
+    assert not out.exists()
+
+
+def test_startup_cpu_seconds_name_processes_by_title_and_add_up():
+    import os
+
+    from serve.startup import CpuSeconds, _title
+
+    assert _title(["ray::ServeReplica:hyperlora:Gateway.handle_request_with_rejection"]) == \
+        "ray::ServeReplica:hyperlora:Gateway"
+    assert _title(["/v/bin/python", "-u", "/v/ray/_private/log_monitor.py", "--session-dir=/tmp/x"]) == "log_monitor.py"
+    assert _title(["/v/ray/core/src/ray/gcs/gcs_server", "--log_dir=/tmp/x"]) == "gcs_server"
+    assert _title(["/v/bin/python", "/repo/.venv/bin/hyperlora", "serve"]) == "hyperlora"
+    cpu = CpuSeconds(os.getpid())
+    cpu.look()
+    got = cpu.as_dict()
+    assert got["total"] > 0 and len(got["by_process"]) >= 1
+    assert abs(sum(got["by_process"].values()) - got["total"]) < 0.1
