@@ -9,8 +9,6 @@ application by `serve.app.build_app`.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import dataclasses
 import logging
 import os
 import time
@@ -25,6 +23,7 @@ from generator.lora import LoraAdapter
 from serve.config import ServeConfig
 from serve.engine import Delta, GenerationJob, load_engine
 from serve.errors import GenerationFailed, InvalidAdapter, ServiceError, UnknownAdapter, WrongBaseModel
+from serve.llm_batching import Failed, Group, Queued, drain, enqueue_unsplit
 from serve.metrics import REGISTRY
 from serve.protocol import Accepted, LLMRequest, LLMResult, fold, public_model_name, same_base_model
 from serve.startup import Phases
@@ -118,82 +117,6 @@ class Router:
         return REGISTRY.snapshot()
 
 
-@dataclasses.dataclass
-class _Queued:
-    job: GenerationJob
-    request: LLMRequest
-
-
-@dataclasses.dataclass
-class _Failed:
-    error: BaseException
-
-
-class _Group:
-    """One @serve.batch batch inside the running decode batch: every step it yields one entry per request."""
-
-    def __init__(self, items: list[_Queued], out: asyncio.Queue) -> None:
-        self.items, self.out = items, out
-        self.live: set[int] = set()  # positions still decoding
-        self.failed: dict[int, BaseException] = {}  # positions that failed at admission, not yet reported
-        self.closed = False
-
-    def flush(self, deltas: dict[int, Delta]) -> bool:
-        """Hand out one step (only if something happened); returns True once every request is finished."""
-        if not deltas and not self.failed and self.live:
-            return False
-        step: list[Any] = []
-        for pos in range(len(self.items)):
-            if pos in deltas:
-                step.append(deltas[pos])
-                if deltas[pos].finish_reason is not None:
-                    self.live.discard(pos)
-            elif pos in self.failed:
-                step.append(_Failed(self.failed.pop(pos)))
-            elif pos in self.live:  # decoding, nothing to hand out this step (a request that is not streamed)
-                step.append(None)
-            else:
-                step.append(StopIteration)
-        self.out.put_nowait(step)
-        if not self.live:
-            self.out.put_nowait(None)
-            self.closed = True
-        return self.closed
-
-    def fail_all(self, error: BaseException) -> None:
-        if not self.closed:
-            self.out.put_nowait([_Failed(error)] * len(self.items))
-            self.out.put_nowait(None)
-            self.closed = True
-
-
-def _enqueue_unsplit(batch_method, item):
-    """Enqueue into a `@serve.batch` generator with the request's multiplexed model id cleared.
-
-    Ray Serve 2.60 splits a batch by multiplexed model id, which would put every adapter in its own
-    batch; our engine mixes adapters within one batch, so the id (set on the handle so that requests
-    reach replicas holding their adapter) must not reach the batch queue.
-    """
-    try:
-        from ray.serve import context as serve_context
-
-        current = serve_context._get_serve_request_context()
-        cleared = dataclasses.replace(current, multiplexed_model_id="")
-    except (ImportError, AttributeError, TypeError):  # a Ray without these internals: batches still work
-        return batch_method(item)
-
-    def enqueue():
-        serve_context._serve_request_context.set(cleared)
-        return batch_method(item)
-
-    return contextvars.copy_context().run(enqueue)
-
-
-async def _drain(steps) -> None:
-    async for _ in steps:
-        pass
-
-
 @serve.deployment(name="LLM", max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
 class LLM:
     """The base model with per-sample adapters: concurrent requests are decoded as one batch."""
@@ -213,7 +136,7 @@ class LLM:
         self.startup = phases.as_dict()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llm-decode")
         self._drains: set[asyncio.Future] = set()
-        self._waiting: list[tuple[list[_Queued], asyncio.Queue]] = []  # @serve.batch batches not yet decoding
+        self._waiting: list[tuple[list[Queued], asyncio.Queue]] = []  # @serve.batch batches not yet decoding
         self._pump_task: asyncio.Future | None = None
         _set_batching(self._decode, cfg.llm_batch)
         self._decode.set_max_batch_size(min(cfg.llm_batch.max_batch_size, cfg.engine.max_batch_size))
@@ -309,25 +232,25 @@ class LLM:
         job = GenerationJob(ids, req.adapters, req.max_new_tokens, req.temperature, req.top_p, req.seed, req.stop,
                             req.logprobs, req.ignore_eos, incremental)
         yield Accepted(len(ids))
-        steps = _enqueue_unsplit(self._decode, _Queued(job, req))
+        steps = enqueue_unsplit(self._decode, Queued(job, req))
         async for item in steps:
             if item is None:  # a batch-mate's step
                 continue
-            if isinstance(item, _Failed):
+            if isinstance(item, Failed):
                 raise item.error
             if item.finish_reason == "error":  # this request alone failed; its batch-mates carry on
-                self._drains.add(task := asyncio.ensure_future(_drain(steps)))
+                self._drains.add(task := asyncio.ensure_future(drain(steps)))
                 task.add_done_callback(self._drains.discard)
                 raise GenerationFailed(item.error or "generation failed")
             yield item
             if item.finish_reason is not None:
                 # answer now; the batch ends this request's stream one step later, consumed in the background
-                self._drains.add(task := asyncio.ensure_future(_drain(steps)))
+                self._drains.add(task := asyncio.ensure_future(drain(steps)))
                 task.add_done_callback(self._drains.discard)
                 return
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, max_concurrent_batches=LLM_CONCURRENT_BATCHES)
-    async def _decode(self, items: list[_Queued]) -> AsyncGenerator[list[Any], None]:
+    async def _decode(self, items: list[Queued]) -> AsyncGenerator[list[Any], None]:
         """One @serve.batch batch: handed to the engine pump, which merges it into the running decode batch;
         yields every step's per-request deltas."""
         out: asyncio.Queue = asyncio.Queue()
@@ -343,8 +266,8 @@ class LLM:
         loop = asyncio.get_running_loop()
         limit = self.engine.cfg.max_batch_size
         batch = None
-        owners: dict[int, tuple[_Group, int]] = {}  # sequence index -> (its @serve.batch batch, position)
-        groups: list[_Group] = []
+        owners: dict[int, tuple[Group, int]] = {}  # sequence index -> (its @serve.batch batch, position)
+        groups: list[Group] = []
         while True:
             joining = self._joining(batch, limit)
             if joining:  # every @serve.batch batch that fits joins at once: one prefill for all of them
@@ -372,19 +295,19 @@ class LLM:
                 by_group.setdefault(id(group), {})[pos] = d
             groups = [g for g in groups if not g.flush(by_group.get(id(g), {}))]
 
-    def _joining(self, batch, limit: int) -> list[_Group]:
+    def _joining(self, batch, limit: int) -> list[Group]:
         """The waiting @serve.batch batches that fit into the running decode batch now (the first one always
         starts a new decode batch), taken off the waiting list in order."""
         if self._waiting and batch is not None and not batch.can_join:
             return []
         room = limit - (batch.active if batch is not None else 0)
-        joining: list[_Group] = []
+        joining: list[Group] = []
         while self._waiting and (len(self._waiting[0][0]) <= room or (batch is None and not joining)):
-            joining.append(_Group(*self._waiting.pop(0)))
+            joining.append(Group(*self._waiting.pop(0)))
             room -= len(joining[-1].items)
         return joining
 
-    async def _admit(self, loop, batch, groups: list[_Group], owners: dict[int, tuple[_Group, int]]) -> None:
+    async def _admit(self, loop, batch, groups: list[Group], owners: dict[int, tuple[Group, int]]) -> None:
         """Prefill the requests of `groups` into `batch` together; a request that cannot join fails alone."""
         items = [(g, p) for g in groups for p in range(len(g.items))]
         errors = await loop.run_in_executor(self._executor, self._reload_all, [g.items[p].request for g, p in items])
@@ -410,7 +333,7 @@ class LLM:
             owners[j] = (group, pos)
             group.live.add(pos)
 
-    async def _admit_one(self, loop, batch, group: _Group, pos: int, owners: dict[int, tuple[_Group, int]]) -> None:
+    async def _admit_one(self, loop, batch, group: Group, pos: int, owners: dict[int, tuple[Group, int]]) -> None:
         it = group.items[pos]
 
         def add() -> list[int]:  # its adapters again first: a large admission may have evicted them
