@@ -141,8 +141,8 @@ class StaticStep:
         self.counter = torch.zeros(n, **i64)  # tokens drawn so far per row: the sampling noise's counter
         self.logits = torch.zeros(n, self.lm_head.shape[0], device=device)  # (slots, vocab) float32
         self.use_graphs = cfg.cuda_graphs and device.type == "cuda"
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}  # None: capture failed CAPTURE_TRIES times
-        self._failed: dict[tuple, int] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._failed: dict[tuple, int] = {}  # failed captures per shape; CAPTURE_TRIES of them: eager for good
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._step = _compiled(self.forward) if cfg.compile else self.forward
 
@@ -214,15 +214,13 @@ class StaticStep:
         if not self.use_graphs:
             self._step(*key)
             return
-        if key not in self._graphs:
+        graph = self._graphs.get(key)
+        if graph is None and self._failed.get(key, 0) < CAPTURE_TRIES:  # a failed capture is tried again later
             graph = self._capture(key)
-            if graph is None:  # run eagerly this time; try to capture again next time, a few times at most
+            if graph is None:
                 self._failed[key] = self._failed.get(key, 0) + 1
-                if self._failed[key] < CAPTURE_TRIES:
-                    self._step(*key)
-                    return
-            self._graphs[key] = graph
-        graph = self._graphs[key]
+            else:
+                self._graphs[key] = graph
         if graph is None:
             self._step(*key)
         else:

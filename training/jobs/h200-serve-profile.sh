@@ -5,18 +5,7 @@
 # -> $OUT/spy-<name>.txt (collapsed stacks), $OUT/bench_*.json, $OUT/ps.txt
 set -u
 . training/jobs/common.sh
-export HYPERLORA_HOME=/tmp/hlhome RAY_USAGE_STATS_ENABLED=0
-mkdir -p $HYPERLORA_HOME
-sed -e "s#base_model: HuggingFaceTB/SmolLM2-135M-Instruct#base_model: /tmp/hf#" \
-    -e "s#checkpoint: null #checkpoint: $R/generator/checkpoints/smollm2-t2l #" \
-    -e "s#other_generators: {cvae: null, sg: null}#other_generators: {cvae: $R/generator/checkpoints/smollm2-cvae, sg: $R/generator/checkpoints/smollm2-sg}#" \
-    serve/config.gpu.yaml > /tmp/serve-gpu.yaml
-python3 hyperlora.py serve --config /tmp/serve-gpu.yaml --port 8000 > /tmp/work/logs/serve.log 2>&1 &
-for i in $(seq 1 200); do
-  h=$(python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/healthz', timeout=5).read().decode())" 2>/dev/null || true)
-  case "$h" in *'"state":"ready"'*|*'"state": "ready"'*) break;; esac; sleep 1
-done
-echo "ready after $i s"
+. training/jobs/serve-start.sh
 B="python3 hyperlora.py bench serve --url http://127.0.0.1:8000 --concurrency 64 --max-tokens 64 --endpoints completions"
 timeout 100 $B --requests 320 --out $OUT/bench_warm.json 2>&1 | grep "POST"
 ps -eo pid,pcpu,args | grep -E "ray::|ServeReplica|ProxyActor" | grep -v grep > $OUT/ps.txt

