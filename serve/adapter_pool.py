@@ -86,6 +86,15 @@ class AdapterPool:
             self.row_a[g][:, rows] = ga.reshape(ga.shape[0], n, k * width, ga.shape[-1])
             self.row_bt[g][:, rows] = gb.reshape(gb.shape[0], n, k * width, gb.shape[-1])
 
+    def rows_factors(self, group: str, layer: int, rows: torch.Tensor, k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The factors of `group` at `layer` for the rows `rows` `(n,)`, first `k` mixture entries:
+        `(n, kW, d_in)`, `(n, kW, d_out)` (gathered copies: for a prefill, once per layer)."""
+        if group not in self.row_a:
+            return None
+        width = k * self.a[group].shape[2]
+        return self.row_a[group][layer, rows, :width], self.row_bt[group][layer, rows, :width]
+
     def row_factors(self, group: str, layer: int, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rows 0..b-1's factors of `group` at `layer`, first `k` mixture entries: `(b, kW, d_in)`, `(b, kW, d_out)`."""
         if group not in self.row_a:
@@ -151,3 +160,12 @@ def lora_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tens
     if fused:
         return torch.baddbmm(y[:, None].to(bt.dtype), h, bt)[:, 0].to(y.dtype)  # (b, d_out)
     return y + torch.bmm(h, bt)[:, 0].to(y.dtype)
+
+
+def lora_delta_seq(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, fused: bool = True
+                   ) -> torch.Tensor:
+    """`lora_delta` for whole prompts: x `(n, T, d_in)`, y `(n, T, d_out)`, a `(n, W, d_in)`, bt `(n, W, d_out)`."""
+    h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # (n, T, W)
+    if fused:
+        return torch.baddbmm(y.to(bt.dtype), h, bt).to(y.dtype)  # (n, T, d_out)
+    return y + torch.bmm(h, bt).to(y.dtype)

@@ -98,7 +98,8 @@ def decode(engine: LLMEngine, jobs: list[GenerationJob]) -> dict:
     _sync(dev)
     t2 = time.perf_counter()
     batch.log_done()
-    return {"tokens": tokens, "seconds": t2 - t0, "ms_per_step": 1e3 * (t2 - t1) / max(steps - 1, 1)}
+    return {"tokens": tokens, "seconds": t2 - t0, "ms_per_step": 1e3 * (t2 - t1) / max(steps - 1, 1),
+            "prefill_ms": 1e3 * (t1 - t0)}
 
 
 def timed(fn: Callable[[], dict], cap_s: float, repeats: int) -> dict:
@@ -112,8 +113,9 @@ def timed(fn: Callable[[], dict], cap_s: float, repeats: int) -> dict:
     sec = statistics.median(r["seconds"] for r in runs)
     out = {"tokens": runs[0]["tokens"], "seconds": round(sec, 4), "tokens_per_s": round(runs[0]["tokens"] / sec, 1),
            "warmup_s": round(warm, 2), "runs": len(runs)}
-    if "ms_per_step" in runs[0]:
-        out["ms_per_step"] = round(statistics.median(r["ms_per_step"] for r in runs), 3)
+    for key in ("ms_per_step", "prefill_ms"):
+        if key in runs[0]:
+            out[key] = round(statistics.median(r[key] for r in runs), 3)
     return out
 
 
@@ -223,6 +225,17 @@ def hf_numerics_rows(model, spec: ModelSpec, dev: torch.device, dtype: str, max_
     return out
 
 
+def model_prefill_rows(model, spec: ModelSpec, dev: torch.device, dtype: str, max_len: int, adapters,
+                       prompts: list[list[int]], new_tokens: int, cap_s: float, repeats: int) -> dict[str, dict]:
+    """Batch 32 with 32 distinct adapters, prefilled by the model's own HF forward (`static.prefill="model"`) instead
+    of the static prefill: what the static prefill saves."""
+    eng = build_engine(model, spec, dev, dtype, "static", 32, max_len, adapters, prefill="model")
+    out = {"engine_model_prefill_b32_32_adapters": timed(lambda: decode(eng, _jobs(prompts, _distinct, new_tokens)),
+                                                          cap_s, repeats)}
+    eng._static = None
+    return out
+
+
 def compiled_rows(model, spec: ModelSpec, dev: torch.device, dtype: str, max_len: int, adapters,
                   dynamic: LLMEngine, prompts: list[list[int]], new_tokens: int, cap_s: float,
                   repeats: int) -> dict[str, dict]:
@@ -288,9 +301,10 @@ def hf_rows(shape: dict, dev: torch.device, dtype: torch.dtype, prompts: list[li
 
 
 def build_engine(model, spec: ModelSpec, dev: torch.device, dtype: str, decode_mode: str, max_batch: int,
-                 max_len: int, adapters, numerics: str = "fused", compile_step: bool = False) -> LLMEngine:
+                 max_len: int, adapters, numerics: str = "fused", compile_step: bool = False,
+                 prefill: str = "static") -> LLMEngine:
     static = StaticDecodeConfig(max_len=max_len, pool_slots=max_batch + 32, pool_rank=8, max_mix=3, numerics=numerics,
-                                compile=compile_step)
+                                compile=compile_step, prefill=prefill)
     cfg = EngineConfig(max_batch_size=max_batch, max_prompt_tokens=max_len - 1, max_new_tokens=max_len, device=str(dev),
                        dtype=dtype, targets=("q_proj", "v_proj"), cache_bytes=8 << 30, decode=decode_mode,
                        static=static)
@@ -320,6 +334,8 @@ def run(device: str, dtype: str, new_tokens: int, peft_tokens: int, repeats: int
     steps: list[tuple[str, Callable[[], dict]]] = [
         ("engine", lambda: engine_rows(static, p32, pbig, new_tokens, cap_s, repeats)),
         ("agreement", lambda: {"agreement": agreement(static, dynamic, p32, new_tokens)}),
+        ("model_prefill", lambda: model_prefill_rows(model, spec, dev, dtype, max_len, adapters[:32], p32, new_tokens,
+                                                     cap_s, repeats)),
         ("compiled", lambda: compiled_rows(model, spec, dev, dtype, max_len, adapters[:32], dynamic, p32, new_tokens,
                                            cap_s, repeats)),
         ("hf_numerics", lambda: hf_numerics_rows(model, spec, dev, dtype, max_len, adapters[:32], dynamic, p32,
@@ -373,11 +389,11 @@ def summarise(results: dict[str, dict], big: int) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = [f"{'row':<34} {'tokens/s':>10} {'ms/step':>8} {'warmup s':>9}"]
+    lines = [f"{'row':<38} {'tokens/s':>10} {'ms/step':>8} {'prefill ms':>10} {'warmup s':>9}"]
     for k, v in results.items():
         if "tokens_per_s" in v:
-            lines.append(f"{k:<34} {v['tokens_per_s']:>10.0f} {v.get('ms_per_step', float('nan')):>8.2f} "
-                         f"{v['warmup_s']:>9.1f}")
+            lines.append(f"{k:<38} {v['tokens_per_s']:>10.0f} {v.get('ms_per_step', float('nan')):>8.2f} "
+                         f"{v.get('prefill_ms', float('nan')):>10.2f} {v['warmup_s']:>9.1f}")
         elif k.startswith("agreement") and "teacher_forced" in v:
             lines.append(f"{k + ' (teacher-forced)':<34} {v['teacher_forced']:>10.4f}   "
                          f"free-running {v['free_running']:.4f}, {v['sequences_identical']}/{v['sequences']} identical")

@@ -3,9 +3,10 @@ step is one fixed-shape step (a CUDA graph replay on CUDA) over the smallest bat
 live slots.
 
 `SlotBatch` has `DecodeBatch`'s interface (`add`, `step`, `done`, `active`, `can_join`, `log_done`), so the
-engine's `stream` and the LLM deployment's pump drive either. Prefill stays the engine's own (one HF
-forward over the left-padded prompts with the per-sample LoRA injected); its keys and values are copied
-into the new rows' slots and its logits give their first tokens. Then `step()` hands out the tokens the
+engine's `stream` and the LLM deployment's pump drive either. Prefill runs the new rows' prompts through
+the static step's math straight into their slots, with their LoRA from the pool (`StaticDecodeConfig.prefill`
+"static"; "model" runs the engine's own HF forward and copies its cache into the slots); its logits give the
+rows' first tokens. Then `step()` hands out the tokens the
 previous step chose (the one host sync per step), frees the slots of finished rows, and launches the
 next step. The engine's runtime types are only named for type checkers: imports run one way, engine ->
 slot_batch -> static_step -> kv_slots / adapter_pool / device_sampling.
@@ -126,12 +127,17 @@ class SlotBatch:
         for s in seqs:
             s.max_new = min(s.max_new, dec.slots.max_len - len(s.job.prompt_ids))
         pool_slots = self._pool_slots(jobs)
-        cache, _, _, logits = eng._prefill(jobs, eng._per_sample(jobs))  # logits (rows, vocab)
-        slots = dec.slots.take(len(jobs))
         lengths = [len(j.prompt_ids) for j in jobs]
+        if st.cfg.prefill == "model":
+            cache, _, _, logits = eng._prefill(jobs, eng._per_sample(jobs))  # logits (rows, vocab)
+        slots = dec.slots.take(len(jobs))
         try:
-            dec.slots.fill(slots, lengths, [(layer.keys, layer.values) for layer in cache.layers])
-            self._set_rows(slots, seqs, pool_slots, lengths, logits)
+            sample = self._set_rows(slots, seqs, pool_slots, lengths)
+            if st.cfg.prefill == "model":
+                dec.slots.fill(slots, lengths, [(layer.keys, layer.values) for layer in cache.layers])
+            else:  # straight into the slots, with the rows' LoRA just assigned
+                logits = st.prefill(slots, [j.prompt_ids for j in jobs], max(len(j.adapters) for j in jobs))
+            self._first_tokens(slots, logits, sample)
         except Exception:
             dec.slots.release(slots)
             raise
@@ -154,9 +160,10 @@ class SlotBatch:
         pinned = {k for j in self.live.values() for k, _ in self.seqs[j].job.adapters}
         return self.decoder.pool.slots_for(wanted, pinned)
 
-    def _set_rows(self, slots: list[int], seqs: list[_Sequence], pool_slots: dict[str, int], lengths: list[int],
-                  logits: torch.Tensor) -> None:
-        """Write the new rows' buffers and choose their first tokens from the prefill logits."""
+    def _set_rows(self, slots: list[int], seqs: list[_Sequence], pool_slots: dict[str, int], lengths: list[int]
+                  ) -> bool:
+        """Write the new rows' buffers (their adapters' pool slots and weights, sampling, positions); whether
+        any of them samples."""
         st = self.decoder.step
         dev, k = st.device, st.cfg.max_mix
         idx = torch.tensor(slots, device=dev)
@@ -172,10 +179,16 @@ class SlotBatch:
         st.top_p[idx] = torch.tensor([float(s.job.top_p) for s in seqs], device=dev)
         st.pos[idx] = torch.tensor(lengths, device=dev)
         st.counter[idx] = 0
+        return bool((temp > 0).any())
+
+    def _first_tokens(self, slots: list[int], logits: torch.Tensor, sample: bool) -> None:
+        """Choose the new rows' first tokens from the prefill logits `(rows, vocab)`."""
+        st = self.decoder.step
+        idx = torch.tensor(slots, device=st.device)
         logits = logits.float()
         st.logits[idx] = logits
         st.tokens[idx] = choose_tokens(logits, st.temperature[idx], st.top_p[idx], st.seed[idx], st.counter[idx],
-                                       bool((temp > 0).any()))
+                                       sample)
         st.counter[idx] = 1
 
     @torch.inference_mode()

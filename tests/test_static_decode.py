@@ -73,6 +73,41 @@ def test_hf_numerics_match_engine_greedy(tiny, engines):
     assert [r.token_ids for r in static.generate(jobs)] == [r.token_ids for r in dynamic.generate(jobs)]
 
 
+@pytest.mark.parametrize("case", ["base model", "mixture"])
+def test_static_prefill_fills_the_slots_the_model_forward_fills(tiny, case):
+    """The static prefill (prompts straight into the KV slots, LoRA from the pool, in chunks) writes the same keys,
+    values and last-position logits as the engine's HF forward whose cache is copied into the slots."""
+    from serve.engine import GenerationJob
+
+    engines = {p: _engine(tiny, "static", prefill=p, prefill_tokens=12) for p in ("model", "static")}
+    out = {}
+    for name, eng in engines.items():
+        jobs = [GenerationJob(eng.encode_prompt(p), mix, 1) for p, mix in zip(PROMPTS, MIXES[case], strict=True)]
+        batch = eng.new_batch(detokenize=False)
+        batch.add(jobs)
+        st = eng._static.step
+        lengths = [len(j.prompt_ids) for j in jobs]
+        keys = [torch.cat([layer[s, :, :n] for s, n in enumerate(lengths)], 1) for layer in st.slots.keys]
+        values = [torch.cat([layer[s, :, :n] for s, n in enumerate(lengths)], 1) for layer in st.slots.values]
+        out[name] = (st.logits[:8].clone(), st.tokens[:8].clone(), keys, values)
+        batch.release()
+    (lm, tm, km, vm), (ls, ts, ks, vs) = out["model"], out["static"]
+    assert torch.equal(tm, ts)
+    torch.testing.assert_close(ls, lm, atol=1e-4, rtol=1e-4)
+    for a, b in zip(ks + vs, km + vm, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_prefill_chunks_keep_rows_times_length_within_budget():
+    from serve.static_step import StaticDecodeConfig, _chunks
+
+    assert _chunks([3, 5, 2, 8, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert _chunks([20], 10) == [(0, 1)]  # a prompt longer than the budget still goes, alone
+    assert _chunks([1] * 6, 100) == [(0, 6)]
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        StaticDecodeConfig(prefill="hf")
+
+
 def test_rows_join_and_leave_by_slot(engines):
     """Sequences joining between steps reuse freed slots and decode as if alone; logprobs match the engine's."""
     from serve.engine import GenerationJob
