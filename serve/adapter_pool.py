@@ -86,14 +86,14 @@ class AdapterPool:
             self.row_a[g][:, rows] = ga.reshape(ga.shape[0], n, k * width, ga.shape[-1])
             self.row_bt[g][:, rows] = gb.reshape(gb.shape[0], n, k * width, gb.shape[-1])
 
-    def rows_factors(self, group: str, layer: int, rows: torch.Tensor, k: int
-                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The factors of `group` at `layer` for the rows `rows` `(n,)`, first `k` mixture entries:
-        `(n, kW, d_in)`, `(n, kW, d_out)` (gathered copies: for a prefill, once per layer)."""
-        if group not in self.row_a:
-            return None
-        width = k * self.a[group].shape[2]
-        return self.row_a[group][layer, rows, :width], self.row_bt[group][layer, rows, :width]
+    def rows_factors(self, rows: torch.Tensor, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every group's factors for the rows `rows` `(n,)`, first `k` mixture entries, all layers:
+        group -> `(L, n, kW, d_in)`, `(L, n, kW, d_out)` (gathered copies, once per prefill)."""
+        out = {}
+        for g in self.row_a:
+            width = k * self.a[g].shape[2]
+            out[g] = self.row_a[g][:, rows, :width], self.row_bt[g][:, rows, :width]
+        return out
 
     def row_factors(self, group: str, layer: int, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rows 0..b-1's factors of `group` at `layer`, first `k` mixture entries: `(b, kW, d_in)`, `(b, kW, d_out)`."""

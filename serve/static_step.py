@@ -237,8 +237,9 @@ class StaticStep:
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         cos, sin = self.cos[None, :t, None], self.sin[None, :t, None]  # (1, T, 1, hd)
         x = F.embedding(ids.to(self.device), self.embed).view(n * t, -1)  # (n*T, D)
+        lora = self.pool.rows_factors(idx, k) if k and self.pool is not None else {}  # group -> (L, n, kW, d) x 2
         for i, layer in enumerate(self.layers):
-            qkv = self._linear_seq(self._norm(x, layer["norm1"]), i, "qkv", idx, k, n)  # (n*T, (H + 2 KV) * hd)
+            qkv = self._linear_seq(self._norm(x, layer["norm1"]), i, "qkv", lora, n)  # (n*T, (H + 2 KV) * hd)
             qk = self._rope(qkv[:, : (nh + nkv) * hd].view(n, t, nh + nkv, hd), cos, sin).transpose(1, 2)
             v = qkv[:, (nh + nkv) * hd:].view(n, t, nkv, hd).transpose(1, 2)  # (n, KV, T, hd)
             q, key = qk[:, :nh], qk[:, nh:]  # (n, H, T, hd), (n, KV, T, hd)
@@ -248,13 +249,13 @@ class StaticStep:
             attn = F.scaled_dot_product_attention(q, key.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
                                                   is_causal=True, scale=self.scale)  # (n, H, T, hd)
             attn = attn.transpose(1, 2).reshape(n * t, nh * hd)
-            x = self._linear_seq(attn, i, "o", idx, k, n, residual=x)
-            gate, up = self._linear_seq(self._norm(x, layer["norm2"]), i, "gate_up", idx, k, n).chunk(2, dim=-1)
-            x = self._linear_seq(layer["act"](gate) * up, i, "down", idx, k, n, residual=x)
+            x = self._linear_seq(attn, i, "o", lora, n, residual=x)
+            gate, up = self._linear_seq(self._norm(x, layer["norm2"]), i, "gate_up", lora, n).chunk(2, dim=-1)
+            x = self._linear_seq(layer["act"](gate) * up, i, "down", lora, n, residual=x)
         x = x.view(n, t, -1)[torch.arange(n, device=self.device), last]  # (n, D): each prompt's last position
         return F.linear(self._norm(x, self.final_norm), self.lm_head).float()  # (n, vocab)
 
-    def _linear_seq(self, x: torch.Tensor, layer: int, group: str, rows: torch.Tensor, k: int, n: int,
+    def _linear_seq(self, x: torch.Tensor, layer: int, group: str, lora: dict, n: int,
                     residual: torch.Tensor | None = None) -> torch.Tensor:
         """`_linear` over whole prompts: x `(n*T, d_in)` -> `(n*T, d_out)`, each of the n rows its own LoRA."""
         w, bias = self.layers[layer][group]
@@ -263,9 +264,9 @@ class StaticStep:
             residual = None
         else:
             y = F.linear(x, w, bias)
-        factors = self.pool.rows_factors(group, layer, rows, k) if k and self.pool is not None else None
-        if factors is not None:
-            y = lora_delta_seq(x.view(n, -1, x.shape[-1]), y.view(n, -1, y.shape[-1]), *factors,
+        if group in lora:
+            a, bt = lora[group]
+            y = lora_delta_seq(x.view(n, -1, x.shape[-1]), y.view(n, -1, y.shape[-1]), a[layer], bt[layer],
                                fused=not self.hf_numerics).view(y.shape)
         return y if residual is None else residual + y
 

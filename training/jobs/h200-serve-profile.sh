@@ -18,7 +18,15 @@ for pid in $(grep -E "ServeReplica|ProxyActor" $OUT/ps.txt | awk '{print $1}'); 
   PIDS="$PIDS $!"
 done
 sleep 2; top -b -n 1 | head -25 > $OUT/top.txt
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 1 > $OUT/gpu-util.txt 2>&1 &
+SMI=$!
 wait $PIDS  # not the service (also a child of this shell)
+kill $SMI 2>/dev/null
+echo "GPU utilisation under load (1 s samples): $(cut -d, -f1 $OUT/gpu-util.txt | tr '\n' ' ')"
+L=/tmp/ray/session_latest/logs/serve
+grep -h "captur\|eagerly\|static decode\|generated .* tokens for" $L/replica_hyperlora_LLM_*.log 2>/dev/null | tail -60 > $OUT/llm-log.txt
+grep -c "captured the decode step" $OUT/llm-log.txt; grep "failed\|eagerly" $OUT/llm-log.txt | head -5
+grep "generated .* tokens for" $OUT/llm-log.txt | tail -8
 cat $OUT/top.txt | head -22
 ls -la $OUT
 pkill -f "hyperlora.py serve"; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
