@@ -6,15 +6,19 @@ The library is built in a temporary directory from `--library` (PEFT folders nam
 `train lora-library` writes them), keyed by each task's first 8 descriptions and 20 first inputs, as the default
 library is; `--dev-library` holds the dev tasks' adapters for (c). Without `--library`, the generator makes a
 stand-in library from each task's first description (say so when reporting). Prompts follow the one prompt
-convention (generator.prompt.task_prompt: the description as instruction + the input); generation is greedy and
-stops at <|im_end|>. Answers of a row are computed once per distinct adapter, so strategies that agree share them.
+convention (generator.prompt.task_prompt: an instruction + the input), under two conventions scored in the same run
+(`CONVENTIONS`): "served", the instruction the served adapter carries (`DescriptionStrategy.instruction`: a library
+adapter's own on the retrieve path, the description for a generated adapter or a mixture), which the issue's
+targets are judged on; and "description", the row's description in front for every strategy (the earlier tables).
+Generation is greedy and stops at <|im_end|>. Answers are cached per (adapter, prompt), so strategies and
+conventions that agree share them.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +38,8 @@ logger = logging.getLogger(__name__)
 SETTINGS = {"a": "train tasks, held-out paraphrases", "b": "dev tasks, definitions",
             "c": "dev tasks, definitions, own adapter in the library"}
 KEY_DESCRIPTIONS, KEY_SAMPLES = 8, 20
+CONVENTIONS = {"served": "the instruction the served adapter carries",
+               "description": "the description in front for every strategy"}
 
 
 @dataclass
@@ -66,6 +72,17 @@ class Row:
     description: str
     input: str
     references: list[str]
+
+
+@dataclass
+class Planned:
+    """One row's adapter under one strategy, and its prompt under each convention."""
+
+    key: str  # names the adapter (answers are cached per key and prompt)
+    adapter: object  # a library id (path retrieve) or a LoraAdapter (generated or mixed)
+    instruction: str  # what the served adapter puts in front of the input
+    source: str  # where that came from: "library" (a record's own), "adapter" (the built adapter's), "fallback"
+    prompts: dict[str, str]  # convention -> prompt
 
 
 def peft_dirs(root: str | Path | None) -> dict[str, Path]:
@@ -126,35 +143,55 @@ class Runner:
         self.answers: dict[tuple[str, str], str] = {}  # (adapter key, prompt) -> answer
 
     def run(self, rows: Sequence[Row], strategies: Sequence[str], own_in_library: bool) -> dict:
-        from generator.prompt import task_prompt
+        plans, paths, top1 = self.plan(rows, strategies)
+        every = [p for s in strategies for p in plans[s]]
+        todo = sorted({(p.key, q) for p in every for q in p.prompts.values()} - set(self.answers))
+        adapters = {p.key: p.adapter for p in every}
+        bar = tqdm(total=len(todo), desc="answering", mininterval=2.0)
+        for start in range(0, len(todo), self.ecfg.batch_size):
+            chunk = todo[start: start + self.ecfg.batch_size]
+            outs = self._answer([q for _, q in chunk], [adapters[k] for k, _ in chunk])
+            self.answers.update(zip(chunk, outs, strict=True))
+            bar.update(len(chunk))
+        bar.close()
+        out, tasks = {}, [r.task for r in rows]
+        for s in strategies:
+            score = {c: round(_task_mean([rouge_l(self.answers[(p.key, p.prompts[c])], r.references, self.scorer)
+                                          for p, r in zip(plans[s], rows, strict=True)], tasks), 2)
+                     for c in CONVENTIONS}
+            sources = {k: sum(p.source == k for p in plans[s]) for k in ("library", "adapter", "fallback")}
+            differs = sum(p.instruction != r.description for p, r in zip(plans[s], rows, strict=True))
+            out[s] = {"rougeL": score["served"], "rougeL_description_in_front": score["description"],
+                      "paths": paths[s], "instruction_from": sources, "served_differs": differs}
+        out["library_top1_is_own_task"] = round(float(np.mean(top1)), 4) if own_in_library else None
+        return out
 
+    def plan(self, rows: Sequence[Row], strategies: Sequence[str]) -> tuple[dict, dict, list[bool]]:
+        """Per strategy: each row's `Planned` adapter and prompts, the paths taken; and whether each row's top library
+        match (under the last strategy) is its own task."""
         vectors = self.strategy.embed([r.description for r in rows])  # (n_rows, dim)
         generated = self.gen.generate_embedded(torch.from_numpy(vectors), [r.description for r in rows])
         plans, paths = {}, {}
         for s in strategies:
             decisions = self.strategy.decide_vectors(vectors, s)
-            plans[s] = [self._adapter(d, g) for d, g in zip(decisions, generated, strict=True)]
+            plans[s] = [self._planned(d, g, r) for d, g, r in zip(decisions, generated, rows, strict=True)]
             paths[s] = {p: sum(d.path == p for d in decisions) for p in ("retrieve", "mix", "generate")}
             paths[s]["by_instruction"] = sum(bool(d.matches) and d.matches[0].key == "instruction" for d in decisions)
         top1 = [bool(d.matches) and d.matches[0].name == r.task for d, r in zip(decisions, rows, strict=True)]
-        prompts = [task_prompt(self.tok, r.description, r.input) for r in rows]
-        todo = sorted({(key, p) for s in strategies for (key, _), p in zip(plans[s], prompts, strict=True)}
-                      - set(self.answers))
-        adapters = {key: ad for s in strategies for key, ad in plans[s]}
-        bar = tqdm(total=len(todo), desc="answering", mininterval=2.0)
-        for start in range(0, len(todo), self.ecfg.batch_size):
-            chunk = todo[start: start + self.ecfg.batch_size]
-            outs = self._answer([p for _, p in chunk], [adapters[k] for k, _ in chunk])
-            self.answers.update(zip(chunk, outs, strict=True))
-            bar.update(len(chunk))
-        bar.close()
-        out = {}
-        for s in strategies:
-            scores = [rouge_l(self.answers[(key, p)], r.references, self.scorer)
-                      for (key, _), p, r in zip(plans[s], prompts, rows, strict=True)]
-            out[s] = {"rougeL": round(_task_mean(scores, [r.task for r in rows]), 2), "paths": paths[s]}
-        out["library_top1_is_own_task"] = round(float(np.mean(top1)), 4) if own_in_library else None
-        return out
+        return plans, paths, top1
+
+    def _planned(self, decision, generated, row: Row) -> Planned:
+        """The decision's adapter; in front of the input, the instruction serving would put there (the description
+        when the adapter carries none), or the description."""
+        from generator.prompt import task_prompt
+
+        key, adapter = self._adapter(decision, generated)
+        carried = self.strategy.instruction(decision, None if isinstance(adapter, str) else adapter)
+        source = "fallback" if not carried else "library" if decision.path == "retrieve" else "adapter"
+        instruction = carried or row.description
+        prompts = {"served": task_prompt(self.tok, instruction, row.input),
+                   "description": task_prompt(self.tok, row.description, row.input)}
+        return Planned(key, adapter, instruction, source, prompts)
 
     def _adapter(self, decision, generated) -> tuple[str, object]:
         """(a key naming the adapter, the adapter) for one decision."""
@@ -219,16 +256,29 @@ def format_eval(result: dict) -> str:
              f"near {t['near_threshold']:.3f}, instruction match {t['instruction_threshold']:.3f} (margin "
              f"{t['instruction_margin']:.3f}), out of scope under {t['scope_threshold']:.3f}.", "",
              f"ROUGE-L (mean over tasks of per-task means; {result['eval']['inputs']} test inputs per task, greedy, "
-             f"{result['eval']['max_new_tokens']} new tokens, the description as instruction in the prompt):", "",
-             "| setting | tasks | generate | retrieve | auto | auto's paths (retrieve (by instruction) / mix / "
-             "generate) |",
-             "|---|---:|---:|---:|---:|---|"]
-    for key, s in result["settings"].items():
-        p = s["auto"]["paths"]
-        lines.append(f"| ({key}) {s['what']} | {len(s['tasks'])} | {s['generate']['rougeL']:.2f} | "
-                     f"{s['retrieve']['rougeL']:.2f} | **{s['auto']['rougeL']:.2f}** | "
-                     f"{p['retrieve']} ({p.get('by_instruction', 0)}) / {p['mix']} / {p['generate']} |")
+             f"{result['eval']['max_new_tokens']} new tokens) under two prompt conventions, scored in the same run:",
+             "",
+             "- **served** (the issue's targets are judged on this one): in front of the input goes the instruction "
+             "the service would put there, the one the served adapter carries: a library adapter's own instruction "
+             "(a trained LoRA's task definition) on the retrieve path, the description for a generated adapter and "
+             "for a mixture (a mixed adapter carries its generated part's instruction).",
+             "- **description in front**: the row's description goes in front for every strategy, whatever the "
+             "adapter (the convention of the earlier tables; the service never sends this for a library adapter).",
+             "", "Served:", ""]
+    lines += _table(result, "rougeL", "auto's paths (retrieve (by instruction) / mix / generate)",
+                    lambda s: "{retrieve} ({by_instruction}) / {mix} / {generate}".format(**s["auto"]["paths"]))
+    lines += ["", "Description in front for every strategy:", ""]
+    lines += _table(result, "rougeL_description_in_front", "rows whose served prompt differs (retrieve / auto)",
+                    lambda s: f"{s['retrieve']['served_differs']} / {s['auto']['served_differs']}")
     return "\n".join(lines)
+
+
+def _table(result: dict, column: str, last: str, extra: Callable[[dict], str]) -> list[str]:
+    rows = [f"| setting | tasks | generate | retrieve | auto | {last} |", "|---|---:|---:|---:|---:|---|"]
+    for key, s in result["settings"].items():
+        rows.append(f"| ({key}) {s['what']} | {len(s['tasks'])} | {s['generate'][column]:.2f} | "
+                    f"{s['retrieve'][column]:.2f} | **{s['auto'][column]:.2f}** | {extra(s)} |")
+    return rows
 
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:

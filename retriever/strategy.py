@@ -356,6 +356,15 @@ class DescriptionStrategy:
         return Decision(name, plan.path, matches, plan.mixture, round(confidence, 4), round(train_sim, 6), nearest,
                         oos, warning, rejected)
 
+    def instruction(self, decision: Decision, adapter: LoraAdapter | None) -> str | None:
+        """The instruction the decided adapter carries, which serving puts in front of the user's text
+        (serve/instructions.py): on the `retrieve` path the library record's (the adapter is used by id; a trained
+        LoRA's is its task definition), else the `build` result's `metadata["instruction"]`: a generated adapter's
+        is its description, and a mixture carries the generated adapter's (see `build`)."""
+        if decision.path == "retrieve":
+            return self.library.get(decision.library_id).instruction
+        return adapter.metadata.get("instruction") if adapter is not None else None
+
     def build(self, decision: Decision, generated: LoraAdapter | None,
               load: Callable[[str], LoraAdapter] | None = None) -> LoraAdapter | None:
         """The decision's adapter: None for `retrieve` (the library adapter is used by id), the generated one,

@@ -40,8 +40,10 @@ def tiny_world(tmp_path_factory):
         (sni / "tasks" / f"{name}.json").write_text(json.dumps(_task(name, d, 1)))
     (sni / "manifest.json").write_text(json.dumps({"train": list(TRAIN), "dev": list(DEV)}))
     for folder, names in (("library", TRAIN), ("dev-library", DEV)):
-        for seed, name in enumerate(names):
-            save_peft(random_adapter(spec, seed=seed, scale=0.3), tmp / folder / name)
+        for seed, (name, definition) in enumerate(names.items()):
+            adapter = random_adapter(spec, seed=seed, scale=0.3)
+            adapter.metadata["instruction"] = definition  # its hyperlora.json, as `train lora-library` writes it
+            save_peft(adapter, tmp / folder / name)
     return tmp, model_dir, ckpt, sni
 
 
@@ -63,14 +65,50 @@ def test_eval_strategy_runs_end_to_end(tiny_world, encoder, monkeypatch):
     for setting in doc["settings"].values():
         assert setting["rows"] == 4 and len(setting["tasks"]) == 2
         for s in ("generate", "retrieve", "auto"):
-            assert 0 <= setting[s]["rougeL"] <= 100 and sum(setting[s]["paths"].values()) == 4
+            paths = setting[s]["paths"]
+            assert 0 <= setting[s]["rougeL"] <= 100 and paths["retrieve"] + paths["mix"] + paths["generate"] == 4
         assert setting["generate"]["paths"]["generate"] == 4 and setting["retrieve"]["paths"]["retrieve"] == 4
+        assert 0 <= setting["retrieve"]["rougeL_description_in_front"] <= 100
+        assert setting["generate"]["served_differs"] == 0 and setting["retrieve"]["instruction_from"]["library"] == 4
+    # (a): a retrieved adapter's prompt holds its own instruction (a definition), not the held-out paraphrase
+    assert doc["settings"]["a"]["retrieve"]["served_differs"] == 4
     # (c): each dev task's own adapter is keyed by its definition, which is the query: a confident match
     assert doc["settings"]["c"]["auto"]["paths"]["retrieve"] == 4
     assert doc["settings"]["c"]["library_top1_is_own_task"] == 1.0
     assert doc["settings"]["b"]["library_top1_is_own_task"] is None
     md = (out / "strategy.md").read_text()
     assert "| (a) train tasks, held-out paraphrases | 2 |" in md and "auto's paths" in md
+    assert "Description in front for every strategy:" in md and md.count("| (a) train tasks") == 2
+
+
+@pytest.mark.slow
+def test_served_prompt_fronts_the_instruction_the_adapter_carries(tiny_world, encoder, monkeypatch):
+    """retrieve: the library adapter's own instruction in front of the input; generate: the description."""
+    from generator.config import GeneratorConfig, build_generator
+    from generator.prompt import user_turn
+    from retriever.eval_strategy import EvalStrategyConfig, Row, Runner, build_library
+    from retriever.strategy import DescriptionStrategy
+    from retriever.tasks import load_sni
+
+    tmp, model_dir, ckpt, sni = tiny_world
+    monkeypatch.setattr("generator.encoder.TaskEncoder.load", classmethod(lambda cls, *a, **k: encoder))
+    ecfg = EvalStrategyConfig(str(sni), str(tmp / "library"), base_model=str(model_dir))
+    gen = build_generator(GeneratorConfig(str(model_dir), checkpoint=str(ckpt)))
+    library, origin = build_library(tmp / "prompt-library", gen, load_sni(str(sni), "train"), ecfg)
+    assert origin == "trained"
+    runner = Runner(gen, DescriptionStrategy(library, gen.encoder), ecfg)
+    row = Row("task002_french", "Turn this English sentence into French, please.", "The cat sleeps.", ["x"])
+    plans, paths, _ = runner.plan([row], ["retrieve", "generate"])
+    assert paths["retrieve"]["retrieve"] == 1 and paths["generate"]["generate"] == 1
+    got = plans["retrieve"][0]
+    own = TRAIN[library.get(got.key.removeprefix("lib:")).name]
+    assert (got.source, got.instruction) == ("library", own)
+    assert user_turn(own, row.input) in got.prompts["served"]
+    assert user_turn(row.description, row.input) in got.prompts["description"]
+    made = plans["generate"][0]
+    assert (made.source, made.instruction) == ("adapter", row.description)
+    assert made.prompts["served"] == made.prompts["description"] and user_turn(row.description, row.input) in \
+        made.prompts["served"]
 
 
 def test_eval_config_names_the_bad_value(tmp_path):
