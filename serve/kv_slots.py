@@ -15,12 +15,14 @@ class KVSlots:
     """keys[l], values[l]: `(n_slots, n_kv_heads, max_len, head_dim)` for every decoder layer l."""
 
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
+                 device: torch.device | str, dtype: torch.dtype, spare: int = 0) -> None:
+        """`spare` more slots (indices n_slots, n_slots + 1, ...) are allocated but never handed out: scratch
+        space, e.g. for the padding rows of a fixed-shape prefill."""
         if min(n_layers, n_slots, n_kv_heads, max_len, head_dim) < 1:
             raise ValueError(f"KV slot shape must be positive, got layers={n_layers} slots={n_slots} "
                              f"kv_heads={n_kv_heads} max_len={max_len} head_dim={head_dim}")
         self.n_slots, self.max_len = n_slots, max_len
-        shape = (n_slots, n_kv_heads, max_len, head_dim)
+        shape = (n_slots + spare, n_kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self._free = list(range(n_slots))  # lowest slot first: live rows stay packed at the front

@@ -9,7 +9,7 @@ the static step's math straight into their slots, with their LoRA from the pool 
 rows' first tokens. Then `step()` hands out the tokens the
 previous step chose (the one host sync per step), frees the slots of finished rows, and launches the
 next step. The engine's runtime types are only named for type checkers: imports run one way, engine ->
-slot_batch -> static_step -> kv_slots / adapter_pool / device_sampling.
+slot_batch -> static_prefill -> static_step -> kv_slots / adapter_pool / device_sampling.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from serve.device_sampling import choose_tokens
 from serve.errors import PromptTooLong, UnknownAdapter
 from serve.kv_slots import KVSlots
 from serve.results import Delta, TokenLogprob, log_batch_done
+from serve.static_prefill import StaticPrefill
 from serve.static_step import StaticStep, buckets, supports
 
 if TYPE_CHECKING:
@@ -47,11 +48,13 @@ class StaticDecoder:
         max_len = -(-max_len // 64) * 64  # attention windows in whole 64-position blocks (aligned masks)
         n_kv = conf.num_key_value_heads or conf.num_attention_heads
         head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
-        self.slots = KVSlots(conf.num_hidden_layers, cfg.max_batch_size, n_kv, max_len, head_dim, engine.device,
-                             cfg.torch_dtype)
-        self.pool = AdapterPool(engine.spec, engine.injector.targets, st.pool_slots or 2 * cfg.max_batch_size,
-                                st.pool_rank, engine.device, cfg.torch_dtype, cfg.max_batch_size, st.max_mix)
+        n = cfg.max_batch_size  # slot and pool row n: the spare one, for the prefill's padding rows
+        self.slots = KVSlots(conf.num_hidden_layers, n, n_kv, max_len, head_dim, engine.device, cfg.torch_dtype,
+                             spare=1)
+        self.pool = AdapterPool(engine.spec, engine.injector.targets, st.pool_slots or 2 * n, st.pool_rank,
+                                engine.device, cfg.torch_dtype, n + 1, st.max_mix)
         self.step = StaticStep(engine.model, engine.spec, self.slots, self.pool, st, engine.device)
+        self.prefill = StaticPrefill(self.step, n, spare=n)
         self.batch_buckets = buckets(cfg.max_batch_size)
         self.windows = buckets(max_len, min(st.min_window, max_len))
         self.engine = engine
@@ -136,7 +139,7 @@ class SlotBatch:
             if st.cfg.prefill == "model":
                 dec.slots.fill(slots, lengths, [(layer.keys, layer.values) for layer in cache.layers])
             else:  # straight into the slots, with the rows' LoRA just assigned
-                logits = st.prefill(slots, [j.prompt_ids for j in jobs], max(len(j.adapters) for j in jobs))
+                logits = dec.prefill(slots, [j.prompt_ids for j in jobs], max(len(j.adapters) for j in jobs))
             self._first_tokens(slots, logits, sample)
         except Exception:
             dec.slots.release(slots)

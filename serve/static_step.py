@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from generator.spec import ModelSpec
-from serve.adapter_pool import AdapterPool, lora_delta, lora_delta_seq
+from serve.adapter_pool import AdapterPool, lora_delta
 from serve.device_sampling import choose_tokens
 from serve.kv_slots import KVSlots
 
@@ -217,59 +217,6 @@ class StaticStep:
         self.pos[:b].add_(1)
         self.counter[:b].add_(1)
 
-    @torch.inference_mode()
-    def prefill(self, rows: list[int], prompts: list[list[int]], k: int) -> torch.Tensor:
-        """Run `prompts` through the model into the KV slots `rows` (positions 0..len-1), with the rows' LoRA
-        (k mixture entries, assigned in the pool beforehand); the logits after each prompt `(n, vocab)` float32.
-        Rows go in chunks of at most `prefill_tokens` padded tokens."""
-        out = []
-        for lo, hi in _chunks([len(p) for p in prompts], self.cfg.prefill_tokens):
-            out.append(self._prefill(rows[lo:hi], prompts[lo:hi], k))
-        return torch.cat(out)
-
-    def _prefill(self, rows: list[int], prompts: list[list[int]], k: int) -> torch.Tensor:
-        n, t = len(prompts), max(len(p) for p in prompts)
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
-        ids = torch.zeros(n, t, dtype=torch.long)  # (n, T), right-padded: a row's positions are 0..len-1
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        idx = torch.tensor(rows, device=self.device)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        cos, sin = self.cos[None, :t, None], self.sin[None, :t, None]  # (1, T, 1, hd)
-        x = F.embedding(ids.to(self.device), self.embed).view(n * t, -1)  # (n*T, D)
-        lora = self.pool.rows_factors(idx, k) if k and self.pool is not None else {}  # group -> (L, n, kW, d) x 2
-        for i, layer in enumerate(self.layers):
-            qkv = self._linear_seq(self._norm(x, layer["norm1"]), i, "qkv", lora, n)  # (n*T, (H + 2 KV) * hd)
-            qk = self._rope(qkv[:, : (nh + nkv) * hd].view(n, t, nh + nkv, hd), cos, sin).transpose(1, 2)
-            v = qkv[:, (nh + nkv) * hd:].view(n, t, nkv, hd).transpose(1, 2)  # (n, KV, T, hd)
-            q, key = qk[:, :nh], qk[:, nh:]  # (n, H, T, hd), (n, KV, T, hd)
-            self.slots.keys[i][idx, :, :t] = key
-            self.slots.values[i][idx, :, :t] = v
-            g = nh // nkv  # causal attention is exact for each row's real positions (padding only follows them)
-            attn = F.scaled_dot_product_attention(q, key.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
-                                                  is_causal=True, scale=self.scale)  # (n, H, T, hd)
-            attn = attn.transpose(1, 2).reshape(n * t, nh * hd)
-            x = self._linear_seq(attn, i, "o", lora, n, residual=x)
-            gate, up = self._linear_seq(self._norm(x, layer["norm2"]), i, "gate_up", lora, n).chunk(2, dim=-1)
-            x = self._linear_seq(layer["act"](gate) * up, i, "down", lora, n, residual=x)
-        x = x.view(n, t, -1)[torch.arange(n, device=self.device), last]  # (n, D): each prompt's last position
-        return F.linear(self._norm(x, self.final_norm), self.lm_head).float()  # (n, vocab)
-
-    def _linear_seq(self, x: torch.Tensor, layer: int, group: str, lora: dict, n: int,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
-        """`_linear` over whole prompts: x `(n*T, d_in)` -> `(n*T, d_out)`, each of the n rows its own LoRA."""
-        w, bias = self.layers[layer][group]
-        if residual is not None and not self.hf_numerics:
-            y = torch.addmm(residual if bias is None else residual + bias, x, w.t())
-            residual = None
-        else:
-            y = F.linear(x, w, bias)
-        if group in lora:
-            a, bt = lora[group]
-            y = lora_delta_seq(x.view(n, -1, x.shape[-1]), y.view(n, -1, y.shape[-1]), a[layer], bt[layer],
-                               fused=not self.hf_numerics).view(y.shape)
-        return y if residual is None else residual + y
-
     # ---- running: eager or graph replay --------------------------------------------------------------
     def run(self, b: int, window: int, k: int, sample: bool) -> None:
         key = (b, window, k, sample)
@@ -320,13 +267,3 @@ class StaticStep:
                     key, 1e3 * (time.perf_counter() - t0))
         return graph
 
-
-def _chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
-    """[lo, hi) row ranges whose rows x longest length stays within `budget` (at least one row each)."""
-    out, lo, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > lo and max(longest, n) * (i + 1 - lo) > budget:
-            out.append((lo, i))
-            lo, longest = i, 0
-        longest = max(longest, n)
-    return [*out, (lo, len(lengths))]

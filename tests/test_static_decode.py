@@ -80,6 +80,8 @@ def test_static_prefill_fills_the_slots_the_model_forward_fills(tiny, case):
     from serve.engine import GenerationJob
 
     engines = {p: _engine(tiny, "static", prefill=p, prefill_tokens=12) for p in ("model", "static")}
+    engines["padded"] = _engine(tiny, "static", prefill_tokens=80)  # rows and length in CUDA graph buckets
+    engines["padded"]._static.prefill.padded = True
     out = {}
     for name, eng in engines.items():
         jobs = [GenerationJob(eng.encode_prompt(p), mix, 1) for p, mix in zip(PROMPTS, MIXES[case], strict=True)]
@@ -91,19 +93,24 @@ def test_static_prefill_fills_the_slots_the_model_forward_fills(tiny, case):
         values = [torch.cat([layer[s, :, :n] for s, n in enumerate(lengths)], 1) for layer in st.slots.values]
         out[name] = (st.logits[:8].clone(), st.tokens[:8].clone(), keys, values)
         batch.release()
-    (lm, tm, km, vm), (ls, ts, ks, vs) = out["model"], out["static"]
-    assert torch.equal(tm, ts)
-    torch.testing.assert_close(ls, lm, atol=1e-4, rtol=1e-4)
-    for a, b in zip(ks + vs, km + vm, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    lm, tm, km, vm = out["model"]
+    for name in ("static", "padded"):
+        ls, ts, ks, vs = out[name]
+        assert torch.equal(tm, ts)
+        torch.testing.assert_close(ls, lm, atol=1e-4, rtol=1e-4)
+        for a, b in zip(ks + vs, km + vm, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    shapes = engines["padded"]._static.prefill._shapes  # the 8 prompts went as chunks padded to bucket shapes
+    assert shapes and all(r in (1, 2, 4, 8) and t in (16, 32, 64) for r, t, _ in shapes)
 
 
 def test_prefill_chunks_keep_rows_times_length_within_budget():
-    from serve.static_step import StaticDecodeConfig, _chunks
+    from serve.static_prefill import chunks
+    from serve.static_step import StaticDecodeConfig
 
-    assert _chunks([3, 5, 2, 8, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
-    assert _chunks([20], 10) == [(0, 1)]  # a prompt longer than the budget still goes, alone
-    assert _chunks([1] * 6, 100) == [(0, 6)]
+    assert chunks([3, 5, 2, 8, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert chunks([20], 10) == [(0, 1)]  # a prompt longer than the budget still goes, alone
+    assert chunks([1] * 6, 100) == [(0, 6)]
     with pytest.raises(ValueError, match="prefill must be one of"):
         StaticDecodeConfig(prefill="hf")
 
