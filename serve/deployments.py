@@ -138,6 +138,7 @@ class LLM:
         self._drains: set[asyncio.Future] = set()
         self._waiting: list[tuple[list[Queued], asyncio.Queue]] = []  # @serve.batch batches not yet decoding
         self._pump_task: asyncio.Future | None = None
+        self._engine_jobs = 0  # adapter loads waiting for the decode thread: a run of steps yields to them
         _set_batching(self._decode, cfg.llm_batch)
         self._decode.set_max_batch_size(min(cfg.llm_batch.max_batch_size, cfg.engine.max_batch_size))
 
@@ -154,7 +155,11 @@ class LLM:
         """`fn(*args)` on the decode thread: every piece of engine work that touches the device runs on that one
         thread, between decode steps. (A CUDA graph captured while another thread copies an adapter to the GPU
         fails, and the copy fails with it: that step then runs eagerly, and the request gets a 500.)"""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._engine_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._engine_jobs -= 1
 
     def _load_from_library(self, adapter_id: str) -> None:
         from generator.peft_io import AdapterFormatError
@@ -282,18 +287,38 @@ class LLM:
                 if not self._waiting:
                     return
                 continue
+
+            def deliver(deltas: list[tuple[int, Delta]], owners=owners) -> None:  # on the event loop
+                nonlocal groups
+                by_group: dict[int, dict[int, Delta]] = {}
+                for j, d in deltas:
+                    group, pos = owners[j]
+                    by_group.setdefault(id(group), {})[pos] = d
+                groups = [g for g in groups if not g.flush(by_group.get(id(g), {}))]
+
             try:
-                deltas = await loop.run_in_executor(self._executor, batch.step)
+                await loop.run_in_executor(self._executor, self._steps, loop, batch, deliver)
             except Exception as e:  # noqa: BLE001 - every request in the batch gets the error
                 for g in groups:
                     g.fail_all(e)
                 groups, batch, owners = [], None, {}
-                continue
-            by_group: dict[int, dict[int, Delta]] = {}
-            for j, d in deltas:
-                group, pos = owners[j]
-                by_group.setdefault(id(group), {})[pos] = d
-            groups = [g for g in groups if not g.flush(by_group.get(id(g), {}))]
+
+    def _steps(self, loop: asyncio.AbstractEventLoop, batch, deliver) -> None:
+        """Decode steps on the decode thread, one after another, until the batch is done or the event loop has
+        work for this thread (batches waiting to join, adapter loads): one hop to the thread per run of steps,
+        not per step, so a busy event loop does not stall the device. Each step's deltas go to the event loop as
+        they come (`deliver`, in order; all of them before this call's own completion)."""
+        while True:
+            deltas = batch.step()
+            if deltas:
+                loop.call_soon_threadsafe(deliver, deltas)
+            if batch.done or self._engine_jobs or self._can_join(batch):
+                return
+
+    def _can_join(self, batch) -> bool:
+        """Whether the first waiting @serve.batch batch fits into `batch` now (as `_joining` admits them)."""
+        waiting = self._waiting  # appended to by the event loop meanwhile; only the pump takes from it
+        return bool(waiting) and batch.can_join and len(waiting[0][0]) <= self.engine.cfg.max_batch_size - batch.active
 
     def _joining(self, batch, limit: int) -> list[Group]:
         """The waiting @serve.batch batches that fit into the running decode batch now (the first one always
