@@ -2,7 +2,7 @@
 # GPU job (#12): where a completion's time goes when the service runs on the H200. Starts the service as
 # h200-serve.sh does, warms every library adapter up, then runs the ignore_eos completions bench (c=64) while
 # py-spy records each Serve process (proxy, Gateways, LLM, ...) for 10 s.
-# -> $OUT/spy-<name>.txt (collapsed stacks), $OUT/bench_*.json, $OUT/ps.txt
+# -> $OUT/spy.tgz (spy-<name>.txt: collapsed stacks), $OUT/bench_*.json, $OUT/ps.txt, gpu-util.txt, llm-log.txt
 set -u
 . training/jobs/common.sh
 . training/jobs/serve-start.sh
@@ -30,3 +30,5 @@ grep "generated .* tokens for" $OUT/llm-log.txt | tail -8
 cat $OUT/top.txt | head -22
 ls -la $OUT
 pkill -f "hyperlora.py serve"; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
+# few files come back from a run: the stacks travel as one archive
+(cd $OUT && tar czf spy.tgz spy-*.txt && rm -f spy-*.txt)
