@@ -152,12 +152,7 @@ class StaticPrefill:
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """The step's `_linear` over whole prompts: x `(n*T, d_in)` -> `(n*T, d_out)`, each row its own LoRA."""
         st = self.step
-        w, bias = st.layers[layer][group]
-        if residual is not None and not st.hf_numerics:
-            y = torch.addmm(residual if bias is None else residual + bias, x, w.t())
-            residual = None
-        else:
-            y = F.linear(x, w, bias)
+        y, residual = st.base_linear(x, layer, group, residual)
         if group in lora:
             a, bt = lora[group]
             y = lora_delta_seq(x.view(n, -1, x.shape[-1]), y.view(n, -1, y.shape[-1]), a[layer], bt[layer],

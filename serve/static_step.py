@@ -161,15 +161,19 @@ class StaticStep:
             return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * w
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)  # one fused kernel on CUDA (fp32 inside)
 
+    def base_linear(self, x: torch.Tensor, layer: int, group: str, residual: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x @ W^T of `group` at `layer`, `residual` added in the same kernel where the numerics allow: the result
+        and the residual still to add (None once added). x `(rows, d_in)` -> `(rows, d_out)`."""
+        w, bias = self.layers[layer][group]
+        if residual is not None and not self.hf_numerics:
+            return torch.addmm(residual if bias is None else residual + bias, x, w.t()), None
+        return F.linear(x, w, bias), residual
+
     def _linear(self, x: torch.Tensor, layer: int, group: str, b: int, k: int, residual: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """x @ W^T (+ residual, in the same kernel) + each row's LoRA delta of `group` when k > 0."""
-        w, bias = self.layers[layer][group]
-        if residual is not None and not self.hf_numerics:
-            y = torch.addmm(residual if bias is None else residual + bias, x, w.t())
-            residual = None
-        else:
-            y = F.linear(x, w, bias)
+        y, residual = self.base_linear(x, layer, group, residual)
         factors = self.pool.row_factors(group, layer, b, k) if k and self.pool is not None else None
         if factors is not None:
             y = lora_delta(x, y, *factors, fused=not self.hf_numerics)
