@@ -40,6 +40,7 @@ async def _load(client: httpx.AsyncClient, make: Callable[[int], tuple[str, dict
     lat: list[float] = []
     errors: list[str] = []
     tokens = 0
+    parts: dict[str, list[float]] = {}  # Server-Timing part -> ms per request
 
     async def one(i: int) -> None:
         nonlocal tokens
@@ -53,6 +54,11 @@ async def _load(client: httpx.AsyncClient, make: Callable[[int], tuple[str, dict
             return
         lat.append(dt)
         tokens += r.json().get("usage", {}).get("completion_tokens", 0)
+        timing = parse_server_timing(r.headers.get("server-timing", ""))
+        if timing:
+            timing["outside"] = 1e3 * dt - timing.get("gateway", 0.0) - timing.get("llm", 0.0)  # proxy, HTTP, client
+            for k, v in timing.items():
+                parts.setdefault(k, []).append(v)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
@@ -63,8 +69,25 @@ async def _load(client: httpx.AsyncClient, make: Callable[[int], tuple[str, dict
            "throughput_rps": round(len(lat) / wall, 2), "wall_s": round(wall, 2)}
     if tokens:
         out["completion_tokens_per_s"] = round(tokens / wall, 1)
+    if parts:  # where a request's time went, from the service's Server-Timing headers
+        out["server_timing_p50_ms"] = {k: round(percentile(v, 0.5), 1) for k, v in parts.items()}
     if errors:
         out["first_error"] = errors[0]
+    return out
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """`a;dur=1.5, b;dur=2` -> {"a": 1.5, "b": 2.0} (parts without a duration are skipped)."""
+    out = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if name and key == "dur":
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
     return out
 
 
@@ -103,5 +126,8 @@ async def run_http_bench(url: str, requests: int = 32, concurrency: tuple[int, .
                       f"{res['throughput_rps']:>7.2f} req/s" +
                       (f"  {res['completion_tokens_per_s']:.1f} tokens/s" if "completion_tokens_per_s" in res else "")
                       + (f"  ERRORS {res['errors']}: {res['first_error']}" if res["errors"] else ""), flush=True)
+                if "server_timing_p50_ms" in res:
+                    print("    p50 ms: " + ", ".join(f"{k} {v:.1f}" for k, v in res["server_timing_p50_ms"].items()),
+                          flush=True)
         return {"url": url, "adapters_cycled": len(ids), "max_tokens": max_tokens, "ignore_eos": ignore_eos,
                 "results": results}

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.errors import Invalid, ServiceError, TooLarge, UnknownAdapter, UnknownModel, as_service_error
 from serve.instructions import has_examples, messages_with_instruction, pick_instruction, prompt_with_instruction
-from serve.protocol import LLMRequest, LLMResult
+from serve.protocol import LLMRequest, LLMResult, server_timing
 from serve.schemas import AdapterUse, ChatCompletionRequest, CompletionRequest, errors
 from serve.state import GatewayState, check_texts
 
@@ -144,6 +144,7 @@ async def plan_adapters(state: GatewayState, body, texts: list[str]) -> list[Pla
 
 
 async def _serve(state: GatewayState, body, chat: bool):
+    t_start = time.perf_counter()
     asked = body.limit if chat else body.max_tokens
     max_new = asked or min(256 if chat else 16, state.cfg.engine.max_new_tokens)  # unset: the default, capped
     _check_sampling(state, body, max_new)
@@ -160,7 +161,9 @@ async def _serve(state: GatewayState, body, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if body.stream:
         return await _stream(state, reqs, plans, body, chat, rid)
+    t_llm = time.perf_counter()
     results: list[LLMResult] = await asyncio.gather(*(state.backends.complete(r) for r in reqs))
+    t_done = time.perf_counter()
     usage = {"prompt_tokens": sum(r.prompt_tokens for r in results),
              "completion_tokens": sum(r.completion_tokens for r in results)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -175,7 +178,9 @@ async def _serve(state: GatewayState, body, chat: bool):
                    for i, r in enumerate(results)]
     return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": body.model, "choices": choices, "usage": usage,
-                         "hyperlora": plans[0].use.model_dump()})
+                         "hyperlora": plans[0].use.model_dump()},
+                        headers={"Server-Timing": server_timing(1e3 * (time.perf_counter() - t_start),
+                                                                1e3 * (t_done - t_llm), results)})
 
 
 def _with_examples(state: GatewayState, plan: Plan, messages: list[dict[str, str]] | None) -> Plan:

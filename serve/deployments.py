@@ -222,22 +222,33 @@ class LLM:
 
     # -- generation
     async def generate(self, req: LLMRequest) -> LLMResult:
-        return fold([ev async for ev in self._run(req, incremental=False)])
+        t0, queued = time.perf_counter(), []
+        result = fold([ev async for ev in self._run(req, incremental=False, queued=queued)])
+        q, end = queued[0], time.perf_counter()
+        admitted = q.admitted_at or end
+        result.timings = {"llm_prepare": 1e3 * (q.queued_at - t0), "llm_queue": 1e3 * (admitted - q.queued_at),
+                          "llm_decode": 1e3 * (end - admitted)}
+        return result
 
     async def generate_stream(self, req: LLMRequest) -> AsyncGenerator[Accepted | Delta, None]:
         async for ev in self._run(req, incremental=True):
             yield ev
 
-    async def _run(self, req: LLMRequest, incremental: bool) -> AsyncGenerator[Accepted | Delta, None]:
+    async def _run(self, req: LLMRequest, incremental: bool, queued: list[Queued] | None = None
+                   ) -> AsyncGenerator[Accepted | Delta, None]:
         """Accepted, then the request's deltas: every step's when `incremental` (streamed), else one at the end
-        (its coroutine is not woken for every token, and its text is decoded once)."""
+        (its coroutine is not woken for every token, and its text is decoded once). `queued` receives the
+        request's queue entry (its times)."""
         await self._ensure_adapters(req)
         engine = self.engine
         ids = engine.encode_chat(req.messages) if req.messages is not None else engine.encode_prompt(req.prompt or "")
         job = GenerationJob(ids, req.adapters, req.max_new_tokens, req.temperature, req.top_p, req.seed, req.stop,
                             req.logprobs, req.ignore_eos, incremental)
         yield Accepted(len(ids))
-        steps = enqueue_unsplit(self._decode, Queued(job, req))
+        entry = Queued(job, req)
+        if queued is not None:
+            queued.append(entry)
+        steps = enqueue_unsplit(self._decode, entry)
         async for item in steps:
             if item is None:  # a batch-mate's step
                 continue
@@ -354,9 +365,11 @@ class LLM:
             for group, pos in ok:
                 await self._admit_one(loop, batch, group, pos, owners)
             return
+        now = time.perf_counter()
         for j, (group, pos) in zip(seq_ids, ok, strict=True):
             owners[j] = (group, pos)
             group.live.add(pos)
+            group.items[pos].admitted_at = now
 
     async def _admit_one(self, loop, batch, group: Group, pos: int, owners: dict[int, tuple[Group, int]]) -> None:
         it = group.items[pos]
@@ -372,6 +385,7 @@ class LLM:
             return
         owners[j] = (group, pos)
         group.live.add(pos)
+        it.admitted_at = time.perf_counter()
 
     async def health(self) -> dict[str, Any]:
         return {"cached_adapters": len(self.engine.cache), "cache_bytes": self.engine.cache.nbytes,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import time
 from typing import Any
 
 from serve.engine import Delta, GenerationJob
@@ -17,6 +18,8 @@ from serve.protocol import LLMRequest
 class Queued:
     job: GenerationJob
     request: LLMRequest
+    queued_at: float = dataclasses.field(default_factory=time.perf_counter)  # perf_counter when it was queued
+    admitted_at: float | None = None  # when it joined the running decode batch
 
 
 @dataclasses.dataclass

@@ -50,6 +50,9 @@ class LLMResult:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[Any] | None = None
+    # milliseconds per stage in the LLM replica: prepare (adapters loaded, prompt tokenized), queue (until the
+    # request joined the running decode batch), decode (until its last token); the Gateway's Server-Timing header
+    timings: dict[str, float] | None = None
 
 
 def fold(events: list[Accepted | Delta]) -> LLMResult:
@@ -78,3 +81,19 @@ def same_base_model(a: str, b: str) -> bool:
     if not a or not b:
         return True  # an adapter that does not say is judged by its shapes alone
     return PurePath(a.rstrip("/")).name.lower() == PurePath(b.rstrip("/")).name.lower()
+
+
+LLM_STAGES = ("llm_prepare", "llm_queue", "llm_decode")
+
+
+def server_timing(total_ms: float, llm_ms: float, results: list[LLMResult]) -> str:
+    """A `Server-Timing` header value (W3C) for a completion: `gateway` (the handler's own time), `llm` (its calls
+    to the LLM deployment), and the slowest prompt's stages inside the LLM replica plus `llm_transit` (the rest of
+    the call: Serve's handle, queues and transfers both ways)."""
+    parts = {"gateway": total_ms - llm_ms, "llm": llm_ms}
+    timed = [r.timings for r in results if r.timings]
+    if timed:
+        slowest = max(timed, key=lambda t: sum(t.get(k, 0.0) for k in LLM_STAGES))
+        parts |= {k: slowest.get(k, 0.0) for k in LLM_STAGES}
+        parts["llm_transit"] = llm_ms - sum(parts[k] for k in LLM_STAGES)
+    return ", ".join(f"{k};dur={max(v, 0.0):.1f}" for k, v in parts.items())

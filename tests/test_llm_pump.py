@@ -72,3 +72,6 @@ def test_runs_of_steps_deliver_every_request_and_yield_to_newcomers(tmp_path, mo
     assert done["short"] < min(done[f"long{i}"] for i in range(3))  # joined mid-batch, its adapter loaded between runs
     assert "late" in llm.engine.cache
     assert runs_together < len(steps) / 2  # far fewer hops to the decode thread than decode steps
+    for r in together:  # each result says where its time went in the replica (the Gateway's Server-Timing)
+        assert set(r.timings) == {"llm_prepare", "llm_queue", "llm_decode"} and min(r.timings.values()) >= 0
+        assert r.timings["llm_decode"] > 0

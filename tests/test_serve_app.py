@@ -135,6 +135,7 @@ def test_generate_picks_the_requested_generator(client):
         weights.append(tar.extractfile(f"{aid}/adapter_model.safetensors").read())
         out = client.post("/v1/completions", json={"model": aid, "prompt": "Ahoy", "max_tokens": 3})
         assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] >= 1
+        assert "llm_decode;dur=" in out.headers["server-timing"]  # the LLM replica's stages came through Ray
     assert weights[0] != weights[1]  # two different generators made them
     r = client.post("/v1/adapters", json=body | {"generator": "sg"})  # a known kind without a checkpoint here
     assert r.status_code == 404, r.text

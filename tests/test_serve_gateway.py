@@ -55,7 +55,7 @@ class RecordingBackends:
         from serve.protocol import LLMResult
 
         self.requests.append(req)
-        return LLMResult("ok", "stop", 3, 1)
+        return LLMResult("ok", "stop", 3, 1, timings={"llm_prepare": 1.0, "llm_queue": 2.0, "llm_decode": 3.0})
 
     def share(self, adapter):
         return adapter
@@ -131,6 +131,19 @@ def test_completion_gets_the_adapters_instruction_in_the_chat_template(client, w
     assert _last(world).messages == chat_messages(None, f"{INSTRUCTION}\n\nDull.")
     client.post("/v1/completions", json={"model": plain, "prompt": "hi"})  # no instruction: raw, as before
     assert _last(world).prompt == "hi" and _last(world).messages is None
+
+
+def test_completions_say_where_their_time_went_in_server_timing(client, world):
+    from serve.bench_http import parse_server_timing
+
+    for path, body in (("/v1/completions", {"model": world[3], "prompt": "I loved it.", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "hi"}]})):
+        r = client.post(path, json=body)
+        assert r.status_code == 200, r.text
+        parts = parse_server_timing(r.headers["server-timing"])
+        assert set(parts) == {"gateway", "llm", "llm_prepare", "llm_queue", "llm_decode", "llm_transit"}
+        assert (parts["llm_prepare"], parts["llm_queue"], parts["llm_decode"]) == (1.0, 2.0, 3.0)  # the LLM's own
+        assert all(v >= 0 for v in parts.values())
 
 
 def test_chat_gets_the_instruction_unless_it_has_a_system_message_or_it(client, world):

@@ -374,3 +374,16 @@ def test_startup_cpu_seconds_name_processes_by_title_and_add_up():
     got = cpu.as_dict()
     assert got["total"] > 0 and len(got["by_process"]) >= 1
     assert abs(sum(got["by_process"].values()) - got["total"]) < 0.1
+
+
+def test_server_timing_header_round_trips():
+    from serve.bench_http import parse_server_timing
+    from serve.protocol import LLMResult, server_timing
+
+    slow = LLMResult("a", "stop", 1, 1, timings={"llm_prepare": 1.0, "llm_queue": 20.0, "llm_decode": 30.0})
+    fast = LLMResult("b", "stop", 1, 1, timings={"llm_prepare": 1.0, "llm_queue": 2.0, "llm_decode": 3.0})
+    parts = parse_server_timing(server_timing(80.0, 60.0, [fast, slow]))
+    assert parts == {"gateway": 20.0, "llm": 60.0, "llm_prepare": 1.0, "llm_queue": 20.0, "llm_decode": 30.0,
+                     "llm_transit": 9.0}  # the slowest prompt's stages; the rest of the call is transit
+    assert parse_server_timing(server_timing(5.0, 4.0, [LLMResult("c", "stop", 1, 1)])) == {"gateway": 1.0, "llm": 4.0}
+    assert parse_server_timing("x;desc=hi, y;dur=2.5, z;dur=oops") == {"y": 2.5}
