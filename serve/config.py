@@ -86,8 +86,9 @@ class ServeConfig(BaseModel):
     # adapter must keep to (generator.sanity): entry magnitude and update norm relative to the base weight
     # -- the LLM engine and batching
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    llm_batch: BatchSettings = Field(  # the LLM's @serve.batch (capped by engine.max_batch_size)
-        default_factory=lambda: BatchSettings(max_batch_size=32, batch_wait_timeout_s=0.02))
+    llm_batch: BatchSettings = Field(  # the LLM's @serve.batch: up to 64 of them decode together (their requests
+        # capped by engine.max_batch_size), so small ones lose nothing: the engine merges all waiting into one prefill
+        default_factory=lambda: BatchSettings(max_batch_size=4, batch_wait_timeout_s=0.02))
     generator_batch: BatchSettings = Field(  # a short wait: a lone request pays it; queued ones batch anyway
         default_factory=lambda: BatchSettings(max_batch_size=16, batch_wait_timeout_s=0.002))
     router_batch: BatchSettings = Field(

@@ -33,9 +33,12 @@ logger = logging.getLogger(__name__)
 # gauge per advertised id every 0.1 s in the replica: 256 ids took ~10% of a busy CPU replica's time. An id that
 # dropped out of the advertised set but is still in the engine's cache is not read from disk again.
 MAX_MULTIPLEXED_ADAPTERS = 64
-# @serve.batch batches admitted at once. Serve forms a batch as soon as requests arrive, not when the engine is
-# free, so batches join the running decode batch between steps (continuous batching) instead of queueing.
-LLM_CONCURRENT_BATCHES = 8
+# @serve.batch batches decoding at once. Serve forms a batch as soon as requests arrive, not when the engine is
+# free, so batches join the running decode batch between steps (continuous batching) instead of queueing; a batch
+# holds its place until its last request finishes, so under a steady stream of requests (small batches) this, times
+# llm_batch.max_batch_size, caps the sequences decoding together: with 8, 64 clients got ~13 live rows and waited
+# ~0.8 s each to join. Keep llm_batch.max_batch_size x 64 <= the LLM's max_ongoing_requests (Serve warns otherwise).
+LLM_CONCURRENT_BATCHES = 64
 
 
 def route_logs_to_serve() -> None:

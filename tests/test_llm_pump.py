@@ -11,13 +11,13 @@ from conftest import random_adapter
 from serve_fixtures import build_tiny_model, outside_serve, private_module
 
 
-def _llm(tmp_path, monkeypatch):
+def _llm(tmp_path, monkeypatch, rows: int = 8, per_batch: int = 8):
     from serve.config import ServeConfig
 
     model_dir = build_tiny_model(tmp_path / "tiny-llama")
     cfg = ServeConfig(base_model=str(model_dir), library=str(tmp_path / "library"), default_library=False,
-                      torch_threads=1, engine={"max_batch_size": 8, "max_new_tokens": 64},
-                      llm_batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.01})
+                      torch_threads=1, engine={"max_batch_size": rows, "max_new_tokens": 64},
+                      llm_batch={"max_batch_size": per_batch, "batch_wait_timeout_s": 0.01})
     outside_serve(monkeypatch)
     import serve.deployments
 
@@ -75,3 +75,35 @@ def test_runs_of_steps_deliver_every_request_and_yield_to_newcomers(tmp_path, mo
     for r in together:  # each result says where its time went in the replica (the Gateway's Server-Timing)
         assert set(r.timings) == {"llm_prepare", "llm_queue", "llm_decode"} and min(r.timings.values()) >= 0
         assert r.timings["llm_decode"] > 0
+
+
+def test_requests_arriving_one_by_one_all_decode_together(tmp_path, monkeypatch):
+    """Each request its own @serve.batch batch (a steady stream of clients): a batch holds its place until its last
+    request finishes, so the number of batches open at once must not cap the rows decoding together below the
+    engine's batch size (it was 8: the ninth client waited for the first to finish)."""
+    from serve.protocol import LLMRequest
+
+    llm = _llm(tmp_path, monkeypatch, rows=16, per_batch=1)
+    most = [0]
+    real_new_batch = llm.engine.new_batch
+
+    def watched(*args, **kw):
+        batch = real_new_batch(*args, **kw)
+        step = batch.step
+        batch.step = lambda: (most.__setitem__(0, max(most[0], batch.active)), step())[1]
+        return batch
+
+    monkeypatch.setattr(llm.engine, "new_batch", watched)
+
+    async def run():
+        calls = []
+        for i in range(12):
+            calls.append(asyncio.ensure_future(llm.generate(LLMRequest(prompt=f"client {i}", max_new_tokens=40,
+                                                                       ignore_eos=True))))
+            await asyncio.sleep(0.02)  # one by one, each in its own batch
+        return await asyncio.gather(*calls)
+
+    results = asyncio.run(run())
+    assert [r.completion_tokens for r in results] == [40] * 12
+    assert most[0] == 12
+    assert max(r.timings["llm_queue"] for r in results) < min(r.timings["llm_decode"] for r in results)

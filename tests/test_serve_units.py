@@ -22,7 +22,13 @@ def test_shipped_yaml_loads_and_builds_the_app():
     cfg = ServeConfig.from_yaml(DEFAULT_CONFIG)
     assert cfg.host == "127.0.0.1" and cfg.port == 8000
     assert set(cfg.deployments) == {"Gateway", "Generator", "Router", "LLM"}
-    assert cfg.engine.max_batch_size == cfg.llm_batch.max_batch_size
+    from serve.deployments import LLM_CONCURRENT_BATCHES
+
+    for shipped in (cfg, ServeConfig.from_yaml(Path(DEFAULT_CONFIG).with_name("config.gpu.yaml"))):
+        # every @serve.batch batch of the LLM can be open at once, so no request waits for a batch to end
+        llm = shipped.deployments["LLM"]
+        assert shipped.llm_batch.max_batch_size * LLM_CONCURRENT_BATCHES <= llm.max_ongoing_requests
+        assert llm.max_ongoing_requests >= shipped.engine.max_batch_size
     app = build_app(cfg)  # binds the four deployments; starts nothing
     assert type(app).__name__ == "Application"
     assert build_app({"engine": {"max_batch_size": 4}}) is not None  # what `serve run` passes: the args dict
