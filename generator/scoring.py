@@ -5,6 +5,8 @@ generated adapter against the examples a user put in the prompt (each example's 
 and the other examples, at several adapter strengths; the strength that predicts the examples best wins), so an
 adapter that imposes answer words the examples contradict steps back (strength 0 is the base model). On held-out
 train tasks it lost to the checkpoint's fixed strength (training/strength.py, README "Strength with examples").
+`gate_from_examples` asks the examples a yes/no question instead: answered greedily from the others, does the
+adapter reproduce them at least as well as the base model does (training/example_gate.py measures it)?
 """
 
 from __future__ import annotations
@@ -103,3 +105,41 @@ def strength_from_examples(model, tok, injector, spec, adapter: LoraAdapter, ins
     loss = {f"{s:g}": round(float(v), 4) for s, v in zip(strengths, per_row.tolist(), strict=True)}
     best = min(range(len(strengths)), key=lambda i: (round(per_row[i].item(), 4), strengths[i]))
     return float(strengths[best]), loss
+
+
+def lcs_f1(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on lowercased whitespace tokens (longest common subsequence), in [0, 1]; dependency-free."""
+    a, b = prediction.lower().split(), reference.lower().split()
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))
+
+
+@torch.no_grad()
+def gate_from_examples(model, tok, injector, spec, adapter: LoraAdapter, instruction: str | None,
+                       examples: Sequence[tuple[str, str]], device: torch.device | str = "cpu",
+                       max_new_tokens: int = 32) -> tuple[bool, dict[str, float]]:
+    """Whether to use `adapter` beside these in-context examples: each example is answered greedily from the
+    instruction and the others (leave-one-out), with the adapter and without; the adapter stays unless its answers
+    match the examples' (`lcs_f1`, mean) less well than the base model's. Ties keep it. Needs >= 2 examples."""
+    from generator.apply import AdapterBank
+    from generator.inference import generate_text
+
+    if len(examples) < 2:
+        raise ValueError(f"gating an adapter on examples needs at least 2 examples, got {len(examples)}")
+    pairs = leave_one_out(tok, instruction, examples)
+    prompts = [p for p, _ in pairs]
+    bank = AdapterBank.from_adapters([adapter], spec, device, next(model.parameters()).dtype)
+    lora = bank.gather(torch.zeros(len(prompts), dtype=torch.long, device=device))
+    with_adapter = generate_text(model, tok, prompts, injector, lora, max_new_tokens)
+    without = generate_text(model, tok, prompts, injector, None, max_new_tokens)
+    score = {name: sum(lcs_f1(o, y) for o, (_, y) in zip(outs, pairs, strict=True)) / len(pairs)
+             for name, outs in (("adapter", with_adapter), ("base", without))}
+    return score["adapter"] >= score["base"], score

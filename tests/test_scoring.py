@@ -69,3 +69,37 @@ def test_strength_from_examples_needs_two_examples(setup):
     adapter = fitted_adapter(model, tok, spec, injector, EXAMPLES, steps=1)
     with pytest.raises(ValueError, match="at least 2 examples, got 1"):
         strength_from_examples(model, tok, injector, spec, adapter, INSTRUCTION, EXAMPLES[:1])
+
+
+def test_lcs_f1_is_rouge_l_on_words():
+    from generator.scoring import lcs_f1
+
+    assert lcs_f1("The cat sat", "the cat") == pytest.approx(0.8)  # LCS 2 of 3 and 2 words
+    assert lcs_f1("yes", "Yes") == 1.0 and lcs_f1("no", "yes") == 0.0
+    assert lcs_f1("", "") == 1.0 and lcs_f1("", "x") == 0.0
+
+
+def test_gate_keeps_an_adapter_that_changes_nothing_and_needs_two_examples(setup):
+    from generator.scoring import gate_from_examples
+
+    model, tok, spec, injector = setup
+    adapter = fitted_adapter(model, tok, spec, injector, EXAMPLES, steps=0)  # B = 0: the base model's answers
+    keep, score = gate_from_examples(model, tok, injector, spec, adapter, INSTRUCTION, EXAMPLES, max_new_tokens=4)
+    assert keep and score["adapter"] == score["base"]  # a tie keeps the adapter
+    with pytest.raises(ValueError, match="at least 2 examples, got 1"):
+        gate_from_examples(model, tok, injector, spec, adapter, INSTRUCTION, EXAMPLES[:1])
+
+
+@pytest.mark.slow
+def test_gate_drops_an_adapter_whose_answers_contradict_the_examples(smollm2_copy):
+    from generator.scoring import gate_from_examples
+
+    model, tok, spec = smollm2_copy
+    model.requires_grad_(False)
+    injector = LoraInjector(model, spec, ("q_proj", "v_proj"))
+    contradict = fitted_adapter(model, tok, spec, injector, [(x, "purple") for x, _ in EXAMPLES], steps=8)
+    keep, score = gate_from_examples(model, tok, injector, spec, contradict, INSTRUCTION, EXAMPLES)
+    assert not keep and score["base"] > score["adapter"]
+    agree = fitted_adapter(model, tok, spec, injector, EXAMPLES)
+    keep, score = gate_from_examples(model, tok, injector, spec, agree, INSTRUCTION, EXAMPLES)
+    assert keep and score["adapter"] >= score["base"]
