@@ -9,8 +9,9 @@ import contextvars
 import dataclasses
 from typing import Any
 
-from serve.engine import Delta, GenerationJob
+from serve.engine_config import GenerationJob
 from serve.protocol import LLMRequest
+from serve.results import Delta
 
 
 @dataclasses.dataclass
