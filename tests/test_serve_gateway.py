@@ -520,3 +520,22 @@ def test_the_gateway_starts_and_routes_without_torch(world):
                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == []
+
+
+def test_hyperlora_serve_binds_the_app_without_torch():
+    """`hyperlora serve` (the command and the application it binds) imports no torch, transformers or FAISS: its
+    imports come before `ray.init`, on the critical path of every start."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "import hyperlora\n"
+            "from serve.app import build_app\n"
+            "from serve.config import ServeConfig\n"
+            "build_app(ServeConfig.from_yaml())\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules)))\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == []
