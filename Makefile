@@ -1,5 +1,7 @@
 # The two set-up-from-nothing commands: `make serve` and `make test`. Each creates .venv if missing; `make serve`
-# installs what the service needs, `make test` adds the dev extras (pytest, Schemathesis, Selenium, ruff...).
+# installs what the service needs, `make test` adds the dev extras (pytest, Schemathesis, Selenium, ruff...) and
+# train (Ray Train, with pandas and pyarrow, which Ray Serve then also imports at start: the service starts ~2 s of
+# CPU slower in a .venv that has them).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -24,7 +26,7 @@ $(RUNTIME): pyproject.toml
 
 $(DEV): $(RUNTIME)
 	test -x $(VENV)/bin/uv || $(PIP) install -q uv  # a .venv made by an older Makefile
-	$(UV) -e '.[dev]'
+	$(UV) -e '.[dev,train]'  # train: the Ray Train test (tests/test_training.py)
 	touch $(DEV)
 
 serve: $(RUNTIME)

@@ -10,7 +10,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 import typer
 
 from generator.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
@@ -56,6 +55,8 @@ DESCRIPTIONS = [
 
 
 def _machine() -> dict:
+    import torch
+
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -111,6 +112,8 @@ def bench_generate(
     out: Path = typer.Option(Path("results/bench_generate.json"), "--out", help="Where to write the JSON."),
 ) -> None:
     """Print hypernetwork parameter counts per variant and p50/p90 generation latency; write them as JSON."""
+    import torch  # here: the `hyperlora` command starts without it (`hyperlora serve` never needs it)
+
     from generator.config import load_spec
     from generator.encoder import TaskEncoder
     from generator.generate import default_checkpoint

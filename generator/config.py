@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from generator.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER, base_model_name, resolve_base_model
 from generator.spec import ModelSpec
 
@@ -28,6 +26,8 @@ class GeneratorConfig:
             raise ValueError(f"unknown generator {self.generator!r}; choose from {sorted(GENERATORS)}")
         if self.checkpoint is not None and not Path(self.checkpoint).is_dir():
             raise FileNotFoundError(f"checkpoint directory {self.checkpoint!r} does not exist")
+        import torch  # here, not at the top: the Gateway reads load_spec without torch
+
         torch.device(self.device)  # raises on a malformed device string
 
 

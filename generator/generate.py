@@ -18,21 +18,15 @@ from generator.hypernet.checkpoint import load_checkpoint
 from generator.hypernet.config import HypernetConfig
 from generator.hypernet.model import Hypernet, build_hypernet
 from generator.lora import LoraAdapter
+from generator.models import SHIPPED_CHECKPOINTS, default_checkpoint  # noqa: F401 - re-exported
 from generator.registry import registrar
 from generator.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 GENERATORS: dict[str, type[AdapterGenerator]] = {}
-SHIPPED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
 
 register_generator = registrar(GENERATORS)
-
-
-def default_checkpoint(kind: str = "t2l") -> Path | None:
-    """The checkpoint shipped in the package for the default base model, if there is one."""
-    path = SHIPPED_CHECKPOINTS / f"smollm2-{kind}"
-    return path if path.is_dir() else None
 
 
 class AdapterGenerator(ABC):

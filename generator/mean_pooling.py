@@ -1,6 +1,7 @@
-"""A sentence-transformers directory of exactly Transformer -> mean Pooling (-> Normalize), loaded with transformers
-alone: what `SentenceTransformer(path)` builds for such a model, without importing sentence_transformers (it pulls in
-scikit-learn and SciPy: seconds of every service replica's start that embeds text, the Router and the Generator).
+"""A sentence-transformers directory of exactly Transformer -> mean Pooling (-> Normalize), loaded without
+sentence_transformers (it pulls in scikit-learn and SciPy: seconds of every service replica's start that embeds text,
+the Router and the Generator): a plain BERT (the default MiniLM) in torch alone (generator/bert.py, no transformers
+modeling code either), anything else with transformers; what `SentenceTransformer(path)` builds for such a model.
 
 `load_mean_pooling(path)` returns None for any other directory (other pooling, prompts, lower-casing, extra modules or
 settings); the encoder then loads it with sentence-transformers as before.
@@ -66,14 +67,20 @@ def mean_pooling_settings(path: Path) -> tuple[int, int] | None:
 
 
 def load_mean_pooling(path: str | Path, device: torch.device | str = "cpu") -> MeanPoolingModel | None:
-    """The model at `path` loaded with transformers, or None when it is not a plain mean-pooling model."""
+    """The model at `path`, or None when it is not a plain mean-pooling model: a plain BERT (the default MiniLM) in
+    torch alone (generator/bert.py), anything else with transformers."""
     path = Path(path)
     settings = mean_pooling_settings(path)
     if settings is None:
         return None
+    max_len, dim = settings
+    from generator.bert import load_plain_bert
+
+    plain = load_plain_bert(path, device)
+    if plain is not None and int(plain[0].config["hidden_size"]) == dim:
+        return MeanPoolingModel(plain[0], plain[1], max_len, dim)
     from transformers import AutoModel, AutoTokenizer
 
-    max_len, dim = settings
     model = AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True).to(device).eval()
     if int(model.config.hidden_size) != dim:
         return None

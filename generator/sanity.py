@@ -12,36 +12,17 @@ the base weight it is added to; ||B·A||_F is computed from the two (r, r) Gram 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from generator.limits import AdapterLimits, AdapterRejected  # noqa: F401 - re-exported
 from generator.lora import LoraAdapter
 from generator.spec import MODULE_PARENTS, ModelSpec
 
 logger = logging.getLogger(__name__)
 BaseNorms = dict[str, torch.Tensor]  # module type -> (n_layers,) Frobenius norms of the base weights
-
-
-class AdapterRejected(ValueError):
-    """An adapter that is well-formed but not fit to serve; the message says which limit it breaks."""
-
-
-@dataclass
-class AdapterLimits:
-    """Bounds every adapter must keep to before it is stored or served."""
-
-    max_factor_abs: float = 1e3  # largest |entry| of any lora_A / lora_B factor (shipped generators: < 6)
-    max_relative_update: float = 4.0  # largest ||scaling·B·A||_F / ||W||_F of any module in any layer
-
-    def __post_init__(self) -> None:
-        for name in ("max_factor_abs", "max_relative_update"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def update_norms(adapter: LoraAdapter) -> dict[str, torch.Tensor]:

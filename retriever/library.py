@@ -24,10 +24,10 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from generator.lora import LoraAdapter
 from generator.models import hyperlora_home
-from generator.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError, load_peft, save_peft
+from generator.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError
 from generator.spec import ModelSpec
 from retriever.fsutil import clear_dir, dir_lock, fsync_dir, fsync_tree, write_json_atomic, write_json_durable
 from retriever.records import (
@@ -42,6 +42,9 @@ from retriever.records import (
     new_id,
     now_iso,
 )
+
+if TYPE_CHECKING:
+    from generator.lora import LoraAdapter  # torch: imported where weights are read or written
 
 __all__ = ["AdapterLibrary", "AdapterNotFound", "AdapterRecord", "InvalidAdapterId", "default_library_root"]
 logger = logging.getLogger(__name__)
@@ -215,6 +218,8 @@ class AdapterLibrary:
         if digest != record.sha256:
             raise AdapterFormatError(f"adapter {id}: {WEIGHTS_NAME} does not match its recorded sha256 "
                                      f"(file changed or corrupted on disk)")
+        from generator.peft_io import load_peft  # torch: only where weights are read (not to list or delete)
+
         adapter = load_peft(d, self.spec)
         adapter.metadata.update({"id": id, "name": record.name})
         logger.info("loaded adapter %s (%s) in %.1f ms", id, record.name, 1e3 * (time.perf_counter() - t0))
@@ -228,6 +233,8 @@ class AdapterLibrary:
 
         With `adapter_id` (e.g. derived from a request's idempotency key), an adapter already stored under that id is
         returned as it is: a request sent again after its first attempt stored it stores nothing new."""
+        from generator.peft_io import save_peft
+
         name, descriptions, source, sample_inputs = check_fields(name, descriptions, source, sample_inputs)
         instruction = check_instruction(adapter.metadata.get("instruction"))
         strength = check_strength(adapter.metadata.get("strength_with_examples"))
@@ -263,6 +270,8 @@ class AdapterLibrary:
     def add_peft_dir(self, path: str | Path, name: str, descriptions: Sequence[str], source: str = "uploaded",
                      sample_inputs: Sequence[str] = (), adapter_id: str | None = None) -> AdapterRecord:
         """Validate a PEFT LoRA directory (no pickle, finite, fits the base model) and add a canonical copy."""
+        from generator.peft_io import load_peft
+
         try:
             adapter = load_peft(path, self.spec)
         except AdapterFormatError:

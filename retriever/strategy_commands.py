@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from generator import commands as gen_cmds
-from retriever.strategy import STRATEGY_NAMES
+from retriever.strategy_config import STRATEGY_NAMES
 
 LibOpt = typer.Option(None, "--library", "-l", help="Library directory (default: $HYPERLORA_HOME/library).")
 SniOpt = typer.Option(Path("../shared/data/sni"), "--sni", help="SNI data directory.")

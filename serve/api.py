@@ -18,7 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from generator.peft_io import save_peft
 from serve import completions, playground, upload_routes
 from serve.errors import (
     Invalid,
@@ -302,6 +301,8 @@ def _archive(state: GatewayState, info: AdapterInfo, fmt: str) -> bytes:
     eph = state.ephemeral.get(info.id)
     if eph is None:
         raise UnknownAdapter(f"adapter {info.id} was dropped (the unsaved store is full) or deleted", param="id")
+    from generator.peft_io import save_peft  # torch: not at the Gateway's start
+
     tmp = Path(tempfile.mkdtemp(prefix="hyperlora-dl-"))
     try:
         save_peft(eph.adapter, tmp / info.id)

@@ -30,8 +30,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
 
 def _warn_untrained(cfg) -> None:
-    from generator.generate import default_checkpoint
-    from generator.models import DEFAULT_BASE_MODEL
+    from generator.models import DEFAULT_BASE_MODEL, default_checkpoint
 
     shipped = default_checkpoint(cfg.generator) if cfg.base_model == DEFAULT_BASE_MODEL else None
     if cfg.checkpoint is None and shipped is None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from generator.limits import AdapterLimits
 from generator.models import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
-from generator.sanity import AdapterLimits
-from serve.engine import EngineConfig
+from serve.engine_config import EngineConfig
 
 DEPLOYMENT_NAMES = ("Gateway", "Generator", "Router", "LLM")
 DEFAULT_CONFIG = Path(__file__).parent / "config.yaml"
@@ -117,7 +117,7 @@ class ServeConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _check_strategy(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from retriever.strategy import StrategyConfig
+        from retriever.strategy_config import StrategyConfig
 
         StrategyConfig.from_dict(v)  # raises ValueError naming the bad field
         return v
@@ -125,11 +125,12 @@ class ServeConfig(BaseModel):
     @field_validator("other_generators")
     @classmethod
     def _check_generators(cls, v: dict[str, str | None]) -> dict[str, str | None]:
-        from generator.generate import GENERATORS
+        from serve.schemas import GeneratorKind  # = generator.generate.GENERATORS (a test keeps them equal); no torch
 
-        unknown = sorted(set(v) - set(GENERATORS))
+        registered = set(get_args(GeneratorKind))
+        unknown = sorted(set(v) - registered)
         if unknown:
-            raise ValueError(f"unknown generator(s) {unknown}; registered: {sorted(GENERATORS)}")
+            raise ValueError(f"unknown generator(s) {unknown}; registered: {sorted(registered)}")
         return v
 
     @field_validator("deployments")
@@ -164,7 +165,7 @@ class ServeConfig(BaseModel):
         return RetrieverConfig.from_dict(self.retriever)
 
     def strategy_config(self):
-        from retriever.strategy import StrategyConfig
+        from retriever.strategy_config import StrategyConfig
 
         return StrategyConfig.from_dict(self.strategy)
 

@@ -14,19 +14,22 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from ray import serve
 
-from generator.lora import LoraAdapter
 from serve.config import ServeConfig
-from serve.engine import Delta, GenerationJob, load_engine
+from serve.engine_config import GenerationJob
 from serve.errors import GenerationFailed, InvalidAdapter, ServiceError, UnknownAdapter, WrongBaseModel
 from serve.llm_batching import Failed, Group, Queued, drain, enqueue_unsplit
+from serve.logs import route_logs_to_serve
 from serve.metrics import REGISTRY
 from serve.protocol import Accepted, LLMRequest, LLMResult, fold, public_model_name, same_base_model
+from serve.results import Delta
 from serve.startup import Phases
+
+if TYPE_CHECKING:
+    from generator.lora import LoraAdapter  # torch: imported by the replica's model code, not by this module
 
 logger = logging.getLogger(__name__)
 # ids one LLM replica advertises for routing (memory is bounded by engine.cache_bytes, not by this). Serve sets a
@@ -41,22 +44,12 @@ MAX_MULTIPLEXED_ADAPTERS = 64
 LLM_CONCURRENT_BATCHES = 64
 
 
-def route_logs_to_serve() -> None:
-    """Send our packages' INFO logs to the replica's Serve log (they are silent in a bare worker otherwise)."""
-    serve_logger = logging.getLogger("ray.serve")
-    for name in ("generator", "retriever", "serve"):
-        lg = logging.getLogger(name)
-        lg.setLevel(logging.INFO)
-        for h in serve_logger.handlers:
-            if h not in lg.handlers:
-                lg.addHandler(h)
-        lg.propagate = False
-
-
 def _configure(config: dict[str, Any] | ServeConfig) -> ServeConfig:
     cfg = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config)
     route_logs_to_serve()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch  # here: `hyperlora serve` binds these deployments without torch; the model replicas need it
+
     torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1 in replicas
     return cfg
 
@@ -130,6 +123,8 @@ class LLM:
 
         phases = Phases()
         cfg = _configure(config)
+        from serve.engine import load_engine
+
         self.engine = load_engine(cfg.base_model, cfg.engine)
         phases.mark("model")
         self.library = AdapterLibrary(cfg.library_root(), self.engine.spec)
@@ -191,6 +186,8 @@ class LLM:
         self.engine.add_adapter(key, adapter)
 
     async def _ensure_adapters(self, req: LLMRequest) -> None:
+        from generator.lora import LoraAdapter
+
         for key, _ in req.adapters:
             if key in req.inline:
                 value = req.inline[key]

@@ -30,70 +30,16 @@ import torch
 from generator.apply import AdapterBank, LoraInjector, PerSampleLora
 from generator.inference import stop_ids
 from generator.lora import LoraAdapter
-from generator.spec import MODULE_PARENTS, ModelSpec
+from generator.spec import ModelSpec
 from serve.decode import DecodeBatch
+from serve.engine_config import EngineConfig, GenerationJob, StaticDecodeConfig  # noqa: F401 - re-exported
 from serve.errors import InvalidAdapter, PromptTooLong, UnknownAdapter
 from serve.metrics import REGISTRY, SIZE_BUCKETS, Registry
 from serve.results import Delta, TokenLogprob
 from serve.sampling import RowSampling, choose_tokens, make_generator
 from serve.slot_batch import SlotBatch, StaticDecoder
-from serve.static_step import StaticDecodeConfig
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EngineConfig:
-    """How the LLM engine batches, bounds and places work."""
-
-    max_batch_size: int = 32  # most sequences decoded in one batch (the LLM deployment's @serve.batch size)
-    max_prompt_tokens: int = 1024  # a longer prompt is refused with 413
-    max_new_tokens: int = 512  # most tokens a request may ask for
-    cache_bytes: int = 512 * 2**20  # adapter LRU budget on the engine's device, in bytes
-    device: str = "cpu"  # torch device of the base model and the cached adapters
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # base model and adapter dtype
-    targets: tuple[str, ...] = tuple(MODULE_PARENTS)  # module types wrapped for per-sample LoRA
-    compact_fraction: float = 0.25  # drop finished rows once this fraction of the batch is finished
-    decode: Literal["auto", "dynamic", "static"] = "auto"  # static: KV slots + fixed-shape step; auto: static on cuda
-    static: StaticDecodeConfig = field(default_factory=StaticDecodeConfig)  # sizes of the static decode path
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_prompt_tokens", "max_new_tokens", "cache_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if not 0.0 < self.compact_fraction <= 1.0:
-            raise ValueError(f"compact_fraction must be in (0, 1], got {self.compact_fraction}")
-        if self.decode not in ("auto", "dynamic", "static"):
-            raise ValueError(f"decode must be one of ['auto', 'dynamic', 'static'], got {self.decode!r}")
-        if isinstance(self.static, dict):
-            self.static = StaticDecodeConfig(**self.static)
-        self.targets = tuple(self.targets)
-        torch.device(self.device)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-
-@dataclass
-class GenerationJob:
-    """One sequence to complete. `adapters` are (cache key, weight) pairs; empty means the base model."""
-
-    prompt_ids: list[int]
-    adapters: tuple[tuple[str, float], ...] = ()
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings (the end-of-turn token always stops)
-    logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives
-    ignore_eos: bool = False  # vLLM's: the end-of-turn/EOS tokens do not stop it (stop strings still do)
-    incremental: bool = True  # a Delta every step (streaming); False: one Delta with everything when it finishes
-
 
 @dataclass
 class GenerationResult:

@@ -25,28 +25,13 @@ class Gateway:
     """The FastAPI ingress composing Generator, Router and LLM."""
 
     def __init__(self, config: dict[str, Any], generator, router, llm) -> None:
-        from generator.config import load_spec
-        from retriever.library import AdapterLibrary
-        from serve.deployments import route_logs_to_serve
+        from serve.logs import route_logs_to_serve
 
-        phases = Phases()
         route_logs_to_serve()
-        cfg = ServeConfig.model_validate(config)
-        spec = load_spec(cfg.base_model)
-        phases.mark("spec")
-        self.state = GatewayState(
-            cfg=cfg, spec=spec, library=AdapterLibrary(cfg.library_root(), spec),
-            backends=Backends(generator, router, llm, cfg.request_timeout_s),
-            ephemeral=UnsavedStore(cfg.unsaved_root(), cfg.ephemeral_bytes), generator=cfg.generator,
-            generators=(cfg.generator,),
-            base_names=frozenset({spec.name, public_model_name(spec.name), PurePath(spec.name).name, "base"}),
-            replica=_replica_tag(),
-        )
-        phases.mark("library")
-        self.state.startup = phases.as_dict()
+        self.state = build_state(config, generator, router, llm)
         if self.state.api_key() is None:
             logger.warning("%s is unset: adapter save/upload/delete are accepted from localhost only",
-                           cfg.api_key_env)
+                           self.state.cfg.api_key_env)
         REGISTRY.histogram("hyperlora_http_request_seconds", "Gateway request latency.", tag_keys=("route", "status"))
 
     async def _generator_trained(self) -> None:
@@ -59,6 +44,30 @@ class Gateway:
 
     def __serve_build_asgi_app__(self):
         return build_api(self.state, on_startup=self._generator_trained)
+
+
+def build_state(config: dict[str, Any], generator, router, llm) -> GatewayState:
+    """The Gateway's state on `config` and the three deployment handles, timed (`state.startup`). Neither this nor
+    the routes import torch: the Gateway starts light, and torch comes in with the first adapter it handles (a
+    generated one, an upload, a download); tests/test_serve_gateway.py checks it."""
+    from generator.config import load_spec
+    from retriever.library import AdapterLibrary
+
+    phases = Phases()
+    cfg = ServeConfig.model_validate(config)
+    spec = load_spec(cfg.base_model)
+    phases.mark("spec")
+    state = GatewayState(
+        cfg=cfg, spec=spec, library=AdapterLibrary(cfg.library_root(), spec),
+        backends=Backends(generator, router, llm, cfg.request_timeout_s),
+        ephemeral=UnsavedStore(cfg.unsaved_root(), cfg.ephemeral_bytes), generator=cfg.generator,
+        generators=(cfg.generator,),
+        base_names=frozenset({spec.name, public_model_name(spec.name), PurePath(spec.name).name, "base"}),
+        replica=_replica_tag(),
+    )
+    phases.mark("library")
+    state.startup = phases.as_dict()
+    return state
 
 
 def _replica_tag() -> str:

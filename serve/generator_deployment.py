@@ -9,18 +9,19 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from ray import serve
 
-from generator.lora import LoraAdapter
 from serve.config import ServeConfig
 from serve.deployments import _configure, _set_batching
 from serve.metrics import REGISTRY
 from serve.protocol import public_model_name
 from serve.startup import Phases
+
+if TYPE_CHECKING:
+    from generator.lora import LoraAdapter  # torch: imported by the replica's model code, not by this module
 
 logger = logging.getLogger(__name__)
 FILL_AFTER_S = 60.0  # the default library starts filling at the first info call (the service is up), or after this
@@ -131,6 +132,8 @@ class Generator:
             raise ValueError(f"generator {unknown[0]!r} is not served here; available: {', '.join(sorted(self.gens))}")
         flat = [d for _, texts, _ in requests for d in texts]
         bounds = np.cumsum([0] + [len(texts) for _, texts, _ in requests])
+        import torch
+
         with self._torch:
             vectors = self.strategy.embed(flat)  # (n, dim)
             decisions = [d for (_, _, strategy), a, b in zip(requests, bounds[:-1], bounds[1:], strict=True)

@@ -10,8 +10,9 @@ import dataclasses
 import time
 from typing import Any
 
-from serve.engine import Delta, GenerationJob
+from serve.engine_config import GenerationJob
 from serve.protocol import LLMRequest
+from serve.results import Delta
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from serve.engine import Delta
+from serve.results import Delta
 
 
 @dataclass

@@ -7,7 +7,7 @@ the temperature divides log-probabilities whose maximum is 0, so a tiny temperat
 (below `MIN_TEMPERATURE` a row is greedy), and the nucleus always keeps the most likely token, so a tiny
 `top_p` cannot leave nothing to sample from.
 
-The request-level ranges (what the API accepts) live here too, beside the code that relies on them.
+The request-level ranges (what the API accepts) are in serve/engine_config.py (no torch there).
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_TEMPERATURE = 0.01  # a positive temperature below this is greedy (the API maps it to 0)
-MAX_TEMPERATURE = 2.0
-MIN_SEED = -(2**63)  # what torch.Generator.manual_seed takes
-MAX_SEED = 2**64 - 1
+from serve.engine_config import MAX_SEED, MAX_TEMPERATURE, MIN_SEED, MIN_TEMPERATURE  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from serve.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
+from serve.engine_config import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 # the engine takes any 64-bit seed; the API keeps to what every JSON parser reads exactly (bigger integers pass
 # through doubles in many clients and validators, where 2**64 + 384 == 2**64)

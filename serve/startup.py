@@ -180,9 +180,13 @@ def _driver_phases(log: Path) -> dict[str, float] | None:
 def run(runs: list[str], home: str | None, port: int, config: Path, out: Path) -> dict[str, Any]:
     """`fresh`: an empty HYPERLORA_HOME (the base model converted, the default library built in the background);
     `restart`: the same home again (or `home` if given); `clone`: a fresh clone's `make serve` (measure_clone)."""
+    if home is None and "restart" in runs and "fresh" not in runs[: runs.index("restart")]:
+        raise ValueError("a restart run needs a home started before: pass --home (e.g. ~/.cache/hyperlora), or run "
+                         "fresh,restart")
     fresh_home = Path(home) if home else Path(tempfile.mkdtemp(prefix="hyperlora-home-"))
     report: dict[str, Any] = {"home": str(fresh_home), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
+                              "cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
+                              "python": sys.executable, "pandas": _importable("pandas")}
     try:
         _runs(runs, fresh_home, port, config, report)
     finally:
@@ -192,6 +196,12 @@ def run(runs: list[str], home: str | None, port: int, config: Path, out: Path) -
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}", flush=True)
     return report
+
+
+def _importable(module: str) -> bool:
+    """Whether the service's processes can import `module` (Ray Serve imports pandas at start when it can)."""
+    code = f"import importlib, sys\ntry:\n    importlib.import_module({module!r})\nexcept ImportError:\n    sys.exit(1)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 def _runs(runs: list[str], fresh_home: Path, port: int, config: Path, report: dict[str, Any]) -> None:

@@ -16,18 +16,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fastapi import Header
 
-from generator.lora import LoraAdapter
 from generator.spec import ModelSpec
 from serve.config import ServeConfig
 from serve.errors import Forbidden, Invalid, InvalidAdapter, TooLarge, Unauthorized, UnknownAdapter, WrongBaseModel
 from serve.protocol import Accepted, LLMRequest, LLMResult, public_model_name, same_base_model
 from serve.schemas import AdapterInfo, encodable
 from serve.unsaved import EPHEMERAL_PREFIX, UnsavedStore
+
+if TYPE_CHECKING:
+    from generator.lora import LoraAdapter  # torch; only the Generator's adapters bring it
 
 logger = logging.getLogger(__name__)
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})

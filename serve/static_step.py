@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,49 +23,12 @@ import torch.nn.functional as F
 from generator.spec import ModelSpec
 from serve.adapter_pool import AdapterPool, lora_delta
 from serve.device_sampling import choose_tokens
+from serve.engine_config import StaticDecodeConfig  # noqa: F401 - re-exported
 from serve.kv_slots import KVSlots
 
 logger = logging.getLogger(__name__)
 
 CAPTURE_TRIES = 3  # captures of one shape that may fail before it runs eagerly for good
-
-
-@dataclass
-class StaticDecodeConfig:
-    """Sizes of the static decode path (KV slots, adapter pool, graphs)."""
-
-    max_len: int = 0  # positions per KV slot (prompt + completion); 0: max_prompt_tokens + max_new_tokens
-    pool_slots: int = 0  # adapters held in the device pool at once; 0: twice the max batch size
-    pool_rank: int = 16  # pool rank: lower-rank adapters are zero-padded, higher ones are refused
-    max_mix: int = 4  # most adapters mixed in one row
-    cuda_graphs: bool = True  # capture one CUDA graph per shape on CUDA (never on the CPU)
-    min_window: int = 64  # smallest attention window; windows double up to max_len
-    # fused: norm, residual adds and rotary fused into fewer kernels (one rounding each); hf: rounded where HF
-    # Llama rounds (bf16 tokens closer to the dynamic path's, a few more kernels per layer)
-    numerics: Literal["fused", "hf"] = "fused"
-    # compile: the step's math through torch.compile (inductor) before capture, which fuses norms, rotary, the
-    # KV write and the SwiGLU into fewer kernels; each (batch, window, mix, sample) shape compiles once (tens of
-    # seconds on first use), so it is off by default and for benchmarks or servers that warm every shape up
-    compile: bool = False
-    # prefill: "static" runs the prompts through the same math straight into the new rows' KV slots (right-padded,
-    # causal, the rows' LoRA from the pool; far fewer kernels than the model's forward); "model" is one HF
-    # forward over the left-padded prompts with the per-sample LoRA injected, its cache then copied into slots
-    prefill: Literal["static", "model"] = "static"
-    prefill_tokens: int = 16384  # prompt tokens (rows x longest prompt) per prefill chunk (>= 1)
-
-    def __post_init__(self) -> None:
-        for name in ("max_len", "pool_slots"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("pool_rank", "max_mix", "min_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.numerics not in ("fused", "hf"):
-            raise ValueError(f"numerics must be one of ['fused', 'hf'], got {self.numerics!r}")
-        if self.prefill not in ("static", "model"):
-            raise ValueError(f"prefill must be one of ['static', 'model'], got {self.prefill!r}")
-        if self.prefill_tokens < 1:
-            raise ValueError(f"prefill_tokens must be >= 1, got {self.prefill_tokens}")
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:

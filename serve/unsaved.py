@@ -27,12 +27,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from generator.lora import LoraAdapter
-from generator.peft_io import AdapterFormatError, load_peft, save_peft
+from generator.peft_format import AdapterFormatError
 from retriever.fsutil import dir_lock
 from serve.schemas import AdapterInfo
+
+if TYPE_CHECKING:
+    from generator.lora import LoraAdapter  # torch; only the Generator's adapters bring it
 
 logger = logging.getLogger(__name__)
 EPHEMERAL_PREFIX = "tmp-"
@@ -80,6 +82,8 @@ class UnsavedStore:
         """Write `adapter` under `info.id` (atomically), dropping the least recently used ones beyond the bound."""
         if not is_unsaved_id(info.id):
             raise ValueError(f"{info.id!r} is not an unsaved adapter id ({EPHEMERAL_PREFIX}<32 hex digits>)")
+        from generator.peft_io import save_peft  # torch (the adapter came with it); not at the Gateway's start
+
         tmp = Path(tempfile.mkdtemp(prefix=f"{info.id}.", dir=self._staging))
         try:
             save_peft(adapter, tmp)
@@ -108,6 +112,8 @@ class UnsavedStore:
         _touch(d / INFO_NAME)
         if item is not None:
             return item
+        from generator.peft_io import load_peft  # torch: not at the Gateway's start
+
         try:
             info = AdapterInfo.model_validate_json((d / INFO_NAME).read_text())
             adapter = load_peft(d)

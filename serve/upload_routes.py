@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 
-from generator.peft_io import AdapterFormatError, load_peft
+from generator.peft_format import AdapterFormatError
 from serve.errors import Invalid, InvalidAdapter, ServiceError, WrongBaseModel
 from serve.protocol import public_model_name, same_base_model
 from serve.schemas import NAME_PATTERN, AdapterInfo, errors
@@ -102,6 +102,7 @@ async def _read_upload(request: Request, lim) -> tuple[dict[str, list[str]], dic
 
 def _add_upload(state: GatewayState, d: Path, name: str, descriptions: list[str], samples: list[str],
                 instruction: str | None, adapter_id: str | None = None):
+    from generator.peft_io import load_peft  # torch: the Gateway imports it at its first upload, not at start
     from retriever.records import check_fields
 
     try:

@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from generator.peft_io import CONFIG_NAME, PICKLE_SUFFIXES, SIDECAR_NAME, WEIGHTS_NAME
+from generator.peft_format import CONFIG_NAME, PICKLE_SUFFIXES, SIDECAR_NAME, WEIGHTS_NAME
 from serve.errors import InvalidAdapter, TooLarge
 
 REQUIRED = (CONFIG_NAME, WEIGHTS_NAME)

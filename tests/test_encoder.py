@@ -119,18 +119,61 @@ def test_fast_mean_pooling_matches_sentence_transformers(encoder):
 
 
 def test_the_default_encoder_needs_no_sentence_transformers():
-    """The Router and Generator replicas start without importing it (and scikit-learn, SciPy behind it)."""
+    """The Router and Generator replicas start without importing it (and scikit-learn, SciPy behind it), nor
+    transformers (its modeling code is ~2.5 s of CPU per replica): the MiniLM runs as generator/bert.py."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     code = ("import sys; from generator.encoder import TaskEncoder; e = TaskEncoder.load(); "
-            "print(tuple(e.encode(['hi']).shape), 'sentence_transformers' in sys.modules, 'sklearn' in sys.modules)")
+            "print(tuple(e.encode(['hi']).shape), 'sentence_transformers' in sys.modules, 'sklearn' in sys.modules, "
+            "'transformers' in sys.modules)")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)}).stdout
-    assert out.split()[-4:] == ["(1,", "384)", "False", "False"]
+    assert out.split()[-5:] == ["(1,", "384)", "False", "False", "False"]
+
+
+def test_plain_bert_tokens_and_states_match_transformers():
+    """generator/bert.py against transformers' AutoTokenizer and AutoModel on the real MiniLM: the same ids (accents,
+    CJK, emoji, whitespace, truncation, padding) and the same hidden states at every real token."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from generator.bert import PlainBert, load_plain_bert
+    from generator.models import resolve_embedder
+
+    path = resolve_embedder()
+    model, tok = load_plain_bert(path)
+    assert isinstance(model, PlainBert)
+    hf, hf_tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    texts = ["Hello world!", "Ünïcödé café naïve 東京 🙂 tabs\tand  spaces", "word " * 300, ""]
+    assert tok(texts)["input_ids"] == hf_tok(texts)["input_ids"]
+    ours = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    ref = hf_tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    assert sorted(ours) == sorted(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+    with torch.no_grad():
+        a, b = model(**ours).last_hidden_state, hf(**ref).last_hidden_state  # (4, 256, 384)
+    real = ref["attention_mask"].bool()
+    assert torch.allclose(a[real], b[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("change", [{"hidden_act": "gelu_new"}, {"model_type": "roberta"},
+                                    {"position_embedding_type": "relative_key"}])
+def test_plain_bert_leaves_other_models_to_transformers(tmp_path, change):
+    import json
+    import shutil
+
+    from generator.bert import load_plain_bert
+    from generator.models import resolve_embedder
+
+    src = resolve_embedder()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        shutil.copy(src / name, tmp_path / name)
+    assert load_plain_bert(tmp_path) is not None
+    config = json.loads((src / "config.json").read_text()) | change
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_plain_bert(tmp_path) is None
 
 
 def test_other_sentence_transformers_models_load_with_it(tmp_path):

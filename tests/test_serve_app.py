@@ -93,11 +93,22 @@ def test_healthz_and_models(client, service, lib_ids):
     assert "/tmp" not in json.dumps(models) and "/tmp" not in json.dumps(h)  # no file paths
 
 
-def test_metrics_are_prometheus_text(client):
+def test_metrics_are_prometheus_text(service, client):
+    """`/metrics` renders the answering Gateway replica's own series (and one replica of each backend). Two Gateway
+    replicas share the load, and the one that answers may have served nothing yet (a request is counted once it is
+    answered): so ask until a replica answers a second time, when its first `/metrics` answer has been counted."""
     client.post("/v1/route", json={"input": "hello"})
-    text = client.get("/metrics").text
-    assert "# TYPE hyperlora_route_seconds histogram" in text
-    assert 'hyperlora_http_request_seconds_count{component="gateway"' in text
+    replicas = service[1].deployments["Gateway"].num_replicas
+    seen: set[str] = set()
+    for _ in range(replicas + 1):  # by pigeonhole, one of these answers comes from a replica that answered before
+        r = client.get("/metrics")
+        if r.headers["X-Hyperlora-Replica"] in seen:
+            break
+        seen.add(r.headers["X-Hyperlora-Replica"])
+    else:
+        pytest.fail(f"{replicas + 1} answers from {len(seen)} different Gateway replicas; the service has {replicas}")
+    assert "# TYPE hyperlora_route_seconds histogram" in r.text
+    assert 'hyperlora_http_request_seconds_count{component="gateway",route="/metrics",status="200"}' in r.text
 
 
 def test_openapi_docs(client):

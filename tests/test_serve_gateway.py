@@ -510,3 +510,45 @@ def test_ignore_eos_reaches_the_llm_and_is_documented(client, world, path, body)
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         field = comps[name]["properties"]["ignore_eos"]
         assert field["type"] == "boolean" and field["default"] is False and "max_tokens" in field["description"]
+
+
+def test_the_gateway_starts_and_routes_without_torch(world):
+    """Its module, its state (library, unsaved store, config) and its routes import no torch, transformers or FAISS:
+    two Gateway replicas start beside the model replicas on two cores (torch is ~1.3 s of CPU per process). torch
+    comes in with the first adapter the Gateway handles."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "from serve.gateway import build_state\n"
+            "from serve.api import build_api\n"
+            "state = build_state(json.loads(sys.argv[1]), None, None, None)\n"
+            "app = build_api(state)\n"
+            "assert any(getattr(r, 'path', '') == '/v1/completions' for r in app.routes)\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'faiss', 'safetensors', "
+            "'sentence_transformers') if m in sys.modules)))\n")
+    config = json.dumps(world[0].cfg.model_dump(mode="json", exclude={"deployments"}))
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code, config], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == []
+
+
+def test_hyperlora_serve_binds_the_app_without_torch():
+    """`hyperlora serve` (the command and the application it binds) imports no torch, transformers or FAISS: its
+    imports come before `ray.init`, on the critical path of every start."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "import hyperlora\n"
+            "from serve.app import build_app\n"
+            "from serve.config import ServeConfig\n"
+            "build_app(ServeConfig.from_yaml())\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules)))\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == []

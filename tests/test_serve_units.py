@@ -365,6 +365,17 @@ def test_startup_bench_refuses_an_unknown_run_before_launching_anything(tmp_path
     assert not out.exists()
 
 
+def test_startup_bench_refuses_a_restart_of_a_home_never_started(tmp_path):
+    """Without --home a restart run would start on a new empty home: a first start, not a restart."""
+    from serve.config import DEFAULT_CONFIG
+    from serve.startup import run
+
+    out = tmp_path / "startup.json"
+    with pytest.raises(ValueError, match="a restart run needs a home started before: pass --home"):
+        run(["restart"], None, 0, DEFAULT_CONFIG, out)
+    assert not out.exists()
+
+
 def test_startup_cpu_seconds_name_processes_by_title_and_add_up():
     import os
 
