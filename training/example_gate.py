@@ -34,7 +34,7 @@ from generator.scoring import gate_from_examples
 from training.config import TrainConfig
 from training.data import DEFAULT_DATA, load_split
 from training.embeddings import task_embeddings
-from training.strength import heldout_icl_loss
+from training.strength import checkpoint_parser, heldout_icl_loss
 
 logger = logging.getLogger(__name__)
 ICL_ROW = "2-shot ICL"
@@ -131,16 +131,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="T2L checkpoint (its extra.val_tasks are the held-out tasks)")
-    p.add_argument("--name", default="t2l-res-m-lr2", help="the checkpoint's row name in the predictions")
+    p = checkpoint_parser(__doc__, "t2l-res-m-lr2")
     p.add_argument("--predictions", default=None, help="predictions file (.json.gz) holding the dev rows")
     p.add_argument("--merge", action="store_true", help="add the gated dev row to the predictions file")
-    p.add_argument("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    p.add_argument("--data", default=None)
-    p.add_argument("--embeddings", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--heldout-per-task", type=int, default=16, help="held-out training instances per task for "
                    "the adoption test (0: skip it; on a CPU it takes an hour)")
     p.add_argument("--out", required=True, help="JSON result file")

@@ -130,15 +130,21 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def checkpoint_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options of a job that scores a T2L checkpoint on its held-out train tasks (this one, example_gate)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="T2L checkpoint (its extra.val_tasks are the held-out tasks)")
-    p.add_argument("--name", default="t2l-sft-m", help="row name prefix in the predictions")
+    p.add_argument("--name", default=name, help="the checkpoint's row name (prefix) in the predictions")
     p.add_argument("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     p.add_argument("--data", default=None)
     p.add_argument("--embeddings", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    return p
+
+
+def parser() -> argparse.ArgumentParser:
+    p = checkpoint_parser(__doc__, "t2l-sft-m")
     p.add_argument("--strengths", default=",".join(str(s) for s in STRENGTHS))
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--out", required=True)
