@@ -77,10 +77,10 @@ def test_runs_of_steps_deliver_every_request_and_yield_to_newcomers(tmp_path, mo
         assert r.timings["llm_decode"] > 0
 
 
-def test_requests_arriving_one_by_one_all_decode_together(tmp_path, monkeypatch):
-    """Each request its own @serve.batch batch (a steady stream of clients): a batch holds its place until its last
-    request finishes, so the number of batches open at once must not cap the rows decoding together below the
-    engine's batch size (it was 8: the ninth client waited for the first to finish)."""
+def test_requests_each_in_its_own_batch_all_decode_together(tmp_path, monkeypatch):
+    """Each request its own @serve.batch batch (as under a steady stream of clients): a batch holds its place until
+    its last request finishes, so the number of batches open at once must not cap the rows decoding together below
+    the engine's batch size (it was 8: the ninth client waited for the first to finish)."""
     from serve.protocol import LLMRequest
 
     llm = _llm(tmp_path, monkeypatch, rows=16, per_batch=1)
@@ -95,13 +95,9 @@ def test_requests_arriving_one_by_one_all_decode_together(tmp_path, monkeypatch)
 
     monkeypatch.setattr(llm.engine, "new_batch", watched)
 
-    async def run():
-        calls = []
-        for i in range(12):
-            calls.append(asyncio.ensure_future(llm.generate(LLMRequest(prompt=f"client {i}", max_new_tokens=40,
-                                                                       ignore_eos=True))))
-            await asyncio.sleep(0.02)  # one by one, each in its own batch
-        return await asyncio.gather(*calls)
+    async def run():  # 12 clients at once, each request its own batch (llm_batch.max_batch_size 1)
+        return await asyncio.gather(*(llm.generate(LLMRequest(prompt=f"client {i}", max_new_tokens=40,
+                                                              ignore_eos=True)) for i in range(12)))
 
     results = asyncio.run(run())
     assert [r.completion_tokens for r in results] == [40] * 12
