@@ -135,12 +135,13 @@ class SlotBatch:
             cache, _, _, logits = eng._prefill(jobs, eng._per_sample(jobs))  # logits (rows, vocab)
         slots = dec.slots.take(len(jobs))
         try:
-            sample = self._set_rows(slots, seqs, pool_slots, lengths)
+            idx = torch.tensor(slots, device=st.device)  # the new rows, once on the device
+            sample = self._set_rows(idx, seqs, pool_slots, lengths)
             if st.cfg.prefill == "model":
                 dec.slots.fill(slots, lengths, [(layer.keys, layer.values) for layer in cache.layers])
             else:  # straight into the slots, with the rows' LoRA just assigned
                 logits = dec.prefill(slots, [j.prompt_ids for j in jobs], max(len(j.adapters) for j in jobs))
-            self._first_tokens(slots, logits, sample)
+            self._first_tokens(idx, logits, sample)
         except Exception:
             dec.slots.release(slots)
             raise
@@ -163,15 +164,14 @@ class SlotBatch:
         pinned = {k for j in self.live.values() for k, _ in self.seqs[j].job.adapters}
         return self.decoder.pool.slots_for(wanted, pinned)
 
-    def _set_rows(self, slots: list[int], seqs: list[_Sequence], pool_slots: dict[str, int], lengths: list[int]
+    def _set_rows(self, idx: torch.Tensor, seqs: list[_Sequence], pool_slots: dict[str, int], lengths: list[int]
                   ) -> bool:
-        """Write the new rows' buffers (their adapters' pool slots and weights, sampling, positions); whether
-        any of them samples."""
+        """Write the buffers of the new rows `idx` (their adapters' pool slots and weights, sampling, positions);
+        whether any of them samples."""
         st = self.decoder.step
         dev, k = st.device, st.cfg.max_mix
-        idx = torch.tensor(slots, device=dev)
-        index = torch.zeros(len(slots), k, dtype=torch.long)  # (rows, K)
-        weights = torch.zeros(len(slots), k)
+        index = torch.zeros(len(seqs), k, dtype=torch.long)  # (rows, K)
+        weights = torch.zeros(len(seqs), k)
         for r, s in enumerate(seqs):
             for j, (key, w) in enumerate(s.job.adapters):
                 index[r, j], weights[r, j] = pool_slots[key], float(w)
@@ -184,10 +184,9 @@ class SlotBatch:
         st.counter[idx] = 0
         return bool((temp > 0).any())
 
-    def _first_tokens(self, slots: list[int], logits: torch.Tensor, sample: bool) -> None:
-        """Choose the new rows' first tokens from the prefill logits `(rows, vocab)`."""
+    def _first_tokens(self, idx: torch.Tensor, logits: torch.Tensor, sample: bool) -> None:
+        """Choose the first tokens of the new rows `idx` from the prefill logits `(rows, vocab)`."""
         st = self.decoder.step
-        idx = torch.tensor(slots, device=st.device)
         logits = logits.float()
         st.logits[idx] = logits
         st.tokens[idx] = choose_tokens(logits, st.temperature[idx], st.top_p[idx], st.seed[idx], st.counter[idx],

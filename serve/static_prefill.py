@@ -15,17 +15,14 @@ step/pool rooms.
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from serve.adapter_pool import lora_delta_seq
-from serve.static_step import CAPTURE_TRIES, StaticStep, buckets
+from serve.static_step import CAPTURE_TRIES, StaticStep, buckets, capture_graph
 
-logger = logging.getLogger(__name__)
 MIN_LENGTH_BUCKET = 16
 
 
@@ -103,24 +100,13 @@ class StaticPrefill:
         return self._shapes[nb, tb, k]
 
     def _capture(self, key: tuple[int, int, int], shape: _Shape) -> None:
-        """Warm `key` up on a side stream (it prefills the rows for real: writes are idempotent), then capture."""
-        t0, dev = time.perf_counter(), self.step.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self.forward(shape.ids, shape.rows, shape.last, key[2])
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.step._mempool, capture_error_mode="thread_local"):
-                logits = self.forward(shape.ids, shape.rows, shape.last, key[2])
-        except RuntimeError as e:  # an op that cannot be captured: this shape runs eagerly (tried again later)
+        """Warm `key` up (it prefills the rows for real: writes are idempotent), then capture it."""
+        got = capture_graph(lambda: self.forward(shape.ids, shape.rows, shape.last, key[2]), self.step.device,
+                            self.step._mempool, f"the prefill for (rows, length, mix) {key}")
+        if got is None:  # this shape runs eagerly (tried again later)
             shape.failed += 1
-            logger.warning("CUDA graph capture of the prefill %s failed (%s); running it eagerly", key, e)
-            torch.cuda.synchronize(dev)
-            return
-        shape.graph, shape.logits = graph, logits
-        logger.info("captured the prefill for (rows, length, mix) %s in %.0f ms", key, 1e3 * (time.perf_counter() - t0))
+        else:
+            shape.graph, shape.logits = got
 
     # ---- the math ------------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, rows: torch.Tensor, last: torch.Tensor, k: int) -> torch.Tensor:

@@ -201,34 +201,41 @@ class StaticStep:
             graph.replay()
 
     def _capture(self, key: tuple) -> torch.cuda.CUDAGraph | None:
-        """Warm up `key`'s step on a side stream, restore the state it advanced, capture it; None if capture fails."""
-        t0 = time.perf_counter()
+        """Warm up `key`'s step (restoring the state it advances), capture it; None if capture fails."""
         state = [t.clone() for t in (self.tokens, self.pos, self.counter, self.logits)]
 
         def restore() -> None:
             for t, saved in zip((self.tokens, self.pos, self.counter, self.logits), state, strict=True):
                 t.copy_(saved)
 
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(*key)
-                restore()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: work of other threads (none is expected: the engine runs on one thread) neither breaks
-            # the capture nor fails itself
-            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-                self._step(*key)
-        except RuntimeError as e:  # an op that cannot be captured: run this shape eagerly
-            logger.warning("CUDA graph capture of the decode step %s failed (%s); running it eagerly", key, e)
-            torch.cuda.synchronize(self.device)
-            restore()
-            return None
+        got = capture_graph(lambda: self._step(*key), self.device, self._mempool,
+                            f"the decode step for (batch, window, mix, sample) {key}", warmups=2, reset=restore)
         restore()  # capture records without running, but keep the state exact either way
-        logger.info("captured the decode step for (batch, window, mix, sample) %s in %.0f ms",
-                    key, 1e3 * (time.perf_counter() - t0))
-        return graph
+        return None if got is None else got[0]
 
+
+def capture_graph(fn, device: torch.device, pool, what: str, warmups: int = 1, reset=None):
+    """Warm `fn` up `warmups` times on a side stream (`reset()` after each), then capture it as one CUDA graph in
+    the memory `pool`: (graph, what `fn` returned while captured: its static output), or None if the capture failed
+    (logged; the caller runs `what` eagerly). Shared by the decode step and the prefill."""
+    t0 = time.perf_counter()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+            if reset is not None:
+                reset()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # thread_local: work of other threads (none is expected: the engine runs on one thread) neither breaks
+        # the capture nor fails itself
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = fn()
+    except RuntimeError as e:  # an op that cannot be captured
+        logger.warning("CUDA graph capture of %s failed (%s); running it eagerly", what, e)
+        torch.cuda.synchronize(device)
+        return None
+    logger.info("captured %s in %.0f ms", what, 1e3 * (time.perf_counter() - t0))
+    return graph, out

@@ -29,21 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from generator.hypernet.checkpoint import load_checkpoint
-from generator.lora import LoraAdapter
 from generator.scoring import gate_from_examples
 from training.config import TrainConfig
 from training.data import DEFAULT_DATA, load_split
 from training.embeddings import task_embeddings
-from training.strength import checkpoint_parser, heldout_icl_loss
+from training.strength import adapter_from, checkpoint_parser, heldout_icl_loss
 
 logger = logging.getLogger(__name__)
 ICL_ROW = "2-shot ICL"
-
-
-def _adapter(net, spec, e: torch.Tensor, strength: float) -> LoraAdapter:
-    a, b = net(e)
-    return LoraAdapter(spec.name, net.cfg.rank, net.cfg.alpha * strength, {m: x[0].float() for m, x in a.items()},
-                       {m: x[0].float() for m, x in b.items()})
 
 
 def _examples(task) -> list[tuple[str, str]]:
@@ -60,7 +53,7 @@ def heldout(net, model, tok, injector, spec, tasks, emb, strength: float, device
             chosen.append(strength)
             scores.append(None)
             continue
-        keep, score = gate_from_examples(model, tok, injector, spec, _adapter(net, spec, e.to(device), strength),
+        keep, score = gate_from_examples(model, tok, injector, spec, adapter_from(net, spec, e.to(device), strength),
                                          t.definition, _examples(t), device)
         chosen.append(strength if keep else 0.0)
         scores.append(score)
@@ -76,16 +69,16 @@ def dev_row(net, model, tok, injector, spec, dev, emb, strength: float, device, 
     choice per task."""
     source = f"{name} x{strength:g} + instruction + 2 examples"
     gated_name = f"{name} x{strength:g} gated by examples + instruction + 2 examples"
-    by = {(r["method"], r["task"]): [] for r in predictions["records"] if r["split"] == "dev"}
+    by: dict[tuple[str, str], list[dict]] = {}
     for r in predictions["records"]:
         if r["split"] == "dev":
-            by[(r["method"], r["task"])].append(r)
+            by.setdefault((r["method"], r["task"]), []).append(r)
     choice, records = {}, []
     for t in tqdm(dev, desc="dev gates", mininterval=5.0):
         keep, score = True, None
         if len(_examples(t)) >= 2:
             keep, score = gate_from_examples(model, tok, injector, spec,
-                                             _adapter(net, spec, emb[t.name][:1].to(device), strength),
+                                             adapter_from(net, spec, emb[t.name][:1].to(device), strength),
                                              t.definition, _examples(t), device)
         choice[t.name] = {"adapter": keep, "scores": score}
         records += [dict(r, method=gated_name, adapter=keep) for r in by[(source if keep else ICL_ROW, t.name)]]

@@ -56,6 +56,13 @@ def heldout_icl_loss(net, model, tok, injector, tasks, emb, strengths, device, p
     return {"mean": mean, "items": items}
 
 
+def adapter_from(net, spec, e: torch.Tensor, strength: float = 1.0) -> LoraAdapter:
+    """The adapter the hypernetwork `net` makes from one task embedding `e` `(1, dim)`, at `strength`."""
+    a, b = net(e)
+    return LoraAdapter(spec.name, net.cfg.rank, net.cfg.alpha * strength, {m: x[0] for m, x in a.items()},
+                       {m: x[0] for m, x in b.items()})
+
+
 @torch.no_grad()
 def example_rule_loss(net, model, tok, injector, spec, tasks, emb, items: list[dict[str, float]], strengths,
                       device) -> dict:
@@ -68,9 +75,7 @@ def example_rule_loss(net, model, tok, injector, spec, tasks, emb, items: list[d
     for t in tasks:
         examples = [(e.input, e.outputs[0]) for e in t.positive_examples[:2]]
         for e in (emb[t.name][:1], emb[f"{t.name}::definition"][:1]):
-            a, b = net(e.to(device))
-            adapter = LoraAdapter(spec.name, net.cfg.rank, net.cfg.alpha, {m: x[0] for m, x in a.items()},
-                                  {m: x[0] for m, x in b.items()})
+            adapter = adapter_from(net, spec, e.to(device))
             chosen.append(strength_from_examples(model, tok, injector, spec, adapter, t.definition, examples,
                                                  strengths, device)[0] if len(examples) >= 2 else None)
     losses = [r[str(s if s is not None else max(strengths))] for r, s in zip(items, chosen, strict=True)]
