@@ -6,9 +6,9 @@ live slots.
 engine's `stream` and the LLM deployment's pump drive either. Prefill runs the new rows' prompts through
 the static step's math straight into their slots, with their LoRA from the pool (`StaticDecodeConfig.prefill`
 "static"; "model" runs the engine's own HF forward and copies its cache into the slots); its logits give the
-rows' first tokens. Then `step()` hands out the tokens the
-previous step chose (the one host sync per step), frees the slots of finished rows, and launches the
-next step. The engine's runtime types are only named for type checkers: imports run one way, engine ->
+rows' first tokens. Then `step()` launches the next step, hands out the tokens the previous one chose (the
+one host sync per step; on CUDA the next step is queued before the host waits, so the device never idles
+between steps), and frees the slots of finished rows. The engine's runtime types are only named for type checkers: imports run one way, engine ->
 slot_batch -> static_prefill -> static_step -> kv_slots / adapter_pool / device_sampling.
 """
 
@@ -59,6 +59,9 @@ class StaticDecoder:
         self.windows = buckets(max_len, min(st.min_window, max_len))
         self.engine = engine
         self._lock = threading.Lock()
+        cuda = engine.device.type == "cuda"  # each step's tokens come back through a pinned buffer, after an event
+        self.host_tokens = torch.zeros(n + 1, dtype=torch.long, pin_memory=True) if cuda else None
+        self.copied = torch.cuda.Event() if cuda else None
         logger.info("static decode: %d KV slots x %d positions (%.0f MiB), adapter pool %d x rank %d (%.0f MiB), "
                     "CUDA graphs %s", cfg.max_batch_size, max_len, self.slots.nbytes() / 2**20,
                     self.pool.n_slots, self.pool.rank, self.pool.nbytes() / 2**20, self.step.use_graphs)
@@ -199,14 +202,12 @@ class SlotBatch:
         eng, st = self.engine, self.decoder.step
         if not self.live:
             return []
-        top = max(self.live) + 1
-        chosen = st.tokens[:top].tolist()  # the one device sync per step
-        for s, j in self.live.items():
-            seq = self.seqs[j]
-            if seq.job.logprobs is not None:  # before the next step overwrites the logits
-                seq.pending_logprobs = [_logprob(eng.tokenizer, st.logits[s], chosen[s], seq.job.logprobs)]
-        if any(len(self.seqs[j].token_ids) + 1 < self.seqs[j].max_new for j in self.live.values()):
-            self._launch()  # the device runs the next step while the host hands out this one's tokens
+        more = any(len(self.seqs[j].token_ids) + 1 < self.seqs[j].max_new for j in self.live.values())
+        want = [s for s, j in self.live.items() if self.seqs[j].job.logprobs is not None]
+        chosen, logits = self._read_and_launch(max(self.live) + 1, more, want)
+        for s, row in logits.items():
+            seq = self.seqs[self.live[s]]
+            seq.pending_logprobs = [_logprob(eng.tokenizer, row, chosen[s], seq.job.logprobs)]
         out, finished = [], []
         for s, j in sorted(self.live.items()):
             seq = self.seqs[j]
@@ -218,6 +219,25 @@ class SlotBatch:
         self.n_tokens += len(self.live)
         self._free(finished)
         return out
+
+    def _read_and_launch(self, top: int, more: bool, want: list[int]) -> tuple[list[int], dict[int, torch.Tensor]]:
+        """The tokens the last step chose for slots 0..top-1 and its logits for the slots `want`, with the next step
+        launched when `more`."""
+        dec, st = self.decoder, self.decoder.step
+        if dec.host_tokens is None:  # CPU: read, then run the next step (it overwrites tokens and logits)
+            chosen, logits = st.tokens[:top].tolist(), {s: st.logits[s].clone() for s in want}
+            if more:
+                self._launch()
+            return chosen, logits
+        # CUDA: queue the copy of this step's tokens (and logits), then the next step, and only then wait for the
+        # copy: the device never idles while the host hands out tokens and launches the following step
+        dec.host_tokens[:top].copy_(st.tokens[:top], non_blocking=True)
+        logits = {s: st.logits[s].clone() for s in want}
+        dec.copied.record()
+        if more:
+            self._launch()
+        dec.copied.synchronize()
+        return dec.host_tokens[:top].tolist(), logits
 
     def _free(self, slots: list[int]) -> None:
         if not slots:

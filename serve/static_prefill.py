@@ -6,8 +6,9 @@ padding only follows them), run as one batch (rows x longest prompt, in chunks o
 logits after each prompt's last token come back for its first token. Keys and values written past a row's length
 are garbage that decoding overwrites before any row attends to it.
 
-On CUDA each chunk is padded to a shape bucket (rows 1, 2, 4, ...; length 16, 32, ...; mixture entries) and that
-shape is captured once as a CUDA graph: an eager prefill is hundreds of small kernels whose launches (not the GPU)
+On CUDA each chunk is padded to a shape bucket (rows 1, 2, 4, ...; length 16, 24, 32, 48, 64, ...: half steps, so
+that padding wastes at most a third of a prefill; mixture entries) and that shape is captured once as a CUDA graph
+(through torch.compile first when `static.compile` is on, as the decode step): an eager prefill is hundreds of small kernels whose launches (not the GPU)
 take ~15 ms, and in serving every admission of new requests stalls the running decode batch for that long. Padding
 rows write into a spare KV slot and read a spare adapter-pool row, never a live one. Imports only torch and the
 step/pool rooms.
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from serve.adapter_pool import lora_delta_seq
-from serve.static_step import CAPTURE_TRIES, StaticStep, buckets, capture_graph
+from serve.static_step import CAPTURE_TRIES, StaticStep, buckets, capture_graph, compiled
 
 MIN_LENGTH_BUCKET = 16
 
@@ -56,8 +57,10 @@ class StaticPrefill:
         self.step, self.cfg = step, step.cfg
         self.spare = spare  # a KV slot and adapter-pool row that no sequence holds: padding rows use it
         self.row_buckets = buckets(max_rows)
-        self.length_buckets = buckets(step.slots.max_len, min(MIN_LENGTH_BUCKET, step.slots.max_len))
+        self.length_buckets = half_step_buckets(step.slots.max_len, min(MIN_LENGTH_BUCKET, step.slots.max_len))
         self.padded = step.use_graphs
+        # compiled only with graphs: padded shapes are few, exact ones would recompile for every prompt length
+        self._forward = compiled(self.forward) if self.cfg.compile and self.padded else self.forward
         self._shapes: dict[tuple[int, int, int], _Shape] = {}
 
     @torch.inference_mode()
@@ -87,9 +90,9 @@ class StaticPrefill:
         if shape.graph is None and self.step.use_graphs and shape.failed < CAPTURE_TRIES:
             self._capture((nb, tb, k), shape)
         if shape.graph is None:
-            return self.forward(shape.ids, shape.rows, shape.last, k)[:n]
+            return self._forward(shape.ids, shape.rows, shape.last, k)[:n]
         shape.graph.replay()
-        return shape.logits[:n]
+        return shape.logits[:n].clone()  # the next chunk of this shape replays into the same buffer
 
     def _shape(self, nb: int, tb: int, k: int) -> _Shape:
         if (nb, tb, k) not in self._shapes:
@@ -101,7 +104,7 @@ class StaticPrefill:
 
     def _capture(self, key: tuple[int, int, int], shape: _Shape) -> None:
         """Warm `key` up (it prefills the rows for real: writes are idempotent), then capture it."""
-        got = capture_graph(lambda: self.forward(shape.ids, shape.rows, shape.last, key[2]), self.step.device,
+        got = capture_graph(lambda: self._forward(shape.ids, shape.rows, shape.last, key[2]), self.step.device,
                             self.step._mempool, f"the prefill for (rows, length, mix) {key}")
         if got is None:  # this shape runs eagerly (tried again later)
             shape.failed += 1
@@ -144,6 +147,14 @@ class StaticPrefill:
             y = lora_delta_seq(x.view(n, -1, x.shape[-1]), y.view(n, -1, y.shape[-1]), a[layer], bt[layer],
                                fused=not st.hf_numerics).view(y.shape)
         return y if residual is None else residual + y
+
+
+def half_step_buckets(limit: int, start: int) -> list[int]:
+    """start, 1.5 start, 2 start, 3 start, 4 start, ... (multiples of 8 once start is) below `limit`, then `limit`."""
+    out = []
+    for b in buckets(limit, start)[:-1]:
+        out += [b, b + b // 2] if b >= 2 else [b]
+    return [b for b in out if b < limit] + [limit]
 
 
 def _right_padded(prompts: list[list[int]], t: int, n: int | None = None) -> torch.Tensor:

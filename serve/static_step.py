@@ -53,7 +53,7 @@ def supports(model) -> str | None:
     return None
 
 
-def _compiled(fn):
+def compiled(fn):
     """`fn` through torch.compile, one specialisation per shape (the int arguments are constants to it)."""
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(torch._dynamo.config, name):
@@ -114,7 +114,7 @@ class StaticStep:
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._failed: dict[tuple, int] = {}  # failed captures per shape; CAPTURE_TRIES of them: eager for good
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self._step = _compiled(self.forward) if cfg.compile else self.forward
+        self._step = compiled(self.forward) if cfg.compile else self.forward
 
     # ---- the math ------------------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
