@@ -1,7 +1,7 @@
 """`hyperlora train strategy`: the description strategy's thresholds and train-task embeddings, fitted on
 held-out paraphrases of the train tasks (never on dev tasks).
 
-Each train task has ~200 paraphrased descriptions. The first `key_descriptions` (8) are what a library adapter of
+Each train task has ~200 paraphrased descriptions. The first `key_descriptions` (32) are what a library adapter of
 the task is keyed by (retriever/keys.py) and what its train-task row is made of; the hypernetwork trained on the
 first 32. Calibration queries are taken from `CALIBRATION_SLICE` (descriptions 100-149); the strategy evaluation
 uses `EVALUATION_SLICE` (150-199), so no number is reported on what it was fitted on.
@@ -58,7 +58,7 @@ class CalibrationConfig:
 
     sni_dir: str = "../shared/data/sni"  # SNI data (train split only is read)
     queries_per_task: int = 50  # held-out paraphrases per train task, from CALIBRATION_SLICE (1..50)
-    key_descriptions: int = 8  # descriptions averaged into a task's key and train row (as the library does)
+    key_descriptions: int = 32  # descriptions averaged into a task's key and train row (StrategyConfig's number)
     # expected ROUGE-L of each outcome, measured on train tasks (>= 0, own > generated > other): a task's own trained
     # LoRA ~52, a generated adapter ~21, another task's LoRA ~5; retrieving pays from (21-5)/(52-5) = 34% precision
     quality_own: float = 52.0

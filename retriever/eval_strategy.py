@@ -3,7 +3,7 @@
 (b) dev tasks described by their definitions, and (c) the same dev tasks with their own adapter added to the library.
 
 The library is built in a temporary directory from `--library` (PEFT folders named by train task, as
-`train lora-library` writes them), keyed by each task's first 8 descriptions and 20 first inputs, as the default
+`train lora-library` writes them), keyed by each task's first 32 descriptions and 20 first inputs, as the default
 library is; `--dev-library` holds the dev tasks' adapters for (c). Without `--library`, the generator makes a
 stand-in library from each task's first description (say so when reporting). Prompts follow the one prompt
 convention (generator.prompt.task_prompt: an instruction + the input), under two conventions scored in the same run
@@ -37,7 +37,7 @@ from retriever.tasks import load_sni
 logger = logging.getLogger(__name__)
 SETTINGS = {"a": "train tasks, held-out paraphrases", "b": "dev tasks, definitions",
             "c": "dev tasks, definitions, own adapter in the library"}
-KEY_DESCRIPTIONS, KEY_SAMPLES = 8, 20
+KEY_DESCRIPTIONS, KEY_SAMPLES = StrategyConfig().key_descriptions, 20  # as the default library stores
 CONVENTIONS = {"served": "the instruction the served adapter carries",
                "description": "the description in front for every strategy"}
 

@@ -31,6 +31,7 @@ from retriever.fsutil import fsync_tree
 from retriever.index import INDEX_TYPES, VectorIndex, build_index, choose_index_type
 from retriever.keys import KINDS, LABELS_FORMAT, assign_labels, embed_keys, keys_per_adapter
 from retriever.records import AdapterRecord
+from retriever.shipped_keys import shipped_keys
 
 logger = logging.getLogger(__name__)
 INDEX_FILE, KEYS_FILE, META_FILE = "index.faiss", "keys.safetensors", "index.json"
@@ -113,8 +114,8 @@ class IndexStore:
             return None
 
     def cached_keys(self) -> dict[str, np.ndarray]:
-        """key digest -> vector, from every saved build made with the same embedder."""
-        cache: dict[str, np.ndarray] = {}
+        """key digest -> vector, from the shipped default keys and every saved build made with the same embedder."""
+        cache: dict[str, np.ndarray] = shipped_keys(self.keys_sig["embedder"], self.keys_sig["dim"])
         for d in reversed(self._builds()):  # oldest first, so newer builds win
             try:
                 meta = json.loads((d / META_FILE).read_text())

@@ -83,6 +83,11 @@ class Thresholds:
         if missing:
             raise ValueError(f"{path.name} lacks numeric {missing}; rerun `hyperlora train strategy`")
         t = cls(**{k: float(raw[k]) for k in THRESHOLDS})
+        fitted = raw.get("config", {}).get("key_descriptions")
+        if fitted is not None and fitted != cfg.key_descriptions:
+            logger.warning("%s was fitted on keys of %s descriptions, the strategy keys adapters by %d: rerun "
+                           "`hyperlora train strategy` for calibrated thresholds", path.name, fitted,
+                           cfg.key_descriptions)
         overrides = {k: getattr(cfg, k) for k in OVERRIDABLE if getattr(cfg, k) is not None}
         return replace(t, **overrides)
 
@@ -239,7 +244,8 @@ class DescriptionStrategy:
         self.cfg = cfg or StrategyConfig()
         self.encoder = encoder
         base = retriever or RetrieverConfig()
-        self.router = Router(library, encoder, replace(base, key_mode="description", query_prefix=""))
+        self.router = Router(library, encoder, replace(base, key_mode="description", query_prefix="",
+                                                       key_descriptions=self.cfg.key_descriptions))
         self.instructions = Router(library, encoder, replace(base, key_mode="instruction", query_prefix=""))
         self.train = train_tasks or TrainTasks.load(self.cfg.train_tasks)
         if self.train.vectors.shape[1] != encoder.dim:

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 DEFAULT_TASKS_FILE = Path(__file__).parent / "data" / "default_tasks.json"
-N_DESCRIPTIONS = 8  # descriptions kept per task
+N_DESCRIPTIONS = 32  # descriptions kept per task (the description strategy keys an adapter by as many)
 N_SAMPLES = 20  # sample inputs kept per task (LoraRetriever keys an adapter by ~20 of its inputs)
 HELD_OUT = 10  # a task's last inputs, which evaluation holds out: never among the samples
 MAX_SAMPLE_CHARS = 400  # longer inputs are cut (the embedder reads ~256 tokens anyway)

@@ -12,16 +12,16 @@ from conftest import random_adapter
 from generator.peft_io import save_peft
 from retriever.default import build_default_library, ensure_default_library, library_nbytes
 from retriever.library import AdapterLibrary
-from retriever.tasks import DEFAULT_TASKS_FILE, N_SAMPLES, load_default_tasks
+from retriever.tasks import DEFAULT_TASKS_FILE, N_DESCRIPTIONS, N_SAMPLES, load_default_tasks
 
 SNI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sni"
 
 
 def test_shipped_task_list_is_small_and_complete():
-    assert DEFAULT_TASKS_FILE.stat().st_size < 2_000_000  # 297 tasks x (8 descriptions + <= 20 inputs)
+    assert DEFAULT_TASKS_FILE.stat().st_size < 2_500_000  # 297 tasks x (32 descriptions + <= 20 inputs)
     tasks = load_default_tasks()
     assert len(tasks) == 297 and len({t["name"] for t in tasks}) == 297  # data version 2's train split
-    assert all(t["descriptions"] and 10 <= len(t["sample_inputs"]) <= N_SAMPLES for t in tasks)
+    assert all(len(t["descriptions"]) == N_DESCRIPTIONS and 10 <= len(t["sample_inputs"]) <= N_SAMPLES for t in tasks)
 
 
 def test_shipped_samples_never_include_evaluation_inputs():
@@ -111,3 +111,23 @@ def test_a_new_checkpoint_or_a_trained_library_replaces_the_default_set(tmp_path
     trained = build_default_library(root, trained_dir=_trained_dir(tmp_path, tiny_spec, names), progress=False)
     assert sorted((r.name, r.source) for r in trained.list()) == sorted([(n, "trained") for n in names] +
                                                                         [("mine", "uploaded")])
+
+
+def test_shipped_key_vectors_spare_a_first_start_embedding_the_default_keys(tmp_path, tiny_spec, encoder):
+    """Every key of the generated default library (the input router's, the description strategy's by descriptions
+    and by instruction) is in the shipped vectors, and those are the vectors the embedder gives (float16 kept)."""
+    from retriever.keys import assign_labels, embed_keys
+    from retriever.shipped_keys import default_key_configs, shipped_keys
+    from retriever.strategy_config import StrategyConfig
+
+    lib = build_default_library(tmp_path / "lib", _generator(tiny_spec, encoder, 0), trained_dir=tmp_path / "none",
+                                limit=3, progress=False)
+    records = lib.list()
+    shipped = shipped_keys(encoder.name, encoder.dim)
+    assert shipped and shipped_keys("another-embedder", encoder.dim) == {}
+    labels = assign_labels([r.id for r in records])
+    for cfg in default_key_configs(StrategyConfig().key_descriptions):
+        fresh, _, digests = embed_keys(records, encoder, cfg, labels, {})
+        assert digests and all(d in shipped for d in digests), cfg.key_mode
+        reused, _, _ = embed_keys(records, encoder, cfg, labels, shipped)
+        assert (fresh * reused).sum(1).min() > 0.999  # cosine of each key with its shipped vector
