@@ -32,9 +32,9 @@ class StaticDecodeConfig:
     # fused: norm, residual adds and rotary fused into fewer kernels (one rounding each); hf: rounded where HF
     # Llama rounds (bf16 tokens closer to the dynamic path's, a few more kernels per layer)
     numerics: Literal["fused", "hf"] = "fused"
-    # compile: the step's math through torch.compile (inductor) before capture, which fuses norms, rotary, the
-    # KV write and the SwiGLU into fewer kernels; each (batch, window, mix, sample) shape compiles once (tens of
-    # seconds on first use), so it is off by default and for benchmarks or servers that warm every shape up
+    # compile: the step's and the prefill's math through torch.compile (inductor) before capture, which fuses norms,
+    # rotary, the KV write and the SwiGLU into fewer kernels; each (batch, window, mix, sample) shape compiles once
+    # (tens of seconds on first use), so it is off by default and for benchmarks or servers that warm every shape up
     compile: bool = False
     # prefill: "static" runs the prompts through the same math straight into the new rows' KV slots (right-padded,
     # causal, the rows' LoRA from the pool; far fewer kernels than the model's forward); "model" is one HF

@@ -8,8 +8,9 @@ the static step's math straight into their slots, with their LoRA from the pool 
 "static"; "model" runs the engine's own HF forward and copies its cache into the slots); its logits give the
 rows' first tokens. Then `step()` launches the next step, hands out the tokens the previous one chose (the
 one host sync per step; on CUDA the next step is queued before the host waits, so the device never idles
-between steps), and frees the slots of finished rows. The engine's runtime types are only named for type checkers: imports run one way, engine ->
-slot_batch -> static_prefill -> static_step -> kv_slots / adapter_pool / device_sampling.
+between steps), and frees the slots of finished rows. The engine's runtime types are only named for type
+checkers: imports run one way, engine -> slot_batch -> static_prefill -> static_step -> kv_slots / adapter_pool /
+device_sampling.
 """
 
 from __future__ import annotations
@@ -198,8 +199,8 @@ class SlotBatch:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, Delta]]:
-        """Hand out the tokens chosen last step, free finished rows' slots, launch the next step."""
-        eng, st = self.engine, self.decoder.step
+        """Launch the next step, hand out the tokens the last one chose, free finished rows' slots."""
+        eng = self.engine
         if not self.live:
             return []
         more = any(len(self.seqs[j].token_ids) + 1 < self.seqs[j].max_new for j in self.live.values())

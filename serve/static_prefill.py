@@ -8,10 +8,11 @@ are garbage that decoding overwrites before any row attends to it.
 
 On CUDA each chunk is padded to a shape bucket (rows 1, 2, 4, ...; length 16, 24, 32, 48, 64, ...: half steps, so
 that padding wastes at most a third of a prefill; mixture entries) and that shape is captured once as a CUDA graph
-(through torch.compile first when `static.compile` is on, as the decode step): an eager prefill is hundreds of small kernels whose launches (not the GPU)
-take ~15 ms, and in serving every admission of new requests stalls the running decode batch for that long. Padding
-rows write into a spare KV slot and read a spare adapter-pool row, never a live one. Imports only torch and the
-step/pool rooms.
+(through torch.compile first when `static.compile` is on, as the decode step): an eager prefill is hundreds of
+small kernels whose launches (not the GPU) take ~15 ms, and in serving every admission of new requests stalls the
+running decode batch for that long. Padding rows write into a spare KV slot and read a spare adapter-pool row,
+never a live one. Each chunk's logits are copied out of its shape's output buffer, which the next chunk of the same
+shape replays into. Imports only torch and the step/pool rooms.
 """
 
 from __future__ import annotations
