@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from generator.models import DEFAULT_BASE_MODEL
 from generator.peft_io import CONFIG_NAME
-from retriever.calibrate import EVALUATION_SLICE
+from retriever.calibrate import CALIBRATION_SLICE, EVALUATION_SLICE
 from retriever.evaluate import heldout, rouge_l, spread, write_report
 from retriever.library import AdapterLibrary
 from retriever.strategy import STRATEGY_NAMES, DescriptionStrategy, StrategyConfig
@@ -36,7 +36,9 @@ from retriever.tasks import load_sni
 
 logger = logging.getLogger(__name__)
 SETTINGS = {"a": "train tasks, held-out paraphrases", "b": "dev tasks, definitions",
-            "c": "dev tasks, definitions, own adapter in the library"}
+            "c": "dev tasks, definitions, own adapter in the library",
+            "lacking": "train tasks the library lacks, held-out paraphrases"}
+PARAPHRASES = {"evaluation": EVALUATION_SLICE, "calibration": CALIBRATION_SLICE}
 KEY_DESCRIPTIONS, KEY_SAMPLES = StrategyConfig().key_descriptions, 20  # as the default library stores
 CONVENTIONS = {"served": "the instruction the served adapter carries",
                "description": "the description in front for every strategy"}
@@ -55,8 +57,13 @@ class EvalStrategyConfig:
     batch_size: int = 16  # prompts per generate call (>= 1)
     base_model: str = DEFAULT_BASE_MODEL
     device: str = "cpu"
+    # evaluation: settings (a), (b), (c) on descriptions 150-199; calibration: train tasks only, on descriptions
+    # 100-149 (the calibration's), (a) and train tasks the library lacks, for the outcome qualities the match fit uses
+    paraphrases: str = "evaluation"
 
     def __post_init__(self) -> None:
+        if self.paraphrases not in PARAPHRASES:
+            raise ValueError(f"paraphrases={self.paraphrases!r} (allowed: {list(PARAPHRASES)})")
         for name in ("tasks", "inputs", "max_new_tokens", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} (must be an integer >= 1)")
@@ -116,12 +123,13 @@ def build_library(root: Path, gen, train: dict[str, dict], ecfg: EvalStrategyCon
     return library, "generated from each task's first description (no --library given)"
 
 
-def setting_rows(sni: dict[str, dict], names: Sequence[str], n_inputs: int, paraphrase: bool) -> list[Row]:
-    """Each task's last test-portion inputs; the description is a held-out paraphrase (one per input) or the
-    definition."""
+def setting_rows(sni: dict[str, dict], names: Sequence[str], n_inputs: int, paraphrase: bool,
+                 held_out: slice = EVALUATION_SLICE) -> list[Row]:
+    """Each task's last test-portion inputs; the description is a held-out paraphrase from `held_out` (one per
+    input) or the definition."""
     rows = []
     for j, (task, x, refs) in enumerate(heldout(sni, names, n_inputs)):
-        held = sni[task]["descriptions"][EVALUATION_SLICE]
+        held = sni[task]["descriptions"][held_out]
         desc = held[j % len(held)] if paraphrase and held else sni[task]["definition"]
         rows.append(Row(task, desc, x, refs))
     return rows
@@ -154,7 +162,7 @@ class Runner:
             self.answers.update(zip(chunk, outs, strict=True))
             bar.update(len(chunk))
         bar.close()
-        out, tasks = {}, [r.task for r in rows]
+        out, tasks = {"outcomes": self.outcomes(plans, rows, top1)}, [r.task for r in rows]
         for s in strategies:
             score = {c: round(_task_mean([rouge_l(self.answers[(p.key, p.prompts[c])], r.references, self.scorer)
                                           for p, r in zip(plans[s], rows, strict=True)], tasks), 2)
@@ -165,6 +173,19 @@ class Runner:
                       "paths": paths[s], "instruction_from": sources, "served_differs": differs}
         out["library_top1_is_own_task"] = round(float(np.mean(top1)), 4) if own_in_library else None
         return out
+
+    def outcomes(self, plans: dict, rows: Sequence[Row], top1: list[bool]) -> dict:
+        """Served ROUGE-L per row, averaged by outcome: the retrieved adapter is the row's own task's or another's,
+        and the generated adapter (with their row counts)."""
+        def served(s: str) -> list[float]:
+            return [rouge_l(self.answers[(p.key, p.prompts["served"])], r.references, self.scorer)
+                    for p, r in zip(plans[s], rows, strict=True)]
+
+        retrieved, generated = served("retrieve"), served("generate")
+        groups = {"retrieve_own": [x for x, t in zip(retrieved, top1, strict=True) if t],
+                  "retrieve_other": [x for x, t in zip(retrieved, top1, strict=True) if not t],
+                  "generate": generated}
+        return {k: {"rows": len(v), "sum": round(float(np.sum(v)), 3)} for k, v in groups.items()}
 
     def plan(self, rows: Sequence[Row], strategies: Sequence[str]) -> tuple[dict, dict, list[bool]]:
         """Per strategy: each row's `Planned` adapter and prompts, the paths taken; and whether each row's top library
@@ -236,15 +257,30 @@ def run_eval(gen, ecfg: EvalStrategyConfig, scfg: StrategyConfig | None = None) 
         a_names = spread(sorted(own), ecfg.tasks)
         dev_names = spread(sorted(dev_dirs) or sorted(dev), ecfg.tasks)
         todo = [("a", a_names, True), ("b", dev_names, False)] + ([("c", dev_names, False)] if dev_dirs else [])
+        if ecfg.paraphrases == "calibration":  # train tasks only: never a dev task
+            lacking = spread(sorted(set(train) - set(own)), ecfg.tasks)
+            todo = [("a", a_names, True)] + ([("lacking", lacking, True)] if lacking else [])
         for key, names, paraphrase in todo:
             if key == "c":  # the dev tasks' own adapters join the library (learned after the hypernetwork)
                 for n in names:
                     own[n] = _add(library, sni, n, dev_dirs[n])
-            rows = setting_rows(sni, names, ecfg.inputs, paraphrase)
+            rows = setting_rows(sni, names, ecfg.inputs, paraphrase, PARAPHRASES[ecfg.paraphrases])
             logger.info("setting (%s) %s: %d tasks, %d rows", key, SETTINGS[key], len(names), len(rows))
-            scores = runner.run(rows, STRATEGY_NAMES, own_in_library=key != "b")
+            scores = runner.run(rows, STRATEGY_NAMES, own_in_library=key in ("a", "c"))
             result["settings"][key] = {"what": SETTINGS[key], "tasks": list(names), "rows": len(rows), **scores}
+    result["outcome_quality"] = outcome_quality(result["settings"])
     return result
+
+
+def outcome_quality(settings: dict) -> dict[str, float | None]:
+    """Mean served ROUGE-L of each outcome over every setting's rows: a task's own adapter retrieved, another
+    task's, a generated adapter: what `hyperlora train strategy --quality OWN GENERATED OTHER` takes (from a run
+    with `--paraphrases calibration`, which reads train tasks only)."""
+    out = {}
+    for k in ("retrieve_own", "generate", "retrieve_other"):
+        n = sum(s["outcomes"][k]["rows"] for s in settings.values())
+        out[k] = round(sum(s["outcomes"][k]["sum"] for s in settings.values()) / n, 2) if n else None
+    return out
 
 
 def format_eval(result: dict) -> str:
@@ -267,6 +303,12 @@ def format_eval(result: dict) -> str:
              "", "Served:", ""]
     lines += _table(result, "rougeL", "auto's paths (retrieve (by instruction) / mix / generate)",
                     lambda s: "{retrieve} ({by_instruction}) / {mix} / {generate}".format(**s["auto"]["paths"]))
+    q = result.get("outcome_quality") or {}
+    if q:
+        lines += ["", f"Served ROUGE-L by outcome, over every row above: the row's own task's adapter retrieved "
+                  f"{q['retrieve_own']}, a generated adapter {q['generate']}, another task's adapter retrieved "
+                  f"{q['retrieve_other']} (`hyperlora train strategy --quality` takes these, from a run with "
+                  "`--paraphrases calibration`)."]
     lines += ["", "Description in front for every strategy:", ""]
     lines += _table(result, "rougeL_description_in_front", "rows whose served prompt differs (retrieve / auto)",
                     lambda s: f"{s['retrieve']['served_differs']} / {s['auto']['served_differs']}")
@@ -282,4 +324,5 @@ def _table(result: dict, column: str, last: str, extra: Callable[[dict], str]) -
 
 
 def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
-    return write_report(result, out_dir, "strategy", format_eval(result))
+    name = "strategy" if result["eval"]["paraphrases"] == "evaluation" else "strategy-calibration"
+    return write_report(result, out_dir, name, format_eval(result))

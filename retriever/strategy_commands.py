@@ -99,6 +99,12 @@ def eval_strategy(library: Path | None = typer.Option(None, "--library",
                   max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Greedy tokens per answer."),
                   batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generate call."),
                   device: str = gen_cmds.DevOpt,
+                  paraphrases: str = typer.Option("evaluation", "--paraphrases", help="evaluation: settings (a), "
+                                                  "(b), (c) on descriptions 150-199 (strategy.json/.md); "
+                                                  "calibration: train tasks only, on descriptions 100-149, the "
+                                                  "library's tasks and tasks it lacks, for the served ROUGE-L of "
+                                                  "each outcome (strategy-calibration.json/.md) that `train "
+                                                  "strategy --quality` takes."),
                   out_dir: Path = typer.Option(Path("results"), "--out-dir", help="Where strategy.json/.md go."),
                   ) -> None:
     """ROUGE-L of generate / retrieve / auto on (a) train tasks described by held-out paraphrases, (b) dev tasks,
@@ -109,7 +115,7 @@ def eval_strategy(library: Path | None = typer.Option(None, "--library",
     try:
         ecfg = EvalStrategyConfig(str(sni), str(library) if library else None,
                                   str(dev_library) if dev_library else None, tasks, inputs, max_new_tokens,
-                                  batch_size, base_model, device)
+                                  batch_size, base_model, device, paraphrases)
         gen = build_generator(GeneratorConfig(base_model, generator=generator, checkpoint=checkpoint, device=device))
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e

