@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from generator import commands as gen_cmds
-from retriever.strategy_config import STRATEGY_NAMES
+from retriever.strategy_config import STRATEGY_NAMES, StrategyConfig
 
 LibOpt = typer.Option(None, "--library", "-l", help="Library directory (default: $HYPERLORA_HOME/library).")
 SniOpt = typer.Option(Path("../shared/data/sni"), "--sni", help="SNI data directory.")
@@ -41,7 +41,7 @@ def _decide_and_write(description: str, out: Path, strategy: str, library: Path 
 
     from generator.peft_io import save_peft
     from retriever.library import AdapterLibrary, default_library_root
-    from retriever.strategy import DescriptionStrategy, StrategyConfig
+    from retriever.strategy import DescriptionStrategy
 
     try:
         lib = AdapterLibrary(library or default_library_root(), gen.spec)
@@ -105,6 +105,8 @@ def eval_strategy(library: Path | None = typer.Option(None, "--library",
                                                   "library's tasks and tasks it lacks, for the served ROUGE-L of "
                                                   "each outcome (strategy-calibration.json/.md) that `train "
                                                   "strategy --quality` takes."),
+                  calibration: Path | None = typer.Option(None, "--calibration", help="Thresholds JSON to decide with "
+                                                          "(default: the shipped one), e.g. another fit to compare."),
                   out_dir: Path = typer.Option(Path("results"), "--out-dir", help="Where strategy.json/.md go."),
                   ) -> None:
     """ROUGE-L of generate / retrieve / auto on (a) train tasks described by held-out paraphrases, (b) dev tasks,
@@ -120,7 +122,8 @@ def eval_strategy(library: Path | None = typer.Option(None, "--library",
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
     gen_cmds.warn_untrained(gen)
-    result = {"command": shlex.join(["hyperlora", *sys.argv[1:]]), **run_eval(gen, ecfg)}
+    scfg = StrategyConfig(calibration=str(calibration) if calibration else None)
+    result = {"command": shlex.join(["hyperlora", *sys.argv[1:]]), **run_eval(gen, ecfg, scfg)}
     js, md = write_results(result, out_dir)
     typer.echo(format_eval(result))
     typer.echo(f"\nwrote {js} and {md}")

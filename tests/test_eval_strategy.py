@@ -176,3 +176,17 @@ def test_calibration_paraphrases_read_train_tasks_only_and_give_outcome_qualitie
     q = doc["outcome_quality"]
     assert set(q) == {"retrieve_own", "generate", "retrieve_other"} and all(0 <= v <= 100 for v in q.values())
     assert "Served ROUGE-L by outcome" in (out / "strategy-calibration.md").read_text()
+    # --calibration decides with another fit: one that never matches leaves auto generating for every row
+    from retriever.strategy import CALIBRATION_FILE
+
+    never = json.loads(CALIBRATION_FILE.read_text()) | {"match_threshold": 1.0, "near_threshold": 1.0,
+                                                        "instruction_threshold": 1.0, "instruction_margin": 0.5}
+    (tmp / "never.json").write_text(json.dumps(never))
+    result = CliRunner().invoke(app, ["eval", "strategy", "--library", str(lib), "--sni", str(sni), "--checkpoint",
+                                      str(ckpt), "--base-model", str(model_dir), "--tasks", "2", "--inputs", "2",
+                                      "--max-new-tokens", "3", "--paraphrases", "calibration", "--calibration",
+                                      str(tmp / "never.json"), "--out-dir", str(out / "never")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "never" / "strategy-calibration.json").read_text())
+    assert doc["thresholds"]["match_threshold"] == 1.0
+    assert all(s["auto"]["paths"]["generate"] == s["rows"] for s in doc["settings"].values())
