@@ -162,30 +162,18 @@ class Runner:
             self.answers.update(zip(chunk, outs, strict=True))
             bar.update(len(chunk))
         bar.close()
-        out, tasks = {"outcomes": self.outcomes(plans, rows, top1)}, [r.task for r in rows]
+        per_row = {(s, c): [rouge_l(self.answers[(p.key, p.prompts[c])], r.references, self.scorer)
+                            for p, r in zip(plans[s], rows, strict=True)] for s in strategies for c in CONVENTIONS}
+        out = {"outcomes": outcomes(per_row[("retrieve", "served")], per_row[("generate", "served")], top1)}
+        tasks = [r.task for r in rows]
         for s in strategies:
-            score = {c: round(_task_mean([rouge_l(self.answers[(p.key, p.prompts[c])], r.references, self.scorer)
-                                          for p, r in zip(plans[s], rows, strict=True)], tasks), 2)
-                     for c in CONVENTIONS}
+            score = {c: round(_task_mean(per_row[(s, c)], tasks), 2) for c in CONVENTIONS}
             sources = {k: sum(p.source == k for p in plans[s]) for k in ("library", "adapter", "fallback")}
             differs = sum(p.instruction != r.description for p, r in zip(plans[s], rows, strict=True))
             out[s] = {"rougeL": score["served"], "rougeL_description_in_front": score["description"],
                       "paths": paths[s], "instruction_from": sources, "served_differs": differs}
         out["library_top1_is_own_task"] = round(float(np.mean(top1)), 4) if own_in_library else None
         return out
-
-    def outcomes(self, plans: dict, rows: Sequence[Row], top1: list[bool]) -> dict:
-        """Served ROUGE-L per row, averaged by outcome: the retrieved adapter is the row's own task's or another's,
-        and the generated adapter (with their row counts)."""
-        def served(s: str) -> list[float]:
-            return [rouge_l(self.answers[(p.key, p.prompts["served"])], r.references, self.scorer)
-                    for p, r in zip(plans[s], rows, strict=True)]
-
-        retrieved, generated = served("retrieve"), served("generate")
-        groups = {"retrieve_own": [x for x, t in zip(retrieved, top1, strict=True) if t],
-                  "retrieve_other": [x for x, t in zip(retrieved, top1, strict=True) if not t],
-                  "generate": generated}
-        return {k: {"rows": len(v), "sum": round(float(np.sum(v)), 3)} for k, v in groups.items()}
 
     def plan(self, rows: Sequence[Row], strategies: Sequence[str]) -> tuple[dict, dict, list[bool]]:
         """Per strategy: each row's `Planned` adapter and prompts, the paths taken; and whether each row's top library
@@ -232,6 +220,15 @@ class Runner:
         bank = AdapterBank.from_adapters(loaded, self.gen.spec, self.ecfg.device)
         lora = bank.gather(torch.arange(len(loaded))[:, None], torch.ones(len(loaded), 1))
         return generate_text(self.model, self.tok, prompts, self.injector, lora, self.ecfg.max_new_tokens)
+
+
+def outcomes(retrieved: Sequence[float], generated: Sequence[float], top1: Sequence[bool]) -> dict:
+    """Served ROUGE-L per row (retrieve's, generate's) summed by outcome: the retrieved adapter is the row's own
+    task's or another's, and the generated adapter (with their row counts)."""
+    groups = {"retrieve_own": [x for x, t in zip(retrieved, top1, strict=True) if t],
+              "retrieve_other": [x for x, t in zip(retrieved, top1, strict=True) if not t],
+              "generate": list(generated)}
+    return {k: {"rows": len(v), "sum": round(float(np.sum(v)), 3)} for k, v in groups.items()}
 
 
 def _task_mean(scores: Sequence[float], tasks: Sequence[str]) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +26,7 @@ from safetensors.numpy import save_file
 
 from retriever.config import RetrieverConfig
 from retriever.keys import key_digest, key_texts
+from retriever.strategy_config import key_configs
 from retriever.tasks import load_default_tasks
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,7 @@ def default_key_configs(key_descriptions: int) -> list[RetrieverConfig]:
     """The key settings the service builds the default library's indexes with: the input router's (defaults), the
     description strategy's by descriptions and by instructions."""
     base = RetrieverConfig()
-    return [base, replace(base, key_mode="description", query_prefix="", key_descriptions=key_descriptions),
-            replace(base, key_mode="instruction", query_prefix="")]
+    return [base, *key_configs(base, key_descriptions)]
 
 
 def default_key_texts(key_descriptions: int) -> dict[str, list[str]]:

@@ -49,6 +49,7 @@ from retriever.strategy_config import (  # noqa: F401 - re-exported
     StrategyConfig,
     StrategyName,
     _number,
+    key_configs,
 )
 
 logger = logging.getLogger(__name__)
@@ -243,10 +244,9 @@ class DescriptionStrategy:
                  thresholds: Thresholds | None = None) -> None:
         self.cfg = cfg or StrategyConfig()
         self.encoder = encoder
-        base = retriever or RetrieverConfig()
-        self.router = Router(library, encoder, replace(base, key_mode="description", query_prefix="",
-                                                       key_descriptions=self.cfg.key_descriptions))
-        self.instructions = Router(library, encoder, replace(base, key_mode="instruction", query_prefix=""))
+        by_descriptions, by_instructions = key_configs(retriever or RetrieverConfig(), self.cfg.key_descriptions)
+        self.router = Router(library, encoder, by_descriptions)
+        self.instructions = Router(library, encoder, by_instructions)
         self.train = train_tasks or TrainTasks.load(self.cfg.train_tasks)
         if self.train.vectors.shape[1] != encoder.dim:
             raise ValueError(f"train-task embeddings are {self.train.vectors.shape[1]}-d but the encoder gives "

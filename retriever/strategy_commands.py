@@ -105,8 +105,9 @@ def eval_strategy(library: Path | None = typer.Option(None, "--library",
                                                   "library's tasks and tasks it lacks, for the served ROUGE-L of "
                                                   "each outcome (strategy-calibration.json/.md) that `train "
                                                   "strategy --quality` takes."),
-                  calibration: Path | None = typer.Option(None, "--calibration", help="Thresholds JSON to decide with "
-                                                          "(default: the shipped one), e.g. another fit to compare."),
+                  calibration: Path | None = typer.Option(None, "--calibration", exists=True, dir_okay=False,
+                                                          help="Thresholds JSON to decide with (default: the shipped "
+                                                          "one), e.g. another fit to compare."),
                   out_dir: Path = typer.Option(Path("results"), "--out-dir", help="Where strategy.json/.md go."),
                   ) -> None:
     """ROUGE-L of generate / retrieve / auto on (a) train tasks described by held-out paraphrases, (b) dev tasks,

@@ -5,10 +5,10 @@ applies it, re-exports it."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from retriever.config import from_known_fields
+from retriever.config import RetrieverConfig, from_known_fields
 
 StrategyName = Literal["generate", "retrieve", "auto"]
 OVERRIDABLE = ("match_threshold", "match_margin", "near_threshold", "instruction_threshold", "scope_threshold")
@@ -65,6 +65,13 @@ class StrategyConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StrategyConfig:
         return from_known_fields(cls, d)
+
+
+def key_configs(base: RetrieverConfig, key_descriptions: int) -> tuple[RetrieverConfig, RetrieverConfig]:
+    """The key settings of the description strategy's two routers over a library: by descriptions (their mean, at
+    most `key_descriptions` of them) and by instructions; descriptions are embedded without the query prefix."""
+    return (replace(base, key_mode="description", query_prefix="", key_descriptions=key_descriptions),
+            replace(base, key_mode="instruction", query_prefix=""))
 
 
 def _number(v: object) -> bool:
