@@ -35,17 +35,19 @@ import os
 import random
 import string
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from retriever.projection import DescriptionProjection, ProjectionConfig, fit_projection, source_folds
 from retriever.strategy import CALIBRATION_FILE, TRAIN_TASKS_FILE
 from retriever.tasks import load_sni
 
 logger = logging.getLogger(__name__)
 CALIBRATION_SLICE = slice(100, 150)
+FIT_END = 100  # the description projection fits on descriptions key_descriptions..99 (neither keys nor held out)
 EVALUATION_SLICE = slice(150, 200)
 NOUNS = ("apple chair river mountain pencil window orange tiger guitar bottle cloud hammer lemon rabbit piano "
          "garden ocean candle shoe mirror carpet horse spoon forest pizza rocket button coffee planet bridge "
@@ -74,6 +76,8 @@ class CalibrationConfig:
     scope_position: float = 1 / 3  # where scope_threshold sits between nonsense's 95th percentile (0) and unseen
     #   tasks' 0.5th (1), in [0, 1]; under 0.5 it leans towards never flagging a real task (a flag may become a 422)
     nonsense: int = 120  # synthetic nonsense strings (>= 10)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)  # the description projection's fit
+    #   (steps 0: none); it is kept only if it raises the match fit's expected quality over raw cosines
     limit: int | None = None  # at most this many train tasks (tests)
     seed: int = 0
 
@@ -131,6 +135,9 @@ class Embedded:
     queries: np.ndarray  # (n_queries, dim): held-out paraphrases
     owner: np.ndarray  # (n_queries,): task index of each query
     nonsense: np.ndarray  # (n_nonsense, dim)
+    fit_queries: np.ndarray  # (n_fit, dim): the paraphrases between the key's and the held-out ones (FIT_SLICE)
+    fit_owner: np.ndarray  # (n_fit,)
+    sources: list[tuple[str, ...]]  # each task's source datasets (its name when it has none)
 
 
 def embed_for_calibration(encoder, ccfg: CalibrationConfig) -> Embedded:
@@ -139,7 +146,9 @@ def embed_for_calibration(encoder, ccfg: CalibrationConfig) -> Embedded:
     key_texts = [d for t in tasks for d in sni[t]["descriptions"][: ccfg.key_descriptions]]
     counts = [len(sni[t]["descriptions"][: ccfg.key_descriptions]) for t in tasks]
     held = [sni[t]["descriptions"][CALIBRATION_SLICE][: ccfg.queries_per_task] for t in tasks]
-    texts = key_texts + [sni[t]["definition"] for t in tasks] + [q for h in held for q in h]
+    fit = [sni[t]["descriptions"][ccfg.key_descriptions: FIT_END] if ccfg.projection.steps else [] for t in tasks]
+    texts = key_texts + [sni[t]["definition"] for t in tasks] + [q for h in held for q in h] + \
+        [q for f in fit for q in f]
     nonsense = nonsense_strings(ccfg.nonsense, ccfg.seed)
     logger.info("embedding %d texts of %d train tasks for calibration", len(texts) + len(nonsense), len(tasks))
     emb = encoder.encode([t[:1000] for t in texts] + nonsense, what="calibration text").cpu().numpy()
@@ -147,7 +156,11 @@ def embed_for_calibration(encoder, ccfg: CalibrationConfig) -> Embedded:
     keys = _unit(np.stack([emb[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]))
     n_keys, n = len(key_texts), len(tasks)
     owner = np.array([i for i, h in enumerate(held) for _ in h])
-    return Embedded(tasks, keys, emb[n_keys: n_keys + n], emb[n_keys + n: len(texts)], owner, emb[len(texts):])
+    end = n_keys + n + len(owner)
+    fit_owner = np.array([i for i, f in enumerate(fit) for _ in f], np.int64)
+    sources = [tuple(sorted(sni[t].get("source") or [t])) for t in tasks]
+    return Embedded(tasks, keys, emb[n_keys: n_keys + n], emb[n_keys + n: end], owner, emb[len(texts):],
+                    emb[end: len(texts)], fit_owner, sources)
 
 
 def train_rows(e: Embedded) -> tuple[np.ndarray, list[str]]:
@@ -197,9 +210,14 @@ def fit_match(scores: np.ndarray, owner: np.ndarray, quality: tuple[float, float
     queries whose task it holds and those whose task it lacks equally; `quality`: (own adapter, generated,
     another task's adapter). A library's density sets how far a lacking task's queries reach into it, so a fit on
     one library size only would suit libraries of that size."""
-    own, generated, other = quality
     libraries = list(libraries) if libraries is not None else [even_half(scores.shape[1])]
-    outcomes = [_match_outcomes(scores, owner, lib) for lib in libraries]
+    return fit_match_outcomes([_match_outcomes(scores, owner, lib) for lib in libraries], quality)
+
+
+def fit_match_outcomes(outcomes: Sequence[tuple[np.ndarray, ...]], quality: tuple[float, float, float]
+                       ) -> tuple[float, float, dict]:
+    """`fit_match` on precomputed `_match_outcomes`, one per simulated library."""
+    own, generated, other = quality
     grid = [(float(t), float(m)) for t in np.round(np.arange(0.40, 1.0, 0.01), 2)
             for m in np.round(np.arange(0.0, 0.21, 0.01), 2)]
     total = np.zeros(len(grid))
@@ -242,13 +260,18 @@ def fit_instruction(scores: np.ndarray, recall: float) -> tuple[float, float, di
 
 
 def fit_near(scores: np.ndarray, owner: np.ndarray, retrieved: np.ndarray, top_k: int,
-             precision: float) -> tuple[float, dict]:
+             precision: float, library: np.ndarray | None = None) -> tuple[float, dict]:
     """The lowest score from which, among queries not confidently matched, the query's own task is among the
-    top-k library tasks scoring at least that much `precision` of the time (a mixture then holds it)."""
-    s = scores.copy()
-    s[owner % 2 == 1, owner[owner % 2 == 1]] = -np.inf  # odd tasks are not in the library, as in fit_match
-    top = np.argsort(-s, axis=1)[:, :top_k]  # (n_queries, k)
-    top_scores = np.take_along_axis(s, top, 1)
+    top-k library tasks scoring at least that much `precision` of the time (a mixture then holds it). `library`:
+    the library's task indices (default: every task, odd tasks' own adapters left out)."""
+    if library is None:
+        s = scores.copy()
+        s[owner % 2 == 1, owner[owner % 2 == 1]] = -np.inf  # odd tasks are not in the library, as in fit_match
+        top = np.argsort(-s, axis=1)[:, :top_k]  # (n_queries, k)
+        top_scores = np.take_along_axis(s, top, 1)
+    else:
+        local = np.argsort(-scores[:, library], axis=1)[:, :top_k]
+        top, top_scores = library[local], np.take_along_axis(scores[:, library], local, 1)
     for thr in np.round(np.arange(0.40, 1.0, 0.01), 2):
         near = top_scores >= thr
         mixed = near.any(1) & ~retrieved
@@ -267,16 +290,59 @@ def leave_own_out(sims: np.ndarray, owner: np.ndarray, row_task: np.ndarray) -> 
     return s.max(1)
 
 
-def fit(e: Embedded, ccfg: CalibrationConfig) -> dict:
+def _fit_half(e: Embedded, tasks: np.ndarray, ccfg: CalibrationConfig) -> DescriptionProjection | None:
+    """The description projection fitted on `tasks` (sorted task indices) only."""
+    mask = np.isin(e.fit_owner, tasks)
+    if not mask.any():
+        return None
+    return fit_projection(e.keys[tasks], e.fit_queries[mask], np.searchsorted(tasks, e.fit_owner[mask]),
+                          ccfg.projection)
+
+
+def _scores(e: Embedded, projection: DescriptionProjection | None) -> np.ndarray:
+    """Held-out paraphrases x task description keys `(n_queries, n_tasks)`, as the library would score them."""
+    if projection is None:
+        return e.queries @ e.keys.T
+    return projection(e.queries) @ projection(e.keys).T
+
+
+def crossfit(e: Embedded, ccfg: CalibrationConfig, project: bool) -> tuple[list, tuple[np.ndarray, np.ndarray]]:
+    """The match fit's simulated libraries, cross-fitted over two halves of the source datasets (`source_folds`):
+    with `project`, the projection is fitted on one half's tasks; the libraries are drawn from that half, and the
+    queries of tasks they lack come from the other half, a source the projection never saw, as a new task's would
+    (the data card's dev tasks share no source with a train task). Returns each library's `_match_outcomes` and, for
+    the near fit, the first half's scores with that half as the library."""
+    a, b = source_folds(e.sources, ccfg.seed)
+    halves = [(a, b), (b, a)] if len(a) and len(b) else [(np.arange(len(e.tasks)),) * 2]
+    outcomes, first = [], None
+    for own, other in halves:
+        qs = _scores(e, _fit_half(e, own, ccfg) if project else None)
+        for pick in simulated_libraries(len(own), ccfg.library_fractions, ccfg.library_draws, ccfg.seed):
+            lib = own[pick]
+            rows = np.isin(e.owner, lib) | np.isin(e.owner, other)
+            outcomes.append(_match_outcomes(qs[rows], e.owner[rows], lib))
+        first = first or (qs, own)
+    return outcomes, first
+
+
+def fit(e: Embedded, ccfg: CalibrationConfig) -> tuple[dict, DescriptionProjection | None]:
+    """The calibrated values, and the description projection when it beats raw cosines on the match fit."""
     rows, row_names = train_rows(e)
     row_task = np.array([e.tasks.index(n) for n in row_names])
-    qs = e.queries @ e.keys.T  # (n_queries, n_tasks) description-key scores, as the library would give
     quality = (ccfg.quality_own, ccfg.quality_generated, ccfg.quality_other)
-    libraries = simulated_libraries(len(e.tasks), ccfg.library_fractions, ccfg.library_draws, ccfg.seed)
-    match_t, margin, match_stats = fit_match(qs, e.owner, quality, libraries)
-    best, second = _best_two(qs, e.owner)
-    retrieved = (best >= match_t) & (best - second >= margin)
-    near_t, near_stats = fit_near(qs, e.owner, retrieved, ccfg.top_k, ccfg.near_precision)
+    fits = {}
+    for kind in ("raw", "projected") if ccfg.projection.steps and len(e.fit_queries) else ("raw",):
+        outcomes, first = crossfit(e, ccfg, kind == "projected")
+        fits[kind] = fit_match_outcomes(outcomes, quality), first
+        logger.info("match fit on %s scores: expected ROUGE-L %.2f", kind, fits[kind][0][2]["expected_quality"])
+    kind = max(fits, key=lambda k: fits[k][0][2]["expected_quality"])
+    (match_t, margin, match_stats), (qs, library) = fits[kind]
+    match_stats = {**match_stats, "scores": kind,
+                   "expected_quality_by_scores": {k: v[0][2]["expected_quality"] for k, v in fits.items()}}
+    top2 = -np.sort(-qs[:, library], axis=1)[:, :2]
+    second = top2[:, 1] if len(library) > 1 else np.full(len(qs), -1.0)
+    retrieved = (top2[:, 0] >= match_t) & (top2[:, 0] - second >= margin)
+    near_t, near_stats = fit_near(qs, e.owner, retrieved, ccfg.top_k, ccfg.near_precision, library)
     instr_t, instr_margin, instr_stats = fit_instruction(e.definitions @ e.definitions.T, ccfg.instruction_recall)
     own_in = (e.queries @ rows.T).max(1)
     unseen = np.concatenate([leave_own_out(e.queries @ rows.T, e.owner, row_task),
@@ -301,24 +367,32 @@ def fit(e: Embedded, ccfg: CalibrationConfig) -> dict:
             "own_task_similarity_median": round(float(np.median(own_in)), 4),
         },
         "config": asdict(ccfg),
-    }
+    }, (fit_projection(e.keys, e.fit_queries, e.fit_owner, ccfg.projection) if kind == "projected" else None)
 
 
 def write_calibration(e: Embedded, result: dict, embedder: str, out_json: Path = CALIBRATION_FILE,
-                      out_rows: Path = TRAIN_TASKS_FILE) -> tuple[Path, Path]:
+                      out_rows: Path = TRAIN_TASKS_FILE, projection: DescriptionProjection | None = None,
+                      projection_config: ProjectionConfig | None = None) -> tuple[Path, Path]:
+    """Writes the train-task rows, the projection (next to the JSON, which names it; none: "projection": null) and
+    the calibration JSON last, so a reader never sees a JSON naming a projection not yet written."""
     rows, names = train_rows(e)
     out_rows.parent.mkdir(parents=True, exist_ok=True)
     save_file({"vectors": rows.astype(np.float16)}, str(out_rows),
               metadata={"tasks": json.dumps(names), "embedder": embedder,
                         "rows": "each train task's mean description key, then each task's definition"})
     os.chmod(out_rows, 0o644)  # safetensors writes 0600; the file ships with the package
-    out_json.write_text(json.dumps({"embedder": embedder, **result}, indent=2) + "\n")
+    name = None
+    if projection is not None:
+        projection.embedder = embedder
+        name = f"{out_json.stem}.projection.safetensors"
+        projection.save(out_json.parent / name, projection_config)
+    out_json.write_text(json.dumps({"embedder": embedder, **result, "projection": name}, indent=2) + "\n")
     return out_json, out_rows
 
 
 def calibrate(encoder, ccfg: CalibrationConfig, out_json: Path = CALIBRATION_FILE,
               out_rows: Path = TRAIN_TASKS_FILE) -> dict:
     e = embed_for_calibration(encoder, ccfg)
-    result = fit(e, ccfg)
-    write_calibration(e, result, encoder.name, out_json, out_rows)
-    return result
+    result, projection = fit(e, ccfg)
+    write_calibration(e, result, encoder.name, out_json, out_rows, projection, ccfg.projection)
+    return {**result, "projection": projection is not None}

@@ -113,6 +113,11 @@ class IndexStore:
             logger.warning("index build %s does not match the library (%s); rebuilding", token, e)
             return None
 
+    def read_keys(self, token: str) -> tuple[np.ndarray, np.ndarray]:
+        """A saved build's key vectors `(n_keys, dim)` and their labels `(n_keys,)`."""
+        tensors = load_file(str(self.dir / token / KEYS_FILE))
+        return tensors["vectors"].numpy(), tensors["labels"].numpy()
+
     def cached_keys(self) -> dict[str, np.ndarray]:
         """key digest -> vector, from the shipped default keys and every saved build made with the same embedder."""
         cache: dict[str, np.ndarray] = shipped_keys(self.keys_sig["embedder"], self.keys_sig["dim"])

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from generator.encoder import check_texts
 from retriever.config import RetrieverConfig
+from retriever.index import build_index
 from retriever.index_store import IndexStore, LoadedIndex
 from retriever.keys import embed_text, keys_per_adapter
 from retriever.library import AdapterLibrary
@@ -48,11 +49,13 @@ class Router:
     """LoraRetriever-style retrieval over an `AdapterLibrary`."""
 
     def __init__(self, library: AdapterLibrary, encoder, cfg: RetrieverConfig | None = None,
-                 background: bool = False) -> None:
+                 background: bool = False, projection: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """With `background`, the first sync (embedding every adapter's keys when no saved index matches: a minute
         or more for a few hundred adapters on a CPU) runs in a thread, so a service can answer meanwhile; a route
-        call waits for it."""
-        self.library, self.encoder = library, encoder
+        call waits for it. With `projection` (unit vectors `(n, dim)` -> unit vectors, e.g. a
+        `retriever.projection.DescriptionProjection`), keys and queries are scored after it: the saved index holds
+        the raw keys, and an exact in-memory index over the projected keys is made at each sync."""
+        self.library, self.encoder, self.projection = library, encoder, projection
         self.cfg = cfg or RetrieverConfig()
         self.store = IndexStore(library.index_dir, encoder, self.cfg)
         self._lock = threading.Lock()
@@ -81,6 +84,9 @@ class Router:
             t0 = time.perf_counter()
             records = self.library.list()
             loaded = self.store.load_or_build(records)
+            if self.projection is not None:
+                vectors, labels = self.store.read_keys(loaded.token)
+                loaded.index = build_index(self.projection(vectors), labels, self.cfg, "flat")
             loaded.names = {r.id: r.name for r in records}
             self._loaded, self._version = loaded, version
             logger.info("router synced to library version %s: %d adapters, %s index %s in %.1f ms", version,
@@ -121,6 +127,8 @@ class Router:
         loaded = self._loaded
         if loaded is None:
             raise RuntimeError("the router has no index: call refresh()")
+        if self.projection is not None:
+            queries = self.projection(queries)
         n_excl = max((len(e) for e in exclude), default=0) if exclude else 0
         hits = min((top_k + n_excl) * keys_per_adapter(self.cfg), loaded.index.ntotal)
         scores, labels = loaded.index.search(queries, hits)  # (n, hits) each

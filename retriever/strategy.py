@@ -42,6 +42,7 @@ from generator.registry import registrar
 from retriever.compose import fuse
 from retriever.config import RetrieverConfig
 from retriever.library import AdapterLibrary
+from retriever.projection import DescriptionProjection
 from retriever.router import Route, Router, softmax
 from retriever.strategy_config import (  # noqa: F401 - re-exported
     OVERRIDABLE,
@@ -75,6 +76,8 @@ class Thresholds:
     scope_threshold: float = 0.33  # max(train similarity, best library score) under this: out of scope
     scope_floor: float = 0.20  # confidence 0: the typical train similarity of nonsense
     scope_reference: float = 0.80  # confidence 1: the typical train similarity of a train task's own paraphrase
+    projection: str | None = None  # the description projection the match scores were fitted under (a path; None:
+    #                                raw cosines), named by the calibration file (retriever/projection.py)
 
     @classmethod
     def load(cls, cfg: StrategyConfig) -> Thresholds:
@@ -83,7 +86,11 @@ class Thresholds:
         missing = [k for k in THRESHOLDS if not _number(raw.get(k))]
         if missing:
             raise ValueError(f"{path.name} lacks numeric {missing}; rerun `hyperlora train strategy`")
-        t = cls(**{k: float(raw[k]) for k in THRESHOLDS})
+        name = raw.get("projection")
+        if name is not None and not (path.parent / str(name)).is_file():
+            raise ValueError(f"{path.name} names the description projection {name!r}, which is not beside it; rerun "
+                             "`hyperlora train strategy`")
+        t = cls(**{k: float(raw[k]) for k in THRESHOLDS}, projection=str(path.parent / name) if name else None)
         fitted = raw.get("config", {}).get("key_descriptions")
         if fitted is not None and fitted != cfg.key_descriptions:
             logger.warning("%s was fitted on keys of %s descriptions, the strategy keys adapters by %d: rerun "
@@ -244,14 +251,18 @@ class DescriptionStrategy:
                  thresholds: Thresholds | None = None) -> None:
         self.cfg = cfg or StrategyConfig()
         self.encoder = encoder
+        self.thresholds = thresholds or Thresholds.load(self.cfg)
+        projection = DescriptionProjection.load(self.thresholds.projection) if self.thresholds.projection else None
+        if projection is not None and projection.dim != encoder.dim:
+            raise ValueError(f"the description projection is {projection.dim}-d but the encoder gives {encoder.dim}-d "
+                             "vectors: rerun `hyperlora train strategy` with this embedder")
         by_descriptions, by_instructions = key_configs(retriever or RetrieverConfig(), self.cfg.key_descriptions)
-        self.router = Router(library, encoder, by_descriptions)
+        self.router = Router(library, encoder, by_descriptions, projection=projection)
         self.instructions = Router(library, encoder, by_instructions)
         self.train = train_tasks or TrainTasks.load(self.cfg.train_tasks)
         if self.train.vectors.shape[1] != encoder.dim:
             raise ValueError(f"train-task embeddings are {self.train.vectors.shape[1]}-d but the encoder gives "
                              f"{encoder.dim}-d vectors: rerun `hyperlora train strategy` with this embedder")
-        self.thresholds = thresholds or Thresholds.load(self.cfg)
 
     @property
     def library(self) -> AdapterLibrary:

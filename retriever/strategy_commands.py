@@ -68,19 +68,25 @@ def train_strategy(sni: Path = SniOpt,
                        (52.0, 21.0, 5.0), "--quality", help="Expected ROUGE-L of a task's own LoRA, a generated "
                        "adapter and another task's LoRA (train tasks): what the match threshold maximises."),
                    limit: int | None = typer.Option(None, "--limit", help="At most this many train tasks."),
+                   projection_steps: int = typer.Option(
+                       400, "--projection-steps", help="Steps fitting the description projection (0: none, raw "
+                       "cosines); it is kept only if it raises the match fit's expected ROUGE-L."),
                    out: Path | None = typer.Option(None, "--out", help="Calibration JSON (default: the shipped one)."),
                    rows: Path | None = typer.Option(None, "--rows",
                                                     help="Train-task embeddings (default: the shipped safetensors).")
                    ) -> None:
     """Calibrate the description strategy on held-out paraphrases of the train tasks (never dev tasks): writes the
-    thresholds JSON and the train-task embeddings that `confidence` is measured against."""
+    thresholds JSON, the description projection beside it (when it beats raw cosines) and the train-task embeddings
+    that `confidence` is measured against."""
     from generator.encoder import TaskEncoder
     from retriever.calibrate import CalibrationConfig, calibrate
+    from retriever.projection import ProjectionConfig
     from retriever.strategy import CALIBRATION_FILE, TRAIN_TASKS_FILE
 
     try:
         ccfg = CalibrationConfig(str(sni), queries, quality_own=quality[0], quality_generated=quality[1],
-                                 quality_other=quality[2], limit=limit)
+                                 quality_other=quality[2], limit=limit,
+                                 projection=ProjectionConfig(steps=projection_steps))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     result = calibrate(TaskEncoder.load(), ccfg, out or CALIBRATION_FILE, rows or TRAIN_TASKS_FILE)

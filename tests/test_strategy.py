@@ -231,6 +231,7 @@ def test_simulated_libraries_span_the_sizes_and_repeat():
 @pytest.mark.slow
 def test_calibration_end_to_end_on_tiny_data(tmp_path, encoder):
     from retriever.calibrate import CalibrationConfig, calibrate
+    from retriever.projection import ProjectionConfig
 
     sni = tmp_path / "sni"
     (sni / "tasks").mkdir(parents=True)
@@ -238,8 +239,9 @@ def test_calibration_end_to_end_on_tiny_data(tmp_path, encoder):
              "t2_french": "Translate sentence {} from English into French.",
              "t3_sum": "Add the two numbers in example {} and give the sum.",
              "t4_ner": "List the person names that appear in text {}."}
+    sources = {"t1_sentiment": "s1", "t2_french": "s1", "t3_sum": "s2", "t4_ner": "s3"}
     for name, template in tasks.items():
-        doc = {"name": name, "definition": template.format("X"), "source": ["s"],
+        doc = {"name": name, "definition": template.format("X"), "source": [sources[name]],
                "descriptions": [template.format(i) for i in range(160)], "instances": []}
         (sni / "tasks" / f"{name}.json").write_text(json.dumps(doc))
     (sni / "manifest.json").write_text(json.dumps({"train": list(tasks), "dev": []}))
@@ -255,3 +257,16 @@ def test_calibration_end_to_end_on_tiny_data(tmp_path, encoder):
     np.testing.assert_allclose(np.linalg.norm(rows.vectors[:4], axis=1), 1.0, atol=1e-2)
     loaded = Thresholds.load(StrategyConfig(calibration=str(out_json), match_margin=0.2))
     assert loaded.match_margin == 0.2 and loaded.scope_threshold == saved["scope_threshold"]
+    # raw and projected scores were both fitted, cross-fitted over the two source halves; the better one is kept
+    by_scores = saved["stats"]["match"]["expected_quality_by_scores"]
+    assert set(by_scores) == {"raw", "projected"} and saved["stats"]["match"]["libraries"] >= 2
+    kept = saved["stats"]["match"]["scores"]
+    assert by_scores[kept] == max(by_scores.values()) == saved["stats"]["match"]["expected_quality"]
+    if kept == "projected":
+        assert saved["projection"] == "cal.projection.safetensors" and loaded.projection == str(
+            tmp_path / "cal.projection.safetensors")
+    else:
+        assert saved["projection"] is None and loaded.projection is None
+    raw = calibrate(encoder, CalibrationConfig(str(sni), queries_per_task=2, nonsense=20,
+                                               projection=ProjectionConfig(steps=0)), out_json, out_rows)
+    assert raw["projection"] is False and json.loads(out_json.read_text())["projection"] is None
