@@ -3,16 +3,22 @@ held-out paraphrases of the train tasks (never on dev tasks).
 
 Each train task has ~200 paraphrased descriptions. The first `key_descriptions` (32) are what a library adapter of
 the task is keyed by (retriever/keys.py) and what its train-task row is made of; the hypernetwork trained on the
-first 32. Calibration queries are taken from `CALIBRATION_SLICE` (descriptions 100-149); the strategy evaluation
-uses `EVALUATION_SLICE` (150-199), so no number is reported on what it was fitted on.
+first 32. The description projection (retriever/projection.py) fits on descriptions 32-99. Calibration queries are
+taken from `CALIBRATION_SLICE` (descriptions 100-149); the strategy evaluation uses `EVALUATION_SLICE` (150-199), so
+no number is reported on what it was fitted on.
 
 What is fitted (every value a cosine score; see retriever/strategy.py for how each is used):
 - `match_threshold`, `match_margin`: the grid point of the highest expected ROUGE-L, a retrieval scoring
   `quality_own` when right and `quality_other` when wrong, a generated adapter `quality_generated` (measured on train
   tasks: a task's own trained LoRA, another task's, a generated adapter), averaged over random libraries of several
-  sizes (`library_fractions` of the train tasks): how close a lacking task's paraphrase comes to some library task
-  grows with the library's size, so one size only would misfit the others. In each library, the queries whose task
-  it holds and those whose task it lacks (any retrieval then wrong) weigh half each: no prior on either;
+  sizes (`library_fractions` of a half's tasks): how close a lacking task's paraphrase comes to some library task
+  grows with the library's size, so one size only would misfit the others. The train tasks are cut into two halves
+  that share no source dataset (`crossfit`): libraries are drawn from one half, and the tasks they lack come from
+  the other, as a new task's source dataset is one the library never saw (the data card keeps every source on one
+  side of the train/dev split). In each library, the queries whose task it holds and those whose task it lacks (any
+  retrieval then wrong) weigh half each: no prior on either. The fit runs on raw cosines and on cosines after the
+  description projection (fitted on the library's half only, so a lacking task is new to it too); the projection
+  ships, with its fit, only if it gives the higher expected ROUGE-L;
 - `instruction_threshold`, `instruction_margin`: a library adapter is also keyed by its instruction (a trained
   LoRA's is its task definition); over the train tasks' definitions (even-numbered tasks' adapters in the library,
   so their definition is an instruction key; odd-numbered ones' definitions describe tasks the library lacks), the

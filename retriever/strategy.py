@@ -1,7 +1,8 @@
 """The best adapter for a description: the library's, a generated one, or a mixture, decided in one place.
 
 A description is embedded once. Its nearest library adapters are found by their *description* keys (a second
-`Router` over the same library with `key_mode="description"`) and by their *instructions* (a third, with
+`Router` over the same library with `key_mode="description"`, scored after the description projection that the
+calibration file names, when it names one: retriever/projection.py) and by their *instructions* (a third, with
 `key_mode="instruction"`: the instruction a library adapter was trained or made for, e.g. a trained LoRA's task
 definition, which its paraphrased descriptions need not contain), and its distance to the tasks the hypernetwork
 was trained on is measured against a compact set of train-task embeddings shipped with the package
