@@ -82,6 +82,8 @@ class CalibrationConfig:
     scope_position: float = 1 / 3  # where scope_threshold sits between nonsense's 95th percentile (0) and unseen
     #   tasks' 0.5th (1), in [0, 1]; under 0.5 it leans towards never flagging a real task (a flag may become a 422)
     nonsense: int = 120  # synthetic nonsense strings (>= 10)
+    definition_share: float = 0.5  # of a lacking task's weight in the match fit, the share on its definition (the
+    #   rest on its paraphrases), in [0, 1): a new task may be described in a line or by a full definition
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)  # the description projection's fit
     #   (steps 0: none); it is kept only if it raises the match fit's expected quality over raw cosines
     limit: int | None = None  # at most this many train tasks (tests)
@@ -98,6 +100,8 @@ class CalibrationConfig:
         for name in ("near_precision", "instruction_recall"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} (must be in (0, 1])")
+        if not 0 <= self.definition_share < 1:
+            raise ValueError(f"definition_share={self.definition_share} (must be in [0, 1))")
         if not 0 <= self.scope_position <= 1:
             raise ValueError(f"scope_position={self.scope_position} (must be in [0, 1])")
         if not self.library_fractions or not all(0 < f < 1 for f in self.library_fractions):
@@ -195,18 +199,24 @@ def simulated_libraries(n_tasks: int, fractions: Sequence[float], draws: int, se
     return [np.sort(rng.choice(n_tasks, k, replace=False)) for k in sizes] if n_tasks > 2 else [even_half(n_tasks)]
 
 
-def _match_outcomes(scores: np.ndarray, owner: np.ndarray, library: np.ndarray) -> tuple[np.ndarray, ...]:
+def _match_outcomes(scores: np.ndarray, owner: np.ndarray, library: np.ndarray, relative: np.ndarray | None = None,
+                    raw: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """For one library (task indices): per query `(n_queries,)` its best and second-best library score, whether the
-    best is its own task, and its weight (half the mass on queries whose task the library holds, half on the rest)."""
+    best is its own task, its weight (half the mass on queries whose task the library holds, half on the rest, each
+    half split in proportion to `relative`, default even) and, given `raw` (the scores before a projection), the
+    best adapter's raw score (else +inf)."""
     s = scores[:, library]  # (n_queries, n_library)
     top2 = -np.sort(-s, axis=1)[:, :2]
     second = top2[:, 1] if s.shape[1] > 1 else np.full(len(s), -1.0)
     in_lib = np.isin(owner, library)
-    right = library[s.argmax(1)] == owner
-    n_in, n_out = int(in_lib.sum()), int((~in_lib).sum())
+    top = s.argmax(1)
+    right = library[top] == owner
+    r = np.ones(len(s)) if relative is None else np.asarray(relative, np.float64)
+    n_in, n_out = float(r[in_lib].sum()), float(r[~in_lib].sum())
     share = 0.5 if n_in and n_out else 1.0
-    weight = np.where(in_lib, share / max(n_in, 1), share / max(n_out, 1))
-    return top2[:, 0], second, right, in_lib, weight
+    weight = np.where(in_lib, share * r / max(n_in, 1e-12), share * r / max(n_out, 1e-12))
+    raw_best = np.full(len(s), np.inf) if raw is None else raw[:, library][np.arange(len(s)), top]
+    return top2[:, 0], second, right, in_lib, weight, raw_best
 
 
 def fit_match(scores: np.ndarray, owner: np.ndarray, quality: tuple[float, float, float],
@@ -217,32 +227,39 @@ def fit_match(scores: np.ndarray, owner: np.ndarray, quality: tuple[float, float
     another task's adapter). A library's density sets how far a lacking task's queries reach into it, so a fit on
     one library size only would suit libraries of that size."""
     libraries = list(libraries) if libraries is not None else [even_half(scores.shape[1])]
-    return fit_match_outcomes([_match_outcomes(scores, owner, lib) for lib in libraries], quality)
+    t, m, _, stats = fit_match_outcomes([_match_outcomes(scores, owner, lib) for lib in libraries], quality)
+    return t, m, stats
 
 
 def fit_match_outcomes(outcomes: Sequence[tuple[np.ndarray, ...]], quality: tuple[float, float, float]
-                       ) -> tuple[float, float, dict]:
-    """`fit_match` on precomputed `_match_outcomes`, one per simulated library."""
+                       ) -> tuple[float, float, float, dict]:
+    """`fit_match` on precomputed `_match_outcomes`, one per simulated library: (threshold, margin, raw threshold,
+    stats). The raw threshold (a projection's gate on the cosine before it) is searched only when the outcomes carry
+    raw scores; else it is -1 (none)."""
     own, generated, other = quality
-    grid = [(float(t), float(m)) for t in np.round(np.arange(0.40, 1.0, 0.01), 2)
-            for m in np.round(np.arange(0.0, 0.21, 0.01), 2)]
+    gated = any(np.isfinite(o[5]).any() for o in outcomes)
+    margins = np.arange(0.0, 0.11 if gated else 0.21, 0.01)
+    raws = [-1.0] + list(np.round(np.arange(0.40, 0.91, 0.02), 2)) if gated else [-1.0]
+    grid = [(float(t), float(m), float(g)) for t in np.round(np.arange(0.30, 1.0, 0.01), 2)
+            for m in np.round(margins, 2) for g in raws]
     total = np.zeros(len(grid))
-    for best, second, right, _, weight in outcomes:
+    for best, second, right, _, weight, raw_best in outcomes:
         gain = np.where(right, own - generated, other - generated) * weight  # (n_queries,) retrieving vs generating
-        total += [gain[(best >= t) & (best - second >= m)].sum() for t, m in grid]
+        gap = best - second
+        total += [gain[(best >= t) & (gap >= m) & (raw_best >= g)].sum() for t, m, g in grid]
     total /= len(outcomes)
     i = int(np.argmax(total))
-    chosen, top = (grid[i], float(total[i])) if total[i] > 1e-9 else ((0.99, 0.2), 0.0)
+    chosen, top = (grid[i], float(total[i])) if total[i] > 1e-9 else ((0.99, 0.2, -1.0), 0.0)
     hit = taken = held = 0.0
-    for best, second, right, in_lib, weight in outcomes:
-        take = (best >= chosen[0]) & (best - second >= chosen[1])
+    for best, second, right, in_lib, weight, raw_best in outcomes:
+        take = (best >= chosen[0]) & (best - second >= chosen[1]) & (raw_best >= chosen[2])
         hit, taken, held = hit + weight[right & take].sum(), taken + weight[take].sum(), held + weight[in_lib].sum()
-    always = np.mean([(np.where(r, own - generated, other - generated) * w).sum() for _, _, r, _, w in outcomes])
+    always = np.mean([(np.where(o[2], own - generated, other - generated) * o[4]).sum() for o in outcomes])
     stats = {"libraries": len(outcomes), "recall": round(float(hit / max(held, 1e-12)), 4),
              "precision": round(float(hit / taken) if taken else 1.0, 4),
              "expected_quality": round(generated + top, 2),
              "always_retrieve": round(generated + float(always), 2), "always_generate": generated}
-    return chosen[0], chosen[1], stats
+    return chosen[0], chosen[1], chosen[2], stats
 
 
 def fit_instruction(scores: np.ndarray, recall: float) -> tuple[float, float, dict]:
@@ -315,18 +332,31 @@ def _scores(e: Embedded, projection: DescriptionProjection | None) -> np.ndarray
 def crossfit(e: Embedded, ccfg: CalibrationConfig, project: bool) -> tuple[list, tuple[np.ndarray, np.ndarray]]:
     """The match fit's simulated libraries, cross-fitted over two halves of the source datasets (`source_folds`):
     with `project`, the projection is fitted on one half's tasks; the libraries are drawn from that half, and the
-    queries of tasks they lack come from the other half, a source the projection never saw, as a new task's would
-    (the data card's dev tasks share no source with a train task). Returns each library's `_match_outcomes` and, for
-    the near fit, the first half's scores with that half as the library."""
+    tasks they lack come from the other half, a source the projection never saw, as a new task's would (the data
+    card's dev tasks share no source with a train task). A lacking task is asked for by its held-out paraphrases and
+    by its definition, which together weigh `definition_share` (a held task's definition is an instruction match,
+    not this fit's). Returns each library's `_match_outcomes` and, for the near fit, the first half's paraphrase
+    scores with that half as the library."""
     a, b = source_folds(e.sources, ccfg.seed)
     halves = [(a, b), (b, a)] if len(a) and len(b) else [(np.arange(len(e.tasks)),) * 2]
     outcomes, first = [], None
+    per_task = np.bincount(e.owner, minlength=len(e.tasks))
     for own, other in halves:
-        qs = _scores(e, _fit_half(e, own, ccfg) if project else None)
+        projection = _fit_half(e, own, ccfg) if project else None
+        qs = _scores(e, projection)
+        defs_raw = e.definitions @ e.keys.T
+        defs = defs_raw if projection is None else projection(e.definitions) @ projection(e.keys).T
+        raw = e.queries @ e.keys.T if projection is not None else None
         for pick in simulated_libraries(len(own), ccfg.library_fractions, ccfg.library_draws, ccfg.seed):
             lib = own[pick]
             rows = np.isin(e.owner, lib) | np.isin(e.owner, other)
-            outcomes.append(_match_outcomes(qs[rows], e.owner[rows], lib))
+            lacking = np.setdiff1d(other, lib)  # one half: libraries of all tasks lack the rest of them
+            share = ccfg.definition_share
+            relative = np.concatenate([np.where(np.isin(e.owner[rows], lib), 1.0, 1.0 - share),
+                                       share * per_task[lacking]])
+            outcomes.append(_match_outcomes(
+                np.concatenate([qs[rows], defs[lacking]]), np.concatenate([e.owner[rows], lacking]), lib, relative,
+                None if raw is None else np.concatenate([raw[rows], defs_raw[lacking]])))
         first = first or (qs, own)
     return outcomes, first
 
@@ -340,11 +370,11 @@ def fit(e: Embedded, ccfg: CalibrationConfig) -> tuple[dict, DescriptionProjecti
     for kind in ("raw", "projected") if ccfg.projection.steps and len(e.fit_queries) else ("raw",):
         outcomes, first = crossfit(e, ccfg, kind == "projected")
         fits[kind] = fit_match_outcomes(outcomes, quality), first
-        logger.info("match fit on %s scores: expected ROUGE-L %.2f", kind, fits[kind][0][2]["expected_quality"])
-    kind = max(fits, key=lambda k: fits[k][0][2]["expected_quality"])
-    (match_t, margin, match_stats), (qs, library) = fits[kind]
+        logger.info("match fit on %s scores: expected ROUGE-L %.2f", kind, fits[kind][0][3]["expected_quality"])
+    kind = max(fits, key=lambda k: fits[k][0][3]["expected_quality"])
+    (match_t, margin, raw_t, match_stats), (qs, library) = fits[kind]
     match_stats = {**match_stats, "scores": kind,
-                   "expected_quality_by_scores": {k: v[0][2]["expected_quality"] for k, v in fits.items()}}
+                   "expected_quality_by_scores": {k: v[0][3]["expected_quality"] for k, v in fits.items()}}
     top2 = -np.sort(-qs[:, library], axis=1)[:, :2]
     second = top2[:, 1] if len(library) > 1 else np.full(len(qs), -1.0)
     retrieved = (top2[:, 0] >= match_t) & (top2[:, 0] - second >= margin)
@@ -360,7 +390,7 @@ def fit(e: Embedded, ccfg: CalibrationConfig) -> tuple[dict, DescriptionProjecti
         logger.warning("nonsense (95th percentile %.3f) and unseen tasks (0.5th percentile %.3f) overlap: the "
                        "out-of-scope threshold sits at the latter and lets some nonsense through", lo, hi)
     return {
-        "match_threshold": round(match_t, 4), "match_margin": round(margin, 4),
+        "match_threshold": round(match_t, 4), "match_margin": round(margin, 4), "raw_threshold": round(raw_t, 4),
         "near_threshold": round(max(near_t, 0.0), 4), "instruction_threshold": round(instr_t, 4),
         "instruction_margin": round(instr_margin, 4), "scope_threshold": round(scope, 4),
         "scope_floor": round(float(np.median(junk)), 4), "scope_reference": round(float(np.median(own_in)), 4),

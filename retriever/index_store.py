@@ -46,6 +46,7 @@ class LoadedIndex:
     token: str
     rebuilt: bool  # False when read from disk
     names: dict[str, str] = field(default_factory=dict)  # adapter id -> name, filled by the router
+    raw_keys: dict[int, np.ndarray] | None = None  # key label -> raw key vector, kept by a router with a projection
 
 
 def key_signature(encoder_name: str, dim: int, cfg: RetrieverConfig) -> dict:

@@ -34,9 +34,13 @@ class Route:
     scores: list[float]  # cosine similarity of the input to each adapter's best key
     weights: list[float]
     abstain: bool  # True when no adapter scores at least the abstain threshold (or the library is empty)
+    raw_scores: list[float] | None = None  # with a projection: each adapter's cosine before it (`scores` are after)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["raw_scores"] is None:
+            del d["raw_scores"]
+        return d
 
 
 def softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
@@ -87,6 +91,7 @@ class Router:
             if self.projection is not None:
                 vectors, labels = self.store.read_keys(loaded.token)
                 loaded.index = build_index(self.projection(vectors), labels, self.cfg, "flat")
+                loaded.raw_keys = dict(zip(labels.tolist(), vectors, strict=True))
             loaded.names = {r.id: r.name for r in records}
             self._loaded, self._version = loaded, version
             logger.info("router synced to library version %s: %d adapters, %s index %s in %.1f ms", version,
@@ -127,30 +132,34 @@ class Router:
         loaded = self._loaded
         if loaded is None:
             raise RuntimeError("the router has no index: call refresh()")
+        raw = queries
         if self.projection is not None:
             queries = self.projection(queries)
         n_excl = max((len(e) for e in exclude), default=0) if exclude else 0
         hits = min((top_k + n_excl) * keys_per_adapter(self.cfg), loaded.index.ntotal)
         scores, labels = loaded.index.search(queries, hits)  # (n, hits) each
-        return [self._one(scores[i], labels[i], top_k, exclude[i] if exclude else set(), loaded)
+        return [self._one(scores[i], labels[i], top_k, exclude[i] if exclude else set(), loaded, raw[i])
                 for i in range(len(queries))]
 
-    def _one(self, scores: np.ndarray, labels: np.ndarray, k: int, exclude: set[str], loaded: LoadedIndex) -> Route:
-        ids, best = [], []
+    def _one(self, scores: np.ndarray, labels: np.ndarray, k: int, exclude: set[str], loaded: LoadedIndex,
+             raw_query: np.ndarray) -> Route:
+        ids, best, kept = [], [], []
         for s, lab in zip(scores.tolist(), labels.tolist(), strict=True):
             adapter_id = loaded.label_to_id.get(lab)
             if adapter_id is None or adapter_id in exclude or adapter_id in ids:
                 continue  # -1 (no hit), an excluded adapter, or an adapter's second key
             ids.append(adapter_id)
             best.append(s)
+            kept.append(lab)
             if len(ids) == k:
                 break
         if not ids:
             return Route([], [], [], [], abstain=True)
         sc = np.array(best, np.float64)
         weights = softmax(sc, self.cfg.temperature)
+        raw = [float(raw_query @ loaded.raw_keys[lab]) for lab in kept] if loaded.raw_keys is not None else None
         return Route(ids, [loaded.names.get(i, "") for i in ids], [float(s) for s in sc], [float(w) for w in weights],
-                     abstain=bool(sc[0] < self.cfg.abstain_threshold))
+                     abstain=bool(sc[0] < self.cfg.abstain_threshold), raw_scores=raw)
 
     def _check_k(self, top_k: int | None) -> int:
         k = self.cfg.top_k if top_k is None else top_k

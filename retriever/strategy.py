@@ -13,7 +13,8 @@ was trained on is measured against a compact set of train-task embeddings shippe
   by descriptions, whatever its score;
 - `generate`: a generated adapter, whatever the library holds;
 - `auto`: the adapter of an instruction match; else the library adapter when one task is a confident match by its
-  descriptions (score >= `match_threshold` and ahead of the second by `match_margin`), a mixture of the generated
+  descriptions (score >= `match_threshold` and ahead of the second by `match_margin`; with a projection, also a
+  cosine before it >= `raw_threshold`), a mixture of the generated
   adapter and the near library adapters when some are close (score >= `near_threshold`), and the generated adapter
   when nothing is.
 
@@ -77,6 +78,7 @@ class Thresholds:
     scope_threshold: float = 0.33  # max(train similarity, best library score) under this: out of scope
     scope_floor: float = 0.20  # confidence 0: the typical train similarity of nonsense
     scope_reference: float = 0.80  # confidence 1: the typical train similarity of a train task's own paraphrase
+    raw_threshold: float = -1.0  # with a projection, a confident match also needs this cosine before it (-1: none)
     projection: str | None = None  # the description projection the match scores were fitted under (a path; None:
     #                                raw cosines), named by the calibration file (retriever/projection.py)
 
@@ -91,7 +93,11 @@ class Thresholds:
         if name is not None and not (path.parent / str(name)).is_file():
             raise ValueError(f"{path.name} names the description projection {name!r}, which is not beside it; rerun "
                              "`hyperlora train strategy`")
-        t = cls(**{k: float(raw[k]) for k in THRESHOLDS}, projection=str(path.parent / name) if name else None)
+        gate = raw.get("raw_threshold", -1.0)
+        if not _number(gate):
+            raise ValueError(f"{path.name} has a non-numeric raw_threshold {gate!r}; rerun `hyperlora train strategy`")
+        t = cls(**{k: float(raw[k]) for k in THRESHOLDS}, raw_threshold=float(gate),
+                projection=str(path.parent / name) if name else None)
         fitted = raw.get("config", {}).get("key_descriptions")
         if fitted is not None and fitted != cfg.key_descriptions:
             logger.warning("%s was fitted on keys of %s descriptions, the strategy keys adapters by %d: rerun "
@@ -208,7 +214,8 @@ class Auto(Strategy):
             return Plan("retrieve", [(restated, 1.0)], by_instruction=True)
         scores = route.scores
         if scores and scores[0] >= self.t.match_threshold and \
-                scores[0] - (scores[1] if len(scores) > 1 else -1.0) >= self.t.match_margin:
+                scores[0] - (scores[1] if len(scores) > 1 else -1.0) >= self.t.match_margin and \
+                (route.raw_scores is None or route.raw_scores[0] >= self.t.raw_threshold):
             return Plan("retrieve", [(route.ids[0], 1.0)])
         near = [(i, s) for i, s in zip(route.ids, scores, strict=True) if s >= self.t.near_threshold]
         if not near:
