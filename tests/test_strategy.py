@@ -270,3 +270,15 @@ def test_calibration_end_to_end_on_tiny_data(tmp_path, encoder):
     raw = calibrate(encoder, CalibrationConfig(str(sni), queries_per_task=2, nonsense=20,
                                                projection=ProjectionConfig(steps=0)), out_json, out_rows)
     assert raw["projection"] is False and json.loads(out_json.read_text())["projection"] is None
+
+
+@pytest.mark.parametrize("raw, path", [(None, "retrieve"), ([0.7, 0.2], "retrieve"), ([0.6, 0.2], "mix")])
+def test_a_projected_match_also_needs_its_raw_cosine(raw, path):
+    """With a projection, a confident match is confident in both spaces: projected score and margin, and the cosine
+    before the projection at least `raw_threshold` (routes without raw scores, from a router with no projection,
+    skip the gate)."""
+    from dataclasses import replace
+
+    route = Route(["a", "b"], ["a", "b"], [0.9, 0.7], [0.5, 0.5], False, raw_scores=raw)
+    plan = STRATEGIES["auto"](StrategyConfig(), replace(T, raw_threshold=0.65)).plan(route, _route({"a": 0.5}))
+    assert plan.path == path and plan.mixture[0][0] == ("a" if path == "retrieve" else None)
