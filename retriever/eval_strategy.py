@@ -285,7 +285,10 @@ def format_eval(result: dict) -> str:
     t = result["thresholds"]
     lines = ["# Description strategy: generate, retrieve or auto", "",
              f"Library: {lib['adapters']} train-task adapters ({lib['origin']}); {lib['dev_adapters']} dev-task "
-             f"adapters for (c). Thresholds: match {t['match_threshold']:.3f} (margin {t['match_margin']:.3f}), "
+             f"adapters for (c). Thresholds: match {t['match_threshold']:.3f} (margin {t['match_margin']:.3f}"
+             + ("; on projected scores" if t.get("projection") else "")
+             + (f", the cosine before the projection >= {t['raw_threshold']:.3f}" if t.get("projection") and
+                t.get("raw_threshold", -1.0) > -1.0 else "") + "), "
              f"near {t['near_threshold']:.3f}, instruction match {t['instruction_threshold']:.3f} (margin "
              f"{t['instruction_margin']:.3f}), out of scope under {t['scope_threshold']:.3f}.", "",
              f"ROUGE-L (mean over tasks of per-task means; {result['eval']['inputs']} test inputs per task, greedy, "
