@@ -180,7 +180,8 @@ def test_calibration_paraphrases_read_train_tasks_only_and_give_outcome_qualitie
     from retriever.strategy import CALIBRATION_FILE
 
     never = json.loads(CALIBRATION_FILE.read_text()) | {"match_threshold": 1.0, "near_threshold": 1.0,
-                                                        "instruction_threshold": 1.0, "instruction_margin": 0.5}
+                                                        "instruction_threshold": 1.0, "instruction_margin": 0.5,
+                                                        "projection": None}  # (the shipped one is not beside it)
     (tmp / "never.json").write_text(json.dumps(never))
     result = CliRunner().invoke(app, ["eval", "strategy", "--library", str(lib), "--sni", str(sni), "--checkpoint",
                                       str(ckpt), "--base-model", str(model_dir), "--tasks", "2", "--inputs", "2",
