@@ -254,7 +254,7 @@ def fit_match_outcomes(outcomes: Sequence[tuple[np.ndarray, ...]], quality: tupl
     for best, second, right, in_lib, weight, raw_best in outcomes:
         take = (best >= chosen[0]) & (best - second >= chosen[1]) & (raw_best >= chosen[2])
         hit, taken, held = hit + weight[right & take].sum(), taken + weight[take].sum(), held + weight[in_lib].sum()
-    always = np.mean([(np.where(o[2], own - generated, other - generated) * o[4]).sum() for o in outcomes])
+    always = np.mean([(np.where(r, own - generated, other - generated) * w).sum() for _, _, r, _, w, _ in outcomes])
     stats = {"libraries": len(outcomes), "recall": round(float(hit / max(held, 1e-12)), 4),
              "precision": round(float(hit / taken) if taken else 1.0, 4),
              "expected_quality": round(generated + top, 2),
@@ -282,19 +282,13 @@ def fit_instruction(scores: np.ndarray, recall: float) -> tuple[float, float, di
     return chosen[0], chosen[1], stats
 
 
-def fit_near(scores: np.ndarray, owner: np.ndarray, retrieved: np.ndarray, top_k: int,
-             precision: float, library: np.ndarray | None = None) -> tuple[float, dict]:
+def fit_near(scores: np.ndarray, owner: np.ndarray, retrieved: np.ndarray, top_k: int, precision: float,
+             library: np.ndarray) -> tuple[float, dict]:
     """The lowest score from which, among queries not confidently matched, the query's own task is among the
     top-k library tasks scoring at least that much `precision` of the time (a mixture then holds it). `library`:
-    the library's task indices (default: every task, odd tasks' own adapters left out)."""
-    if library is None:
-        s = scores.copy()
-        s[owner % 2 == 1, owner[owner % 2 == 1]] = -np.inf  # odd tasks are not in the library, as in fit_match
-        top = np.argsort(-s, axis=1)[:, :top_k]  # (n_queries, k)
-        top_scores = np.take_along_axis(s, top, 1)
-    else:
-        local = np.argsort(-scores[:, library], axis=1)[:, :top_k]
-        top, top_scores = library[local], np.take_along_axis(scores[:, library], local, 1)
+    the library's task indices (columns of `scores`)."""
+    local = np.argsort(-scores[:, library], axis=1)[:, :top_k]  # (n_queries, k)
+    top, top_scores = library[local], np.take_along_axis(scores[:, library], local, 1)
     for thr in np.round(np.arange(0.40, 1.0, 0.01), 2):
         near = top_scores >= thr
         mixed = near.any(1) & ~retrieved
@@ -322,13 +316,6 @@ def _fit_half(e: Embedded, tasks: np.ndarray, ccfg: CalibrationConfig) -> Descri
                           ccfg.projection)
 
 
-def _scores(e: Embedded, projection: DescriptionProjection | None) -> np.ndarray:
-    """Held-out paraphrases x task description keys `(n_queries, n_tasks)`, as the library would score them."""
-    if projection is None:
-        return e.queries @ e.keys.T
-    return projection(e.queries) @ projection(e.keys).T
-
-
 def crossfit(e: Embedded, ccfg: CalibrationConfig, project: bool) -> tuple[list, tuple[np.ndarray, np.ndarray]]:
     """The match fit's simulated libraries, cross-fitted over two halves of the source datasets (`source_folds`):
     with `project`, the projection is fitted on one half's tasks; the libraries are drawn from that half, and the
@@ -341,12 +328,14 @@ def crossfit(e: Embedded, ccfg: CalibrationConfig, project: bool) -> tuple[list,
     halves = [(a, b), (b, a)] if len(a) and len(b) else [(np.arange(len(e.tasks)),) * 2]
     outcomes, first = [], None
     per_task = np.bincount(e.owner, minlength=len(e.tasks))
+    raw_qs, raw_defs = e.queries @ e.keys.T, e.definitions @ e.keys.T  # as a library without a projection scores
     for own, other in halves:
         projection = _fit_half(e, own, ccfg) if project else None
-        qs = _scores(e, projection)
-        defs_raw = e.definitions @ e.keys.T
-        defs = defs_raw if projection is None else projection(e.definitions) @ projection(e.keys).T
-        raw = e.queries @ e.keys.T if projection is not None else None
+        if projection is None:
+            qs, defs, raw = raw_qs, raw_defs, None
+        else:
+            keys = projection(e.keys)
+            qs, defs, raw = projection(e.queries) @ keys.T, projection(e.definitions) @ keys.T, raw_qs
         for pick in simulated_libraries(len(own), ccfg.library_fractions, ccfg.library_draws, ccfg.seed):
             lib = own[pick]
             rows = np.isin(e.owner, lib) | np.isin(e.owner, other)
@@ -356,7 +345,7 @@ def crossfit(e: Embedded, ccfg: CalibrationConfig, project: bool) -> tuple[list,
                                        share * per_task[lacking]])
             outcomes.append(_match_outcomes(
                 np.concatenate([qs[rows], defs[lacking]]), np.concatenate([e.owner[rows], lacking]), lib, relative,
-                None if raw is None else np.concatenate([raw[rows], defs_raw[lacking]])))
+                None if raw is None else np.concatenate([raw[rows], raw_defs[lacking]])))
         first = first or (qs, own)
     return outcomes, first
 

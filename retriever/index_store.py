@@ -47,6 +47,7 @@ class LoadedIndex:
     rebuilt: bool  # False when read from disk
     names: dict[str, str] = field(default_factory=dict)  # adapter id -> name, filled by the router
     raw_keys: dict[int, np.ndarray] | None = None  # key label -> raw key vector, kept by a router with a projection
+    keys: tuple[np.ndarray, np.ndarray] | None = None  # a fresh build's key vectors and labels (None when read)
 
 
 def key_signature(encoder_name: str, dim: int, cfg: RetrieverConfig) -> dict:
@@ -95,7 +96,7 @@ class IndexStore:
         self._write(token, meta, index, vectors, key_labels, digests)
         logger.info("rebuilt the %s index over %d adapters (%d keys) in %.1f ms", kind, len(records), len(key_labels),
                     1e3 * (time.perf_counter() - t0))
-        return LoadedIndex(index, label_to_id, token, rebuilt=True)
+        return LoadedIndex(index, label_to_id, token, rebuilt=True, keys=(vectors, key_labels))
 
     # -- reading
     def _read(self, token: str, meta: dict, kind: str) -> VectorIndex | None:

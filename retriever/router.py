@@ -89,9 +89,10 @@ class Router:
             records = self.library.list()
             loaded = self.store.load_or_build(records)
             if self.projection is not None:
-                vectors, labels = self.store.read_keys(loaded.token)
+                vectors, labels = loaded.keys or self.store.read_keys(loaded.token)  # a fresh build has them
                 loaded.index = build_index(self.projection(vectors), labels, self.cfg, "flat")
                 loaded.raw_keys = dict(zip(labels.tolist(), vectors, strict=True))
+            loaded.keys = None  # the vectors are in the index (and raw_keys); not held twice
             loaded.names = {r.id: r.name for r in records}
             self._loaded, self._version = loaded, version
             logger.info("router synced to library version %s: %d adapters, %s index %s in %.1f ms", version,

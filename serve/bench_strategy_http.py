@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -19,19 +18,8 @@ import httpx
 
 from retriever.calibrate import EVALUATION_SLICE
 from retriever.tasks import load_sni
-from serve.bench_http import DESCRIPTIONS
-
-
-def _wait(url: str, timeout_s: float) -> float:
-    t0 = time.time()
-    while time.time() - t0 < timeout_s:
-        try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return time.time() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"the service at {url} was not ready within {timeout_s:.0f} s")
+from serve.bench_http import DESCRIPTIONS, percentile
+from serve.startup import _wait as wait_until_up
 
 
 def _time(client: httpx.Client, descriptions: list[str], n: int) -> dict:
@@ -42,9 +30,8 @@ def _time(client: httpx.Client, descriptions: list[str], n: int) -> dict:
         ms.append(1e3 * (time.perf_counter() - t))
         path = r.json()["decisions"][0]["path"] if r.status_code == 200 else f"HTTP {r.status_code}"
         paths[path] = paths.get(path, 0) + 1
-    ms.sort()
-    return {"requests": n, "p50_ms": round(statistics.median(ms), 1),
-            "p99_ms": round(ms[min(n - 1, int(0.99 * n))], 1), "paths": paths}
+    return {"requests": n, "p50_ms": round(percentile(ms, 0.5), 1), "p99_ms": round(percentile(ms, 0.99), 1),
+            "paths": paths}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,7 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{args.port}"
     try:
-        ready = _wait(url, 600)
+        t0 = time.perf_counter()
+        wait_until_up(url, proc, 600)
+        ready = time.perf_counter() - t0
         out: dict = {"what": f"POST /v1/adapters (strategy auto), concurrency 1, {args.requests} requests per kind "
                              "after 8 warm-up, `hyperlora serve` on the default config, this machine",
                      "ready_s": round(ready, 1)}
