@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from retriever.projection import DescriptionProjection, ProjectionConfig, fit_projection, source_folds
+from retriever.projection import DescriptionProjection, ProjectionConfig, fit_projection, source_folds, unit
 from retriever.strategy import CALIBRATION_FILE, TRAIN_TASKS_FILE
 from retriever.tasks import load_sni
 
@@ -131,10 +131,6 @@ def nonsense_strings(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 @dataclass
 class Embedded:
     """Everything calibration needs, embedded once."""
@@ -163,7 +159,7 @@ def embed_for_calibration(encoder, ccfg: CalibrationConfig) -> Embedded:
     logger.info("embedding %d texts of %d train tasks for calibration", len(texts) + len(nonsense), len(tasks))
     emb = encoder.encode([t[:1000] for t in texts] + nonsense, what="calibration text").cpu().numpy()
     bounds = np.cumsum([0] + counts)
-    keys = _unit(np.stack([emb[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]))
+    keys = unit(np.stack([emb[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]))
     n_keys, n = len(key_texts), len(tasks)
     owner = np.array([i for i, h in enumerate(held) for _ in h])
     end = n_keys + n + len(owner)
