@@ -96,7 +96,8 @@ def info(checkpoint: str | None = CkptOpt, generator: str = GenOpt, base_model: 
     typer.echo(f"  local path     {resolve_base_model(base_model)}  (load the base from here for PEFT, offline)")
     for m in targets:
         typer.echo(f"  target {m:<9} d_in={spec.shapes[m][0]} d_out={spec.shapes[m][1]}")
-    typer.echo(f"adapter:         rank {gen.rank}, alpha {gen.alpha}, {n_lora:,} params "
+    made_at = f" x strength {gen.strength:g} (chosen on held-out tasks)" if gen.strength != 1.0 else ""
+    typer.echo(f"adapter:         rank {gen.rank}, alpha {gen.alpha}{made_at}, {n_lora:,} params "
                f"({n_lora * 4 / 2**20:.2f} MiB fp32)")
     typer.echo(f"embedder:        {gen.encoder.name} ({gen.encoder.dim}-d)")
     typer.echo(f"generator:       {gen.name} variant {getattr(gen.net.cfg, 'variant', '?')}, {params:,} params, "

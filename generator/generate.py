@@ -55,6 +55,15 @@ class AdapterGenerator(ABC):
     def alpha(self) -> float:
         return self.net.cfg.alpha
 
+    @property
+    def strength(self) -> float:
+        """The strength adapters are made at, their B factors' scale folded into alpha: the one the checkpoint
+        chose on held-out train tasks (`strength`, recorded by `training/strength.py --plain`), else 1."""
+        return float(self._extra().get("strength", 1.0))
+
+    def _extra(self) -> dict:
+        return getattr(self.net.cfg, "extra", None) or {}  # the T2L config has it; the CVAE's need not
+
     @torch.no_grad()
     def generate(self, descriptions: Sequence[str]) -> list[LoraAdapter]:
         """One adapter per description (a lone string is one description), in one batched pass."""
@@ -75,7 +84,7 @@ class AdapterGenerator(ABC):
         a, b = self.factors(emb)
         a, b = ({m: t.detach().float().cpu() for m, t in f.items()} for f in (a, b))  # one copy per module
         out = [
-            LoraAdapter(self.spec.name, self.rank, self.alpha, {m: t[i] for m, t in a.items()},
+            LoraAdapter(self.spec.name, self.rank, self.alpha * self.strength, {m: t[i] for m, t in a.items()},
                         {m: t[i] for m, t in b.items()}, metadata=self.metadata(d))
             for i, d in enumerate(descriptions)
         ]
@@ -83,13 +92,15 @@ class AdapterGenerator(ABC):
 
     def metadata(self, description: str) -> dict[str, str]:
         """What a generated adapter carries (its `hyperlora.json`): the description, which is also its instruction,
-        and, when the checkpoint chose one on held-out tasks, the strength to use it at when the prompt already
-        holds in-context examples (`training/strength.py`)."""
+        the strength it was made at (already in its alpha) and, when the checkpoint chose another on held-out
+        tasks for prompts that already hold in-context examples (`training/strength.py`), the weight to use it at
+        then, relative to the adapter as made."""
         meta = {"description": description, "instruction": description, "generator": self.name}
-        extra = getattr(self.net.cfg, "extra", None) or {}  # the T2L config has it; the CVAE's need not
-        strength = extra.get("strength_with_examples")
-        if strength is not None:
-            meta["strength_with_examples"] = f"{float(strength):g}"
+        if self.strength != 1.0:
+            meta["strength"] = f"{self.strength:g}"
+        with_examples = self._extra().get("strength_with_examples")
+        if with_examples is not None and float(with_examples) != self.strength:
+            meta["strength_with_examples"] = f"{float(with_examples) / self.strength:g}"
         return meta
 
 

@@ -86,15 +86,16 @@ def check_fields(name: str, descriptions: Sequence[str], source: str,
 
 
 def check_strength(value: object) -> float | None:
-    """An adapter's strength with in-context examples: None, or a number in [0, 1] (a string from hyperlora.json)."""
+    """An adapter's weight with in-context examples, relative to the adapter as stored: None, or a number in
+    [0, 2] (a string from hyperlora.json)."""
     if value is None:
         return None
     try:
         strength = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"strength_with_examples must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength_with_examples must be in [0, 1], got {strength}")
+        raise ValueError(f"strength_with_examples must be a number in [0, 2], got {value!r}") from None
+    if not 0.0 <= strength <= 2.0:
+        raise ValueError(f"strength_with_examples must be in [0, 2], got {strength}")
     return strength
 
 

@@ -88,7 +88,8 @@ class Generator:
         if self._fill is not None:
             self._fill.start()  # the service answers: the default library may take the spare CPU now
         return {"generator": self.gen.name, "trained": bool(self.gen.trained), "rank": self.gen.rank,
-                "alpha": self.gen.alpha, "base_model": public_model_name(self.gen.spec.name),
+                "alpha": self.gen.alpha, "strength": self.gen.strength,
+                "base_model": public_model_name(self.gen.spec.name),
                 "generators": sorted(self.gens), "default_library": dict(self.library_fill), "startup": self.startup}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)

@@ -9,8 +9,10 @@ never trained for. With `use_instruction` (the default):
 - `/v1/chat/completions` puts the instruction in front of the last user message, unless the request has a
   system message or that message already starts with the instruction.
 A mixture uses the instruction of its highest-weight adapter that has one. When a chat request holds example
-turns (an assistant turn before the last user turn), each adapter weighs its `strength_with_examples` (a
-generated adapter's checkpoint chose it on held-out tasks, `training/strength.py`; full strength when unset).
+turns (an assistant turn before the last user turn), each adapter weighs its `strength_with_examples`, relative
+to the adapter as stored (a generated adapter's checkpoint chose its strengths on held-out tasks,
+`training/strength.py`; a generated adapter is already made at the strength without examples, so it carries
+this only when the two differ; full weight when unset).
 `use_instruction: false` sends the request exactly as given (a completion's prompt raw, without the chat
 template).
 """

@@ -202,6 +202,35 @@ def test_checkpoint_for_other_shapes_names_both_models(tiny_spec, tmp_path):
     load_checkpoint(tmp_path / "ck", other_mlp)
 
 
+def test_recorded_strength_is_the_held_out_best_and_generated_adapters_are_made_at_it(tiny_spec, tmp_path):
+    """`training.strength --plain` records the strength with the lowest held-out loss SFT measured (never 0, the
+    base model); adapters come out at it (alpha scaled, so plain PEFT gets it) and say so, and the weight they
+    carry for prompts with examples is relative to that."""
+    from generator.generate import T2LGenerator
+    from training.strength import record_plain_strength
+
+    net = small_net(tiny_spec, "M")
+    net.cfg.extra = {"val_loss_by_strength": {"0.0": 0.5, "0.5": 2.0, "0.75": 1.9, "1.0": 1.95},
+                     "strength_with_examples": 0.5}
+    save_checkpoint(net, tmp_path / "ck", dtype=torch.float32)
+    plain = T2LGenerator.from_checkpoint(tmp_path / "ck", None, tiny_spec)
+    assert record_plain_strength(tmp_path / "ck") == 0.75
+    gen = T2LGenerator.from_checkpoint(tmp_path / "ck", None, tiny_spec)
+    emb = task_embeddings(1, 16)
+    (full,), (made,) = plain.generate_embedded(emb, ["a task"]), gen.generate_embedded(emb, ["a task"])
+    assert full.alpha == net.cfg.alpha and made.alpha == pytest.approx(0.75 * net.cfg.alpha)
+    for m in full.a:
+        assert torch.allclose(made.delta(m, 0), 0.75 * full.delta(m, 0), atol=1e-6)
+    assert made.metadata["strength"] == "0.75" and "strength" not in full.metadata
+    assert float(made.metadata["strength_with_examples"]) == pytest.approx(0.5 / 0.75, abs=1e-5)
+    assert full.metadata["strength_with_examples"] == "0.5"
+
+    net.cfg.extra = {}
+    save_checkpoint(net, tmp_path / "none", dtype=torch.float32)
+    with pytest.raises(SystemExit, match="val_loss_by_strength"):
+        record_plain_strength(tmp_path / "none")
+
+
 @pytest.mark.parametrize("missing", [CONFIG_FILE, WEIGHTS_FILE])
 def test_checkpoint_missing_file(tiny_spec, tmp_path, missing):
     save_checkpoint(small_net(tiny_spec, "S"), tmp_path / "ck")

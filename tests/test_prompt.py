@@ -93,3 +93,33 @@ def test_report_counts_harmed_tasks_against_the_same_prompt_without_adapter(tmp_
     assert t2l["harmed"] == ["t1"] and t2l["delta"] == {"t0": 0.0, "t1": -100.0, "t2": 0.0}
     lo, hi = res["base + instruction"]["rougeL_ci"]
     assert lo <= res["base + instruction"]["rougeL"] <= hi and 0.0 <= lo < hi <= 100.0
+
+
+def test_quality_rows_include_the_recorded_strengths(tiny, tmp_path):
+    """`eval quality` adds, beside a T2L checkpoint's full-strength rows, one row at each strength it recorded
+    (without examples: `strength`; with 2 examples: `strength_with_examples`), its adapters scaled to it."""
+    import torch
+    from serve_fixtures import build_tiny_hypernet
+
+    from generator.hypernet.checkpoint import load_checkpoint, save_checkpoint
+    from training.data import Example, Task
+    from training.evaluate import EvalConfig, build_rows
+
+    _, tok, spec = tiny
+    ck = build_tiny_hypernet(spec, tmp_path / "ck")
+    net = load_checkpoint(ck, spec)
+    net.cfg.extra = {"strength": 0.75, "strength_with_examples": 0.5}
+    save_checkpoint(net, ck, dtype=torch.float32)
+    tasks = [Task(f"t{i}", f"Do task {i}.", [f"task {i}"], [Example("a", ["b"]), Example("c", ["d"])],
+                  test=[Example("x", ["y"])]) for i in range(2)]
+    emb = {k: torch.randn(1, net.cfg.embed_dim) for t in tasks for k in (t.name, f"{t.name}::definition")}
+    ecfg = EvalConfig(hypernets={"t2l": str(ck)}, baselines=False, example_strength=False)
+    rows, _ = build_rows(ecfg, tok, spec, emb, tasks, [], "cpu")
+    by = {(r.method, r.task): r for r in rows}
+    assert {m for m, _ in by} == {"t2l + instruction", "t2l + instruction + 2 examples",
+                                  "t2l [definition] + instruction", "t2l x0.75 + instruction",
+                                  "t2l x0.5 + instruction + 2 examples"}
+    full = by[("t2l + instruction", "t0")].adapter
+    assert by[("t2l x0.75 + instruction", "t0")].adapter.alpha == 0.75 * full.alpha
+    assert by[("t2l x0.75 + instruction", "t0")].prompt_kind == "instruction"
+    assert by[("t2l x0.5 + instruction + 2 examples", "t1")].adapter.alpha == 0.5 * full.alpha

@@ -46,6 +46,7 @@ class EvalConfig:
     baselines: bool = True  # the rows without adapter, the multi-task LoRA and the oracles (off: only the
     # generators' and `loras`' rows, to merge into an earlier predictions file)
     example_strength: bool = True  # a T2L row whose strength beside 2 examples is chosen from those examples
+    methods: frozenset[str] | None = None  # only these rows (exact method names); None: every row
 
 
 @dataclass
@@ -128,10 +129,11 @@ def generated_adapters(kind_ckpt: str, spec, emb: torch.Tensor, device) -> list[
                         {m: t[i].float().cpu() for m, t in b.items()}) for i in range(emb.shape[0])]
 
 
-def strength_with_examples(kind_ckpt: str) -> float | None:
-    """The strength a checkpoint asks for beside in-context examples (training/strength.py records it)."""
+def recorded_strength(kind_ckpt: str, key: str = "strength_with_examples") -> float | None:
+    """A strength the checkpoint recorded (training/strength.py): `strength_with_examples`, beside in-context
+    examples, or `strength`, without them; None when it records none."""
     meta = Path(kind_ckpt.partition(":")[2]) / "hypernet.json"
-    s = json.loads(meta.read_text()).get("extra", {}).get("strength_with_examples") if meta.is_file() else None
+    s = json.loads(meta.read_text()).get("extra", {}).get(key) if meta.is_file() else None
     return None if s is None else float(s)
 
 
@@ -173,11 +175,14 @@ def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: l
     desc = torch.stack([emb[t.name][0] for t in dev])  # (n_dev, dim): each dev task's first description
     defn = torch.stack([emb[f"{t.name}::definition"][0] for t in dev])
     for name, source in sources.items():
-        s = strength_with_examples(source)
+        s, plain = recorded_strength(source), recorded_strength(source, "strength")
         for suffix, e, kinds in (("", desc, ("instruction", "icl")), (" [definition]", defn, ("instruction",))):
             ads = generated_adapters(source, spec, e, device)
             rows += [make_row(name + suffix + PROMPTS[k][2], "dev", t, tok, k, a, mx)
                      for t, a in zip(dev, ads, strict=True) for k in kinds]
+            if not suffix and plain is not None and plain != 1.0:  # the shipped strength without examples
+                rows += [make_row(f"{name} x{plain:g}" + PROMPTS["instruction"][2], "dev", t, tok, "instruction",
+                                  replace(a, alpha=a.alpha * plain), mx) for t, a in zip(dev, ads, strict=True)]
             if not suffix and s is not None and s != 1.0:  # the shipped rule: weaker beside in-context examples
                 rows += [make_row(f"{name} x{s:g}" + PROMPTS["icl"][2], "dev", t, tok, "icl",
                                   replace(a, alpha=a.alpha * s), mx) for t, a in zip(dev, ads, strict=True)]
@@ -225,6 +230,11 @@ def predict(cfg, ecfg: EvalConfig, out: str | Path, embeddings: str | None = Non
         old = load_predictions(merge_into)
     have = frozenset(r["method"] for r in old["records"]) if old else frozenset()
     rows, notes = build_rows(ecfg, tok, spec, emb, dev, train, cfg.device, model, injector, skip=have)
+    if ecfg.methods is not None:
+        missing = ecfg.methods - {r.method for r in rows} - have
+        if missing:
+            raise SystemExit(f"no such rows to predict: {sorted(missing)}; rows: {sorted({r.method for r in rows})}")
+        rows = [r for r in rows if r.method in ecfg.methods]
     records = run_rows(rows, model, tok, injector, spec, ecfg, cfg.device)
     doc = {"command": command, "base_model": spec.name, "device": str(cfg.device), "dtype": cfg.dtype,
            "seconds": time.perf_counter() - t0, "max_new_tokens": ecfg.max_new_tokens, "example_strengths": notes}

@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> None:
                               multitask=str(work / "multitask") if (work / "multitask").is_dir() else None,
                               loras=dict(g.split("=", 1) for g in args.lora_row or []),
                               library=str(work / "lora-library"), baselines=only is None,
-                              example_strength=not args.no_example_strength)
+                              example_strength=not args.no_example_strength,
+                              methods=frozenset(args.predict_methods.split(",")) if args.predict_methods else None)
             predict(cfg, ecfg, work / "predictions.json", embeddings=emb, merge_into=args.merge_into,
                     command="python -m training.pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         timings[stage] = round(time.perf_counter() - t0, 1)
@@ -147,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
                    "--lora-row's); no baselines")
     p.add_argument("--no-example-strength", action="store_true", help="predict: leave out the T2L rows whose "
                    "strength is chosen from each prompt's examples (x[examples])")
+    p.add_argument("--predict-methods", default=None, help="predict: only the rows of these methods (exact names, "
+                   "comma-separated), e.g. to rerun one row on another device into its own file")
     p.add_argument("--merge-into", default=None, help="predict: keep an earlier predictions file's records and add "
                    "only the methods it lacks")
     return p

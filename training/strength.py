@@ -8,6 +8,12 @@ out (never dev), with the instruction and 2 examples in the prompt, at several s
 the quality table shows what a strength below 1 would cost or save. Runs where the base model is (the GPU):
 
     python -m training.strength --checkpoint DIR --base-model DIR --embeddings emb.safetensors --device cuda --out W
+
+Without examples the same choice needs no model: SFT already measured the held-out loss at several strengths
+(`val_loss_by_strength`), and `--plain` records the best one as the checkpoint's `strength`, the strength every
+generated adapter is made at:
+
+    python -m training.strength --checkpoint DIR --plain
 """
 
 from __future__ import annotations
@@ -92,9 +98,32 @@ def record_strength(checkpoint: str | Path, chosen: float, loss: dict) -> None:
     write_json_atomic(path, meta)
 
 
+def record_plain_strength(checkpoint: str | Path) -> float:
+    """Choose the strength without in-context examples, `strength`, as the one with the lowest held-out
+    train-task answer loss that SFT recorded for its best step (`val_loss_by_strength`, the instruction in the
+    prompt), and write it into the checkpoint's hypernet.json (atomically). Generated adapters are made at it."""
+    from retriever.fsutil import write_json_atomic
+
+    path = Path(checkpoint) / "hypernet.json"
+    meta = json.loads(path.read_text())
+    loss = {float(k): v for k, v in (meta.get("extra", {}).get("val_loss_by_strength") or {}).items() if float(k) > 0}
+    if not loss:
+        raise SystemExit(f"{path} records no held-out loss by strength (val_loss_by_strength): train it with "
+                         "--val-tasks so SFT measures one")
+    chosen = min(loss, key=loss.get)
+    meta["extra"]["strength"] = chosen
+    write_json_atomic(path, meta)
+    logger.info("held-out loss by strength %s: strength without examples %g", loss, chosen)
+    return chosen
+
+
 def run(args: argparse.Namespace) -> dict:
     from training.runtime import load_frozen
 
+    if args.plain:
+        return {"strength": record_plain_strength(args.checkpoint)}
+    if not args.out:
+        raise SystemExit("--out is required (the folder for strength.json)")
     cfg = TrainConfig(base_model=args.base_model, data=args.data, device=args.device, dtype=args.dtype)
     data = cfg.data or DEFAULT_DATA
     net = load_checkpoint(args.checkpoint, None, cfg.device).eval()
@@ -152,7 +181,10 @@ def parser() -> argparse.ArgumentParser:
     p = checkpoint_parser(__doc__, "t2l-sft-m")
     p.add_argument("--strengths", default=",".join(str(s) for s in STRENGTHS))
     p.add_argument("--eval-batch", type=int, default=64)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="folder for strength.json (required unless --plain)")
+    p.add_argument("--plain", action="store_true", help="only choose the strength without examples from the "
+                   "held-out loss SFT recorded (val_loss_by_strength) and write it into the checkpoint; no model "
+                   "is loaded")
     p.add_argument("--record", action="store_true", help="write the chosen strength into the checkpoint")
     p.add_argument("--rows", action="store_true", help="also generate dev answers at each strength (the quality "
                    "table's predict adds the recorded strength's row by itself)")

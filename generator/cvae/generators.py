@@ -100,7 +100,8 @@ class LatentGenerator(AdapterGenerator):
         return out
 
     def _adapters(self, descriptions: Sequence[str], a: dict, b: dict) -> list[LoraAdapter]:
-        return [LoraAdapter(self.spec.name, self.rank, self.alpha, {m: t[i].cpu() for m, t in a.items()},
+        return [LoraAdapter(self.spec.name, self.rank, self.alpha * self.strength,
+                            {m: t[i].cpu() for m, t in a.items()},
                             {m: t[i].cpu() for m, t in b.items()},
                             metadata=self.metadata(d))
                 for i, d in enumerate(descriptions)]
