@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> dict:
                 chosen, loss[str(chosen)])
     if args.record:  # generated adapters carry it (generator/generate.py); predict adds its dev row
         record_strength(args.checkpoint, chosen, loss)
+        if net.cfg.extra.get("val_loss_by_strength"):  # and the strength without examples, from SFT's record
+            record_plain_strength(args.checkpoint)
     result = {"heldout_tasks": sorted(held), "heldout_icl_loss_by_strength": loss, "chosen_strength": chosen,
               "example_rule": rule, "records": []}
     out = Path(args.out)
@@ -185,7 +187,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="only choose the strength without examples from the "
                    "held-out loss SFT recorded (val_loss_by_strength) and write it into the checkpoint; no model "
                    "is loaded")
-    p.add_argument("--record", action="store_true", help="write the chosen strength into the checkpoint")
+    p.add_argument("--record", action="store_true", help="write the chosen strength into the checkpoint (and, when "
+                   "SFT recorded its held-out loss by strength, the strength without examples, as --plain does)")
     p.add_argument("--rows", action="store_true", help="also generate dev answers at each strength (the quality "
                    "table's predict adds the recorded strength's row by itself)")
     return p
