@@ -81,14 +81,16 @@ class AdapterGenerator(ABC):
         generated adapter with library ones (retriever/strategy.py) or sending it to another process needs that."""
         if emb.ndim != 2 or emb.shape[0] != len(descriptions):
             raise ValueError(f"{len(descriptions)} descriptions but embeddings of shape {tuple(emb.shape)}")
-        a, b = self.factors(emb)
+        return self._adapters(descriptions, *self.factors(emb))
+
+    def _adapters(self, descriptions: Sequence[str], a: dict[str, torch.Tensor],
+                  b: dict[str, torch.Tensor]) -> list[LoraAdapter]:
+        """One adapter per description from stacked factors `(N, ...)`, on the CPU, at the recorded strength."""
         a, b = ({m: t.detach().float().cpu() for m, t in f.items()} for f in (a, b))  # one copy per module
-        out = [
-            LoraAdapter(self.spec.name, self.rank, self.alpha * self.strength, {m: t[i] for m, t in a.items()},
-                        {m: t[i] for m, t in b.items()}, metadata=self.metadata(d))
-            for i, d in enumerate(descriptions)
-        ]
-        return out
+        alpha = self.alpha * self.strength
+        return [LoraAdapter(self.spec.name, self.rank, alpha, {m: t[i] for m, t in a.items()},
+                            {m: t[i] for m, t in b.items()}, metadata=self.metadata(d))
+                for i, d in enumerate(descriptions)]
 
     def metadata(self, description: str) -> dict[str, str]:
         """What a generated adapter carries (its `hyperlora.json`): the description, which is also its instruction,
@@ -96,11 +98,12 @@ class AdapterGenerator(ABC):
         tasks for prompts that already hold in-context examples (`training/strength.py`), the weight to use it at
         then, relative to the adapter as made."""
         meta = {"description": description, "instruction": description, "generator": self.name}
-        if self.strength != 1.0:
-            meta["strength"] = f"{self.strength:g}"
+        strength = self.strength
+        if strength != 1.0:
+            meta["strength"] = f"{strength:g}"
         with_examples = self._extra().get("strength_with_examples")
-        if with_examples is not None and float(with_examples) != self.strength:
-            meta["strength_with_examples"] = f"{float(with_examples) / self.strength:g}"
+        if with_examples is not None and float(with_examples) != strength:
+            meta["strength_with_examples"] = f"{float(with_examples) / strength:g}"
         return meta
 
 

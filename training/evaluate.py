@@ -129,12 +129,13 @@ def generated_adapters(kind_ckpt: str, spec, emb: torch.Tensor, device) -> list[
                         {m: t[i].float().cpu() for m, t in b.items()}) for i in range(emb.shape[0])]
 
 
-def recorded_strength(kind_ckpt: str, key: str = "strength_with_examples") -> float | None:
-    """A strength the checkpoint recorded (training/strength.py): `strength_with_examples`, beside in-context
-    examples, or `strength`, without them; None when it records none."""
+def recorded_strengths(kind_ckpt: str) -> dict[str, float]:
+    """The strengths the checkpoint recorded (training/strength.py), by the prompt kind they are for: `strength`
+    without examples ("instruction"), `strength_with_examples` beside them ("icl"); those it records, but 1."""
     meta = Path(kind_ckpt.partition(":")[2]) / "hypernet.json"
-    s = json.loads(meta.read_text()).get("extra", {}).get(key) if meta.is_file() else None
-    return None if s is None else float(s)
+    extra = json.loads(meta.read_text()).get("extra", {}) if meta.is_file() else {}
+    found = {kind: extra.get(key) for kind, key in (("instruction", "strength"), ("icl", "strength_with_examples"))}
+    return {kind: float(v) for kind, v in found.items() if v is not None and float(v) != 1.0}
 
 
 def example_strength_rows(name: str, ads: list[LoraAdapter], dev: list[Task], model, tok, injector, spec, mx,
@@ -175,17 +176,14 @@ def build_rows(ecfg: EvalConfig, tok, spec, emb: dict[str, torch.Tensor], dev: l
     desc = torch.stack([emb[t.name][0] for t in dev])  # (n_dev, dim): each dev task's first description
     defn = torch.stack([emb[f"{t.name}::definition"][0] for t in dev])
     for name, source in sources.items():
-        s, plain = recorded_strength(source), recorded_strength(source, "strength")
+        strengths = recorded_strengths(source)
         for suffix, e, kinds in (("", desc, ("instruction", "icl")), (" [definition]", defn, ("instruction",))):
             ads = generated_adapters(source, spec, e, device)
             rows += [make_row(name + suffix + PROMPTS[k][2], "dev", t, tok, k, a, mx)
                      for t, a in zip(dev, ads, strict=True) for k in kinds]
-            if not suffix and plain is not None and plain != 1.0:  # the shipped strength without examples
-                rows += [make_row(f"{name} x{plain:g}" + PROMPTS["instruction"][2], "dev", t, tok, "instruction",
-                                  replace(a, alpha=a.alpha * plain), mx) for t, a in zip(dev, ads, strict=True)]
-            if not suffix and s is not None and s != 1.0:  # the shipped rule: weaker beside in-context examples
-                rows += [make_row(f"{name} x{s:g}" + PROMPTS["icl"][2], "dev", t, tok, "icl",
-                                  replace(a, alpha=a.alpha * s), mx) for t, a in zip(dev, ads, strict=True)]
+            for k, s in strengths.items() if not suffix else ():  # the shipped strengths, without and with examples
+                rows += [make_row(f"{name} x{s:g}" + PROMPTS[k][2], "dev", t, tok, k, replace(a, alpha=a.alpha * s),
+                                  mx) for t, a in zip(dev, ads, strict=True)]
             chosen_by_examples = f"{name} x[examples]"
             if (not suffix and ecfg.example_strength and model is not None and source.startswith("t2l:")
                     and chosen_by_examples + PROMPTS["icl"][2] not in skip):

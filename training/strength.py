@@ -88,31 +88,38 @@ def example_rule_loss(net, model, tok, injector, spec, tasks, emb, items: list[d
     return {"loss": round(sum(losses) / len(losses), 4), "chosen": chosen}
 
 
-def record_strength(checkpoint: str | Path, chosen: float, loss: dict) -> None:
-    """Write the chosen strength and the loss table into the checkpoint's hypernet.json (atomically)."""
-    from retriever.fsutil import write_json_atomic
-
+def _checkpoint_extra(checkpoint: str | Path) -> tuple[Path, dict]:
+    """The checkpoint's hypernet.json path and its contents (with an `extra` dict)."""
     path = Path(checkpoint) / "hypernet.json"
     meta = json.loads(path.read_text())
-    meta.setdefault("extra", {}).update(strength_with_examples=chosen, heldout_icl_loss_by_strength=loss)
+    meta.setdefault("extra", {})
+    return path, meta
+
+
+def _write_extra(path: Path, meta: dict, **fields) -> None:
+    from retriever.fsutil import write_json_atomic
+
+    meta["extra"].update(fields)
     write_json_atomic(path, meta)
+
+
+def record_strength(checkpoint: str | Path, chosen: float, loss: dict) -> None:
+    """Write the chosen strength and the loss table into the checkpoint's hypernet.json (atomically)."""
+    path, meta = _checkpoint_extra(checkpoint)
+    _write_extra(path, meta, strength_with_examples=chosen, heldout_icl_loss_by_strength=loss)
 
 
 def record_plain_strength(checkpoint: str | Path) -> float:
     """Choose the strength without in-context examples, `strength`, as the one with the lowest held-out
     train-task answer loss that SFT recorded for its best step (`val_loss_by_strength`, the instruction in the
     prompt), and write it into the checkpoint's hypernet.json (atomically). Generated adapters are made at it."""
-    from retriever.fsutil import write_json_atomic
-
-    path = Path(checkpoint) / "hypernet.json"
-    meta = json.loads(path.read_text())
-    loss = {float(k): v for k, v in (meta.get("extra", {}).get("val_loss_by_strength") or {}).items() if float(k) > 0}
+    path, meta = _checkpoint_extra(checkpoint)
+    loss = {float(k): v for k, v in (meta["extra"].get("val_loss_by_strength") or {}).items() if float(k) > 0}
     if not loss:
         raise SystemExit(f"{path} records no held-out loss by strength (val_loss_by_strength): train it with "
                          "--val-tasks so SFT measures one")
     chosen = min(loss, key=loss.get)
-    meta["extra"]["strength"] = chosen
-    write_json_atomic(path, meta)
+    _write_extra(path, meta, strength=chosen)
     logger.info("held-out loss by strength %s: strength without examples %g", loss, chosen)
     return chosen
 

@@ -99,13 +99,6 @@ class LatentGenerator(AdapterGenerator):
         logger.info("generated %d adapter(s) with %s in %.1f ms", len(out), self.name, 1e3 * (time.perf_counter() - t0))
         return out
 
-    def _adapters(self, descriptions: Sequence[str], a: dict, b: dict) -> list[LoraAdapter]:
-        return [LoraAdapter(self.spec.name, self.rank, self.alpha * self.strength,
-                            {m: t[i].cpu() for m, t in a.items()},
-                            {m: t[i].cpu() for m, t in b.items()},
-                            metadata=self.metadata(d))
-                for i, d in enumerate(descriptions)]
-
     @torch.no_grad()
     def reconstruct(self, adapters: Sequence[LoraAdapter], descriptions: Sequence[str]) -> list[LoraAdapter]:
         """Encode real adapters with their descriptions and decode the posterior mean (an autoencoder check)."""
