@@ -125,6 +125,12 @@ def hypernet(
     weight_decay: float = typer.Option(1e-2, "--weight-decay", help="AdamW weight decay."),
     ema: float = typer.Option(0.0, "--ema", help="Decay of a moving average of the network's weights, validated and "
                                                  "saved instead of the last step's (e.g. 0.99; 0: off)."),
+    mismatch_rate: float = typer.Option(0.0, "--mismatch-rate", help="SFT: share of a step's tasks whose adapter is "
+                                        "generated from a description of one of their nearest other train tasks, "
+                                        "the prompt staying their own: adapters learn to follow the prompt, as an "
+                                        "unseen task's imperfect adapter must (0: off)."),
+    example_rate: float = typer.Option(1 / 3, "--example-rate", help="SFT: share of samples with one or two of the "
+                                       "task's positive examples as earlier chat turns."),
     snapshot_steps: str = typer.Option("", "--snapshot-steps", help="Also save the network after these steps "
                                        "(comma-separated, e.g. 300,350) into OUT/../snapshots/NAME-stepN."),
     ray_workers: int = typer.Option(0, "--ray-workers", help="SFT data-parallel on this many Ray Train workers "
@@ -144,7 +150,7 @@ def hypernet(
               "lr": lr or (1e-3 if recon else 2e-4), "tasks_per_step": tasks_per_step, "val_tasks": val_tasks,
               "eval_every": eval_every, "dropout": dropout, "embed_noise": embed_noise, "weight_decay": weight_decay,
               "base_adapter": base_adapter if not recon else None, "ema": ema,
-              "snapshot_steps": _steps(snapshot_steps)}
+              "mismatch_rate": mismatch_rate, "example_rate": example_rate, "snapshot_steps": _steps(snapshot_steps)}
     if tiny:
         fields |= {"steps": steps or 4, "tasks_per_step": 2, "per_task": 2, "hidden_dim": 32, "warmup": 1,
                    "eval_every": min(eval_every, 2)}

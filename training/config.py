@@ -82,6 +82,14 @@ class HypernetTrainConfig:
     eval_every: int = 100  # sft: steps between validation losses
     ema: float = 0.0  # decay of an exponential moving average of the network's weights, which is what validation
     # sees and what is saved (0: off; e.g. 0.99 averages about the last 100 steps)
+    mismatch_rate: float = 0.0  # sft: share of a step's tasks whose adapter is generated from a description of one
+    # of their nearest other train tasks while the prompt (instruction, examples, answer) stays their own: the
+    # imperfect adapter an unseen task gets, so adapters learn to follow the prompt instead of imposing the answer
+    # words of the tasks they were trained on
+    mismatch_neighbours: int = 8  # sft: how many nearest train tasks (by mean description embedding) a mismatched
+    # task's adapter description is drawn from
+    example_rate: float = 1 / 3  # sft: share of samples with one or two of the task's positive examples as earlier
+    # chat turns (training.data.EXAMPLE_RATE)
     snapshot_steps: tuple[int, ...] = ()  # also save the network (its average with `ema`) after these steps, into
     # OUT/step-N: a run on all train tasks keeps the step a held-out run chose
 
@@ -103,5 +111,9 @@ class HypernetTrainConfig:
             raise ValueError(f"ema must be in [0, 1) (0: off), got {self.ema}")
         if any(s <= 0 or s > self.steps for s in self.snapshot_steps):
             raise ValueError(f"snapshot_steps must lie in 1..steps={self.steps}, got {list(self.snapshot_steps)}")
+        for name in ("mismatch_rate", "example_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _positive(self, "mismatch_neighbours")
         if not 0.0 <= self.definition_rate <= 1.0:
             raise ValueError(f"definition_rate must be in [0, 1], got {self.definition_rate}")

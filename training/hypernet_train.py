@@ -22,7 +22,7 @@ from generator.hypernet.config import HypernetConfig
 from generator.hypernet.model import Hypernet, build_hypernet
 from generator.peft_io import load_peft
 from training.config import HypernetTrainConfig, TrainConfig
-from training.data import DEFAULT_DATA, Batcher, Task, answer_loss, load_split, sample_pairs
+from training.data import DEFAULT_DATA, EXAMPLE_RATE, Batcher, Task, answer_loss, load_split, sample_pairs
 from training.embeddings import task_embeddings
 from training.loop import lora_step_loss, run_steps
 
@@ -72,6 +72,30 @@ def sample_instructions(tasks: list[Task], picks: list[int], texts: dict[str, li
     description its adapter is generated from (what a served adapter is prompted with)."""
     return [t.definition if rng.random() < definition_rate else texts[t.name][j] for t, j in zip(tasks, picks,
                                                                                                  strict=True)]
+
+
+def nearest_tasks(emb: dict[str, torch.Tensor], names: list[str], k: int) -> dict[str, list[str]]:
+    """Each task's `k` nearest other tasks by the cosine of their mean description embeddings."""
+    means = torch.nn.functional.normalize(torch.stack([emb[n].float().mean(0) for n in names]), dim=-1)
+    sim = means @ means.T
+    sim.fill_diagonal_(-float("inf"))
+    top = sim.topk(min(k, len(names) - 1), dim=-1).indices.tolist()
+    return {n: [names[j] for j in row] for n, row in zip(names, top, strict=True)}
+
+
+def mismatch(task_emb: torch.Tensor, names: list[str], emb: dict[str, torch.Tensor],
+             neighbours: dict[str, list[str]], rate: float, rng: random.Random) -> tuple[torch.Tensor, int]:
+    """Replace each row of `task_emb` (one per task in `names`), with probability `rate`, by a random description
+    of a random one of that task's neighbours; returns the embeddings and how many rows were replaced."""
+    if rate <= 0:
+        return task_emb, 0
+    out, swapped = task_emb.clone(), 0
+    for k, n in enumerate(names):
+        if neighbours.get(n) and rng.random() < rate:
+            pool = emb[rng.choice(neighbours[n])]
+            out[k] = pool[rng.randrange(pool.shape[0])].to(out.dtype)
+            swapped += 1
+    return out, swapped
 
 
 def build_net(hcfg: HypernetTrainConfig, spec, embed_dim: int, init_from: str | None, device) -> Hypernet:
@@ -195,24 +219,30 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         validator = Validator(val, emb, batcher) if val and rank == 0 else None
 
         texts = {t.name: description_texts(t, emb[t.name]) for t in tasks}
+        # neighbours among the tasks trained on only: a held-out task's descriptions never reach training
+        neighbours = nearest_tasks(emb, names, hcfg.mismatch_neighbours) if hcfg.mismatch_rate > 0 else {}
 
         def loss_fn(step):
             idx = rng.sample(range(len(tasks)), min(hcfg.tasks_per_step, len(tasks)))
             task_emb, picks = sample_descriptions(emb, [names[i] for i in idx], rng, hcfg.embed_noise)
             instructions = sample_instructions([tasks[i] for i in idx], picks, texts, rng, hcfg.definition_rate)
+            task_emb, _ = mismatch(task_emb, [names[i] for i in idx], emb, neighbours, hcfg.mismatch_rate, rng)
 
             def factors(_ids):
                 return fwd(task_emb)
 
             return lora_step_loss(model, injector, batcher, tasks, idx, factors, scaling, hcfg.per_task, rng,
-                                  cfg.device, instructions)
+                                  cfg.device, instructions, hcfg.example_rate)
 
     params = [p for p in net.parameters() if p.requires_grad]
     averager = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(hcfg.ema)) if hcfg.ema else None
     kept = averager.module if averager is not None else net  # what is validated and saved
     extra = {"mode": hcfg.mode, "steps": hcfg.steps, "train_tasks": len(tasks), "init_from": bool(init_from),
              "workers": world, **({"base_adapter": str(hcfg.base_adapter)} if hcfg.base_adapter else {}),
-             **({"ema": hcfg.ema} if hcfg.ema else {})}
+             **({"ema": hcfg.ema} if hcfg.ema else {}),
+             **({"mismatch_rate": hcfg.mismatch_rate, "mismatch_neighbours": hcfg.mismatch_neighbours}
+                if hcfg.mismatch_rate else {}),
+             **({"example_rate": hcfg.example_rate} if hcfg.example_rate != EXAMPLE_RATE else {})}
     if validator is not None:
         extra |= {"val_tasks": [t.name for t in val], "val_curve": [], "best_val_loss": float("inf")}
 

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from generator.apply import AdapterBank, LoraInjector
-from training.data import Batcher, Task, answer_loss, sample_pairs
+from training.data import EXAMPLE_RATE, Batcher, Task, answer_loss, sample_pairs
 
 # (task indices of this step, in batch order) -> stacked factors A {m: (n, L, r, d_in)}, B {m: (n, L, d_out, r)}
 FactorFn = Callable[[list[int]], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
@@ -24,11 +24,12 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 def lora_step_loss(model, injector: LoraInjector, batcher: Batcher, tasks: Sequence[Task], task_ids: list[int],
                    factors: FactorFn, scaling: float, per_task: int, rng: random.Random, device,
-                   instructions: Sequence[str] | None = None) -> torch.Tensor:
+                   instructions: Sequence[str] | None = None, example_rate: float = EXAMPLE_RATE) -> torch.Tensor:
     """Loss of one step: `per_task` examples of each task, each sample through its own task's factors, each
-    prompt with its task's instruction (`instructions[k]` for `task_ids[k]`; default the definitions)."""
+    prompt with its task's instruction (`instructions[k]` for `task_ids[k]`; default the definitions) and, in
+    `example_rate` of the samples, one or two of its positive examples as earlier turns."""
     chosen = [tasks[i] for i in task_ids]
-    batch = batcher.batch(sample_pairs(batcher.tok, chosen, per_task, rng, instructions), device)
+    batch = batcher.batch(sample_pairs(batcher.tok, chosen, per_task, rng, instructions, example_rate), device)
     a, b = factors(task_ids)
     bank = AdapterBank.from_factors(a, b, scaling)
     index = torch.arange(len(task_ids), device=device).repeat_interleave(per_task)  # (batch,)

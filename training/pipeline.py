@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> None:
                                        embed_noise=args.embed_noise, weight_decay=args.weight_decay,
                                        val_tasks=args.val_tasks if stage == "sft" else 0, eval_every=args.eval_every,
                                        base_adapter=args.base_adapter if stage == "sft" else None, ema=args.ema,
+                                       mismatch_rate=args.mismatch_rate,
+                                       mismatch_neighbours=args.mismatch_neighbours, example_rate=args.example_rate,
                                        snapshot_steps=tuple(int(x) for x in args.snapshot_steps.split(",") if x))
             init = str(work / "t2l-recon") if stage == "sft" and args.sft_init_from_recon else None
             train_hypernet(cfg, hcfg, work / _hypernet_dir(stage, args), embeddings=emb,
@@ -135,6 +137,12 @@ def parser() -> argparse.ArgumentParser:
                    "validated and saved instead of the last step's (0: off)")
     p.add_argument("--snapshot-steps", default="", help="also save the network after these steps (comma-separated) "
                    "into WORK/snapshots/NAME-stepN")
+    p.add_argument("--mismatch-rate", type=float, default=0.0, help="SFT: share of a step's tasks whose adapter is "
+                   "generated from a nearby other train task's description (the prompt stays the task's own), so "
+                   "adapters learn to follow the prompt as an unseen task needs")
+    p.add_argument("--mismatch-neighbours", type=int, default=8, help="SFT: nearest tasks a mismatch draws from")
+    p.add_argument("--example-rate", type=float, default=1 / 3, help="SFT: share of samples with 1-2 positive "
+                   "examples as earlier chat turns")
     p.add_argument("--tasks-per-step", type=int, default=32)
     p.add_argument("--sft-per-task", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
