@@ -317,3 +317,30 @@ def test_shipped_generator_adapter_in_plain_peft_answers_an_unseen_sentiment_tas
     peft_model = PeftModel.from_pretrained(model, str(tmp_path / "ad")).eval()
     answers = generate_text(peft_model, tok, prompts, max_new_tokens=8)
     assert [a.strip(" .").lower() for a in answers] == list(reviews.values())
+
+
+def test_mismatch_draws_adapter_descriptions_from_nearest_other_tasks():
+    """SFT's mismatch: a task's adapter description comes from one of its nearest other tasks (never itself);
+    rate 0 changes nothing and draws no random numbers, so earlier recipes reproduce exactly."""
+    import random
+
+    from training.hypernet_train import mismatch, nearest_tasks
+
+    # four tasks on two axes: a and b are near each other, c and d too
+    pools = {"a": torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0]]), "b": torch.tensor([[0.8, 0.2, 0.0]]),
+             "c": torch.tensor([[0.0, 0.0, 1.0]]), "d": torch.tensor([[0.0, 0.1, 0.9], [0.0, 0.2, 0.8]])}
+    names = list(pools)
+    near = nearest_tasks(pools, names, 1)
+    assert near == {"a": ["b"], "b": ["a"], "c": ["d"], "d": ["c"]}
+    assert set(nearest_tasks(pools, names, 10)["a"]) == {"b", "c", "d"}  # k is capped at the other tasks
+
+    rows = torch.stack([pools[n][0] for n in names])
+    rng = random.Random(0)
+    same, swapped = mismatch(rows, names, pools, near, 0.0, rng)
+    assert swapped == 0 and torch.equal(same, rows) and rng.random() == random.Random(0).random()
+
+    out, swapped = mismatch(rows, names, pools, near, 1.0, random.Random(0))
+    assert swapped == 4 and torch.equal(rows, torch.stack([pools[n][0] for n in names]))  # input left as it was
+    for k, n in enumerate(names):
+        neighbour = near[n][0]
+        assert any(torch.equal(out[k], r) for r in pools[neighbour])

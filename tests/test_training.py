@@ -204,3 +204,16 @@ def test_sft_moving_average_and_snapshots(work):
         moved += int(not torch.allclose(got[k], w3, atol=1e-4))
     assert moved > 0  # the average is not the last step's weights
     assert json.loads((avg / "hypernet.json").read_text())["extra"]["ema"] == 0.5
+
+
+def test_sft_mismatch_and_example_rate_are_recorded(work):
+    out = work / "mm" / "t2l-sft"
+    _invoke(["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(out), "--steps", "2", "--val-tasks", "1",
+             "--mismatch-rate", "0.5", "--example-rate", "0.5", "--embeddings", str(work / "emb.safetensors")])
+    extra = json.loads((out / "hypernet.json").read_text())["extra"]
+    assert extra["mismatch_rate"] == 0.5 and extra["mismatch_neighbours"] == 8 and extra["example_rate"] == 0.5
+    from hyperlora import app
+
+    bad = runner.invoke(app, ["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(work / "x"),
+                                 "--mismatch-rate", "1.5"])
+    assert bad.exit_code == 2 and "mismatch_rate must be in [0, 1]" in bad.output
