@@ -8,6 +8,7 @@ import typer
 
 from generator.commands import command_group
 from generator.models import DEFAULT_BASE_MODEL, hyperlora_home
+from training.config import HypernetTrainConfig
 
 BaseOpt = typer.Option(DEFAULT_BASE_MODEL, "--base-model", help="Embedded default, a local HF dir, or a dir with "
                                                                "one .gguf.")
@@ -129,8 +130,9 @@ def hypernet(
                                         "generated from a description of one of their nearest other train tasks, "
                                         "the prompt staying their own: adapters learn to follow the prompt, as an "
                                         "unseen task's imperfect adapter must (0: off)."),
-    example_rate: float = typer.Option(1 / 3, "--example-rate", help="SFT: share of samples with one or two of the "
-                                       "task's positive examples as earlier chat turns."),
+    example_rate: float = typer.Option(HypernetTrainConfig.example_rate, "--example-rate",
+                                       help="SFT: share of samples with one or two of the task's positive examples "
+                                            "as earlier chat turns."),
     snapshot_steps: str = typer.Option("", "--snapshot-steps", help="Also save the network after these steps "
                                        "(comma-separated, e.g. 300,350) into OUT/../snapshots/NAME-stepN."),
     ray_workers: int = typer.Option(0, "--ray-workers", help="SFT data-parallel on this many Ray Train workers "
@@ -141,7 +143,6 @@ def hypernet(
     dtype: str = DtypeOpt, limit_tasks: int = LimitOpt, tiny: bool = TinyOpt,
 ) -> None:
     """Train a Text-to-LoRA hypernetwork (recon or SFT) on the train tasks."""
-    from training.config import HypernetTrainConfig
     from training.hypernet_train import train_hypernet
 
     cfg = _train_cfg(base_model, data, device, dtype, limit_tasks, tiny)

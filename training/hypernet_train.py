@@ -224,9 +224,10 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
 
         def loss_fn(step):
             idx = rng.sample(range(len(tasks)), min(hcfg.tasks_per_step, len(tasks)))
-            task_emb, picks = sample_descriptions(emb, [names[i] for i in idx], rng, hcfg.embed_noise)
+            chosen = [names[i] for i in idx]
+            task_emb, picks = sample_descriptions(emb, chosen, rng, hcfg.embed_noise)
             instructions = sample_instructions([tasks[i] for i in idx], picks, texts, rng, hcfg.definition_rate)
-            task_emb, _ = mismatch(task_emb, [names[i] for i in idx], emb, neighbours, hcfg.mismatch_rate, rng)
+            task_emb, _ = mismatch(task_emb, chosen, emb, neighbours, hcfg.mismatch_rate, rng)
 
             def factors(_ids):
                 return fwd(task_emb)

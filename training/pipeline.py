@@ -140,9 +140,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mismatch-rate", type=float, default=0.0, help="SFT: share of a step's tasks whose adapter is "
                    "generated from a nearby other train task's description (the prompt stays the task's own), so "
                    "adapters learn to follow the prompt as an unseen task needs")
-    p.add_argument("--mismatch-neighbours", type=int, default=8, help="SFT: nearest tasks a mismatch draws from")
-    p.add_argument("--example-rate", type=float, default=1 / 3, help="SFT: share of samples with 1-2 positive "
-                   "examples as earlier chat turns")
+    p.add_argument("--mismatch-neighbours", type=int, default=HypernetTrainConfig.mismatch_neighbours,
+                   help="SFT: nearest tasks a mismatch draws from")
+    p.add_argument("--example-rate", type=float, default=HypernetTrainConfig.example_rate,
+                   help="SFT: share of samples with 1-2 positive examples as earlier chat turns")
     p.add_argument("--tasks-per-step", type=int, default=32)
     p.add_argument("--sft-per-task", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
