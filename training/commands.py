@@ -133,6 +133,10 @@ def hypernet(
     example_rate: float = typer.Option(HypernetTrainConfig.example_rate, "--example-rate",
                                        help="SFT: share of samples with one or two of the task's positive examples "
                                             "as earlier chat turns."),
+    relabel_copies: int = typer.Option(0, "--relabel-copies", help="SFT: also train on up to this many relabelled "
+                                       "copies of each qualifying classification task (other answer words, which "
+                                       "only the instruction gives), so adapters take answer words from the "
+                                       "prompt (0: off)."),
     snapshot_steps: str = typer.Option("", "--snapshot-steps", help="Also save the network after these steps "
                                        "(comma-separated, e.g. 300,350) into OUT/../snapshots/NAME-stepN."),
     ray_workers: int = typer.Option(0, "--ray-workers", help="SFT data-parallel on this many Ray Train workers "
@@ -151,7 +155,8 @@ def hypernet(
               "lr": lr or (1e-3 if recon else 2e-4), "tasks_per_step": tasks_per_step, "val_tasks": val_tasks,
               "eval_every": eval_every, "dropout": dropout, "embed_noise": embed_noise, "weight_decay": weight_decay,
               "base_adapter": base_adapter if not recon else None, "ema": ema,
-              "mismatch_rate": mismatch_rate, "example_rate": example_rate, "snapshot_steps": _steps(snapshot_steps)}
+              "mismatch_rate": mismatch_rate, "example_rate": example_rate, "relabel_copies": relabel_copies,
+              "snapshot_steps": _steps(snapshot_steps)}
     if tiny:
         fields |= {"steps": steps or 4, "tasks_per_step": 2, "per_task": 2, "hidden_dim": 32, "warmup": 1,
                    "eval_every": min(eval_every, 2)}

@@ -90,6 +90,8 @@ class HypernetTrainConfig:
     # task's adapter description is drawn from
     example_rate: float = 1 / 3  # sft: share of samples with one or two of the task's positive examples as earlier
     # chat turns (training.data.EXAMPLE_RATE)
+    relabel_copies: int = 0  # sft: train on up to this many relabelled copies of each qualifying classification
+    # task too, whose answer words only the instruction gives (training.relabel; held-out tasks' copies never)
     snapshot_steps: tuple[int, ...] = ()  # also save the network (its average with `ema`) after these steps, into
     # OUT/step-N: a run on all train tasks keeps the step a held-out run chose
 
@@ -115,5 +117,7 @@ class HypernetTrainConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         _positive(self, "mismatch_neighbours")
+        if self.relabel_copies < 0:
+            raise ValueError(f"relabel_copies must be >= 0 (0: off), got {self.relabel_copies}")
         if not 0.0 <= self.definition_rate <= 1.0:
             raise ValueError(f"definition_rate must be in [0, 1], got {self.definition_rate}")

@@ -25,6 +25,7 @@ from training.config import HypernetTrainConfig, TrainConfig
 from training.data import DEFAULT_DATA, EXAMPLE_RATE, Batcher, Task, answer_loss, load_split, sample_pairs
 from training.embeddings import task_embeddings
 from training.loop import lora_step_loss, run_steps
+from training.relabel import relabel_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +187,9 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
     tasks; only rank 0 validates and writes (the others return None).
     """
     tasks = load_split("train", cfg.data or DEFAULT_DATA, cfg.limit_tasks)
-    emb = description_pool(task_embeddings(tasks, embeddings), [t.name for t in tasks], cfg.device,
-                           hcfg.description_pool == "descriptions+definition")
+    raw = task_embeddings(tasks, embeddings)
+    with_definition = hcfg.description_pool == "descriptions+definition"
+    emb = description_pool(raw, [t.name for t in tasks], cfg.device, with_definition)
     embed_dim = next(iter(emb.values())).shape[1]
     rng = random.Random(cfg.seed + rank)
     validator = None
@@ -214,6 +216,13 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         net = build_net(hcfg, spec, embed_dim, init_from, cfg.device)
         fwd = wrap(net) if wrap is not None else net  # gradients sync through the wrapper's forward
         tasks, val = split_val(tasks, hcfg.val_tasks)
+        copies = relabel_tasks(tasks, hcfg.relabel_copies) if hcfg.relabel_copies else []  # never a held-out task's
+        if copies:
+            missing = [t for t in copies if t.name not in raw]
+            raw |= task_embeddings(missing, None) if missing else {}  # the encoder, when the file lacks them
+            emb |= description_pool(raw, [t.name for t in copies], cfg.device, with_definition)
+            logger.info("training on %d relabelled copies of %d tasks too", len(copies), len(tasks))
+            tasks = tasks + copies
         names = [t.name for t in tasks]
         scaling = net.cfg.alpha / net.cfg.rank
         validator = Validator(val, emb, batcher) if val and rank == 0 else None
@@ -243,7 +252,8 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
              **({"ema": hcfg.ema} if hcfg.ema else {}),
              **({"mismatch_rate": hcfg.mismatch_rate, "mismatch_neighbours": hcfg.mismatch_neighbours}
                 if hcfg.mismatch_rate else {}),
-             **({"example_rate": hcfg.example_rate} if hcfg.example_rate != EXAMPLE_RATE else {})}
+             **({"example_rate": hcfg.example_rate} if hcfg.example_rate != EXAMPLE_RATE else {}),
+             **({"relabel_copies": hcfg.relabel_copies} if hcfg.relabel_copies else {})}
     if validator is not None:
         extra |= {"val_tasks": [t.name for t in val], "val_curve": [], "best_val_loss": float("inf")}
 

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> None:
                                        base_adapter=args.base_adapter if stage == "sft" else None, ema=args.ema,
                                        mismatch_rate=args.mismatch_rate,
                                        mismatch_neighbours=args.mismatch_neighbours, example_rate=args.example_rate,
+                                       relabel_copies=args.relabel_copies,
                                        snapshot_steps=tuple(int(x) for x in args.snapshot_steps.split(",") if x))
             init = str(work / "t2l-recon") if stage == "sft" and args.sft_init_from_recon else None
             train_hypernet(cfg, hcfg, work / _hypernet_dir(stage, args), embeddings=emb,
@@ -144,6 +145,9 @@ def parser() -> argparse.ArgumentParser:
                    help="SFT: nearest tasks a mismatch draws from")
     p.add_argument("--example-rate", type=float, default=HypernetTrainConfig.example_rate,
                    help="SFT: share of samples with 1-2 positive examples as earlier chat turns")
+    p.add_argument("--relabel-copies", type=int, default=0, help="SFT: also train on up to this many relabelled copies "
+                   "of each qualifying classification task, whose answer words only the instruction gives "
+                   "(training.relabel; 0: off)")
     p.add_argument("--tasks-per-step", type=int, default=32)
     p.add_argument("--sft-per-task", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)

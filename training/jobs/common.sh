@@ -7,6 +7,6 @@ W=/tmp/work; mkdir -p $W/logs
 [ -d /tmp/stage/sni ] || [ ! -f /tmp/stage/sni.tgz ] || tar -C /tmp/stage -xzf /tmp/stage/sni.tgz
 [ -f /tmp/hf/config.json ] || { python3 -m generator.models /tmp/stage /tmp/hf > $W/logs/convert.log 2>&1 &&
   ln -sf /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/hf/; }
-EMB=/tmp/stage/emb.safetensors
+EMB=${EMB:-/tmp/stage/emb.safetensors}  # a job may stage another (e.g. with relabelled copies)
 C="--work $W --base-model /tmp/hf --data /tmp/stage/sni --embeddings $EMB --device cuda --dtype bfloat16 --max-prompt-tokens 384"
 P="python3 -m training.pipeline"
