@@ -217,3 +217,19 @@ def test_sft_mismatch_and_example_rate_are_recorded(work):
     bad = runner.invoke(app, ["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(work / "x"),
                                  "--mismatch-rate", "1.5"])
     assert bad.exit_code == 2 and "mismatch_rate must be in [0, 1]" in bad.output
+
+
+def test_sft_trains_on_relabelled_copies_of_trained_tasks_only(work):
+    out = work / "rl" / "t2l-sft"
+    _invoke(["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(out), "--steps", "2", "--val-tasks", "1",
+             "--relabel-copies", "2", "--embeddings", str(work / "emb.safetensors")])
+    extra = json.loads((out / "hypernet.json").read_text())["extra"]
+    copies = extra["relabelled_tasks"]
+    assert extra["relabel_copies"] == 2 and copies  # the first tiny train task (Yes./No.) qualifies
+    assert extra["train_tasks"] == 3 - 1 + len(copies)  # --tiny: the first 3 train tasks, 1 held out
+    assert not any(c.startswith(v + "::") for c in copies for v in extra["val_tasks"])  # held out: never its copies
+    from hyperlora import app
+
+    bad = runner.invoke(app, ["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(work / "x"),
+                              "--relabel-copies", "-1"])
+    assert bad.exit_code == 2 and "relabel_copies must be >= 0" in bad.output

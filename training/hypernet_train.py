@@ -192,7 +192,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
     emb = description_pool(raw, [t.name for t in tasks], cfg.device, with_definition)
     embed_dim = next(iter(emb.values())).shape[1]
     rng = random.Random(cfg.seed + rank)
-    validator = None
+    validator, copies = None, []
     if hcfg.mode == "recon":
         from generator.config import load_spec
 
@@ -253,7 +253,8 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
              **({"mismatch_rate": hcfg.mismatch_rate, "mismatch_neighbours": hcfg.mismatch_neighbours}
                 if hcfg.mismatch_rate else {}),
              **({"example_rate": hcfg.example_rate} if hcfg.example_rate != EXAMPLE_RATE else {}),
-             **({"relabel_copies": hcfg.relabel_copies} if hcfg.relabel_copies else {})}
+             **({"relabel_copies": hcfg.relabel_copies, "relabelled_tasks": [t.name for t in copies]}
+                if hcfg.relabel_copies else {})}
     if validator is not None:
         extra |= {"val_tasks": [t.name for t in val], "val_curve": [], "best_val_loss": float("inf")}
 

@@ -76,7 +76,7 @@ def _rewrite(text: str, mapping: dict[str, str]) -> str:
                  flags=re.IGNORECASE)
     left = [k for k in mapping if _mentions(out, k)]
     if left:
-        out = out.rstrip() + " Answer " + ", ".join(f'"{mapping[k]}" for {k}' for k in left) + "."
+        out = out.rstrip() + " Answer " + ", ".join(f'"{_recase(mapping[k], k)}" for {k}' for k in left) + "."
     return out
 
 
@@ -85,7 +85,7 @@ def _example(e: Example, mapping: dict[str, str]) -> Example | None:
     for o in e.outputs:
         core, tail = _core(o)
         if core in mapping:
-            outputs.append(mapping[core] + tail)
+            outputs.append(_recase(mapping[core], core) + tail)  # "POS" -> "SAME", "spicy" -> "pass"
     return Example(e.input, outputs) if outputs else None
 
 
@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     encoder): `python -m training.relabel --embeddings runs/emb.safetensors --out runs/emb-relabel.safetensors`."""
     import argparse
 
-    from training.data import DEFAULT_DATA, load_split
     from safetensors.torch import load_file
 
+    from training.data import DEFAULT_DATA, load_split
     from training.embeddings import embed_tasks, save_embeddings
 
     p = argparse.ArgumentParser(description=main.__doc__)
