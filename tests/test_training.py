@@ -222,12 +222,15 @@ def test_sft_mismatch_and_example_rate_are_recorded(work):
 def test_sft_trains_on_relabelled_copies_of_trained_tasks_only(work):
     out = work / "rl" / "t2l-sft"
     _invoke(["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(out), "--steps", "2", "--val-tasks", "1",
-             "--relabel-copies", "2", "--embeddings", str(work / "emb.safetensors")])
+             "--relabel-copies", "2", "--limit-tasks", "8", "--embeddings", str(work / "emb.safetensors")])
     extra = json.loads((out / "hypernet.json").read_text())["extra"]
     copies = extra["relabelled_tasks"]
     assert extra["relabel_copies"] == 2 and copies  # the first tiny train task (Yes./No.) qualifies
-    assert extra["train_tasks"] == 3 - 1 + len(copies)  # --tiny: the first 3 train tasks, 1 held out
+    assert extra["train_tasks"] == 8 - 1 + len(copies)  # the first 8 train tasks, 1 held out
     assert not any(c.startswith(v + "::") for c in copies for v in extra["val_tasks"])  # held out: never its copies
+    # the held-out task (task065, 'Option 1'/'Option 2') qualifies: its relabelled copy is watched at every check
+    assert [s for s, _ in extra["val_relabelled_curve"]] == [s for s, _ in extra["val_curve"]]
+    assert set(extra["val_relabelled_by_strength"]) == {"0.0", "0.75", "1.0"}
     from hyperlora import app
 
     bad = runner.invoke(app, ["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(work / "x"),

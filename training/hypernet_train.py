@@ -99,6 +99,14 @@ def mismatch(task_emb: torch.Tensor, names: list[str], emb: dict[str, torch.Tens
     return out, swapped
 
 
+def _copy_pool(copies: list[Task], raw: dict[str, torch.Tensor], device, with_definition: bool) -> dict:
+    """`description_pool` for relabelled copies; their embeddings come from the file when it has them (the GPU
+    machine has no encoder: `python -m training.relabel` adds them), else from the encoder."""
+    missing = [t for t in copies if t.name not in raw]
+    raw = raw | (task_embeddings(missing, None) if missing else {})
+    return description_pool(raw, [t.name for t in copies], device, with_definition)
+
+
 def build_net(hcfg: HypernetTrainConfig, spec, embed_dim: int, init_from: str | None, device) -> Hypernet:
     if init_from:
         net = load_checkpoint(init_from, spec, device)
@@ -192,7 +200,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
     emb = description_pool(raw, [t.name for t in tasks], cfg.device, with_definition)
     embed_dim = next(iter(emb.values())).shape[1]
     rng = random.Random(cfg.seed + rank)
-    validator, copies = None, []
+    validator, copies, held_copies = None, [], []
     if hcfg.mode == "recon":
         from generator.config import load_spec
 
@@ -218,14 +226,18 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         tasks, val = split_val(tasks, hcfg.val_tasks)
         copies = relabel_tasks(tasks, hcfg.relabel_copies) if hcfg.relabel_copies else []  # never a held-out task's
         if copies:
-            missing = [t for t in copies if t.name not in raw]
-            raw |= task_embeddings(missing, None) if missing else {}  # the encoder, when the file lacks them
-            emb |= description_pool(raw, [t.name for t in copies], cfg.device, with_definition)
+            emb |= _copy_pool(copies, raw, cfg.device, with_definition)
             logger.info("training on %d relabelled copies of %d tasks too", len(copies), len(tasks))
             tasks = tasks + copies
         names = [t.name for t in tasks]
         scaling = net.cfg.alpha / net.cfg.rank
         validator = Validator(val, emb, batcher) if val and rank == 0 else None
+        # with copies: also watch relabelled copies of the held-out tasks, whose answer words only the instruction
+        # gives (a record of what the copies are for; the plain held-out loss still picks the step)
+        held_copies = relabel_tasks(val, 1) if copies and validator is not None else []
+        if held_copies:
+            emb |= _copy_pool(held_copies, raw, cfg.device, with_definition)
+            relabelled = Validator(held_copies, emb, batcher)
 
         texts = {t.name: description_texts(t, emb[t.name]) for t in tasks}
         # neighbours among the tasks trained on only: a held-out task's descriptions never reach training
@@ -256,7 +268,8 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
              **({"relabel_copies": hcfg.relabel_copies, "relabelled_tasks": [t.name for t in copies]}
                 if hcfg.relabel_copies else {})}
     if validator is not None:
-        extra |= {"val_tasks": [t.name for t in val], "val_curve": [], "best_val_loss": float("inf")}
+        extra |= {"val_tasks": [t.name for t in val], "val_curve": [], "best_val_loss": float("inf"),
+                  **({"val_relabelled_curve": []} if held_copies else {})}
 
     def on_step(step: int, _loss: float) -> None:
         done = step + 1
@@ -269,6 +282,9 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
             return
         v = validator.loss(kept, model, injector, scaling, cfg.device)
         extra["val_curve"].append([done, round(v, 4)])
+        if held_copies:
+            extra["val_relabelled_curve"].append([done, round(relabelled.loss(kept, model, injector, scaling,
+                                                                             cfg.device), 4)])
         logger.info("step %d: validation loss %.4f on %d held-out tasks", done, v, len(val))
         if v < extra["best_val_loss"]:  # keep the best step on disk, so a killed run leaves it behind
             extra.update(best_val_loss=v, best_step=done)
@@ -289,6 +305,11 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         extra["val_loss_by_strength"] = {str(k): round(validator.loss(best, model, injector, k * scaling,
                                                                      cfg.device), 4) for k in (0.0, 0.5, 0.75, 1.0)}
         logger.info("held-out loss by adapter strength: %s", extra["val_loss_by_strength"])
+        if held_copies:
+            extra["val_relabelled_by_strength"] = {
+                str(k): round(relabelled.loss(best, model, injector, k * scaling, cfg.device), 4)
+                for k in (0.0, 0.75, 1.0)}
+            logger.info("relabelled held-out loss by adapter strength: %s", extra["val_relabelled_by_strength"])
         best = best.to("cpu")
         best.cfg.extra = extra
         return save_checkpoint(best, out_dir)
