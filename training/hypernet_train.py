@@ -99,7 +99,7 @@ def mismatch(task_emb: torch.Tensor, names: list[str], emb: dict[str, torch.Tens
     return out, swapped
 
 
-def _copy_pool(copies: list[Task], raw: dict[str, torch.Tensor], device, with_definition: bool) -> dict:
+def copy_pool(copies: list[Task], raw: dict[str, torch.Tensor], device, with_definition: bool) -> dict:
     """`description_pool` for relabelled copies; their embeddings come from the file when it has them (the GPU
     machine has no encoder: `python -m training.relabel` adds them), else from the encoder."""
     missing = [t for t in copies if t.name not in raw]
@@ -226,7 +226,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         tasks, val = split_val(tasks, hcfg.val_tasks)
         copies = relabel_tasks(tasks, hcfg.relabel_copies) if hcfg.relabel_copies else []  # never a held-out task's
         if copies:
-            emb |= _copy_pool(copies, raw, cfg.device, with_definition)
+            emb |= copy_pool(copies, raw, cfg.device, with_definition)
             logger.info("training on %d relabelled copies of %d tasks too", len(copies), len(tasks))
             tasks = tasks + copies
         names = [t.name for t in tasks]
@@ -236,7 +236,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         # gives (a record of what the copies are for; the plain held-out loss still picks the step)
         held_copies = relabel_tasks(val, 1) if copies and validator is not None else []
         if held_copies:
-            emb |= _copy_pool(held_copies, raw, cfg.device, with_definition)
+            emb |= copy_pool(held_copies, raw, cfg.device, with_definition)
             relabelled = Validator(held_copies, emb, batcher)
 
         texts = {t.name: description_texts(t, emb[t.name]) for t in tasks}

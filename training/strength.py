@@ -124,11 +124,41 @@ def record_plain_strength(checkpoint: str | Path) -> float:
     return chosen
 
 
+def relabelled_loss(args: argparse.Namespace) -> dict:
+    """The answer loss on relabelled copies of the checkpoint's held-out tasks (training.relabel: answer words that
+    only the instruction gives), at strengths 0, 0.75 and 1, measured as SFT with `--relabel-copies` records it
+    (`val_relabelled_by_strength`): does an adapter for an unseen task follow the instruction's answer words?"""
+    from training.hypernet_train import Validator, copy_pool
+    from training.relabel import relabel_tasks
+    from training.runtime import load_frozen
+
+    cfg = TrainConfig(base_model=args.base_model, data=args.data, device=args.device, dtype=args.dtype,
+                      max_prompt_tokens=384)  # as the SFT jobs ran (training/jobs/common.sh)
+    net = load_checkpoint(args.checkpoint, None, cfg.device).eval()
+    held = set(net.cfg.extra.get("val_tasks") or [])
+    copies = relabel_tasks([t for t in load_split("train", cfg.data or DEFAULT_DATA) if t.name in held], 1)
+    if not copies:
+        raise SystemExit(f"{args.checkpoint}: none of its held-out tasks has a relabelled copy")
+    emb = copy_pool(copies, task_embeddings([], args.embeddings) if args.embeddings else {}, cfg.device, True)
+    model, tok, _spec, injector = load_frozen(cfg, net.cfg.target_modules)
+    validator = Validator(copies, emb, Batcher(tok, cfg.max_prompt_tokens, cfg.max_answer_tokens))
+    scaling = net.cfg.alpha / net.cfg.rank
+    loss = {str(k): round(validator.loss(net, model, injector, k * scaling, cfg.device), 4) for k in (0.0, 0.75, 1.0)}
+    logger.info("relabelled held-out loss by adapter strength (%d copies): %s", len(copies), loss)
+    result = {"relabelled_tasks": [t.name for t in copies], "relabelled_loss_by_strength": loss}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "relabelled.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
     from training.runtime import load_frozen
 
     if args.plain:
         return {"strength": record_plain_strength(args.checkpoint)}
+    if args.relabelled:
+        return relabelled_loss(args)
     if not args.out:
         raise SystemExit("--out is required (the folder for strength.json)")
     cfg = TrainConfig(base_model=args.base_model, data=args.data, device=args.device, dtype=args.dtype)
@@ -196,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
                    "is loaded")
     p.add_argument("--record", action="store_true", help="write the chosen strength into the checkpoint (and, when "
                    "SFT recorded its held-out loss by strength, the strength without examples, as --plain does)")
+    p.add_argument("--relabelled", action="store_true", help="only measure the held-out loss on relabelled copies "
+                   "of the held-out tasks (training.relabel) at strengths 0, 0.75 and 1, as SFT with "
+                   "--relabel-copies records it; writes OUT/relabelled.json when --out is given")
     p.add_argument("--rows", action="store_true", help="also generate dev answers at each strength (the quality "
                    "table's predict adds the recorded strength's row by itself)")
     return p
