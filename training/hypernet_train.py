@@ -107,12 +107,13 @@ def copy_pool(copies: list[Task], raw: dict[str, torch.Tensor], device, with_def
     return description_pool(raw, [t.name for t in copies], device, with_definition)
 
 
-def build_net(hcfg: HypernetTrainConfig, spec, embed_dim: int, init_from: str | None, device) -> Hypernet:
+def build_net(hcfg: HypernetTrainConfig, spec, embed_dim: int, init_from: str | None, device,
+              seed: int = 0) -> Hypernet:
     if init_from:
         net = load_checkpoint(init_from, spec, device)
         net.train()
         return net
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     base = load_peft(hcfg.base_adapter, spec) if hcfg.base_adapter else None
     base_rank = base.rank if base is not None else 0
     rank = hcfg.rank + base_rank  # a residual network's adapters hold the base's ranks, then the generated ones
@@ -207,7 +208,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         spec = load_spec(cfg.base_model)
         names, ta, tb = _library_targets(Path(library or "runs/lora-library"), [t.name for t in tasks], spec,
                                          cfg.device)
-        net = build_net(hcfg, spec, embed_dim, init_from, cfg.device)
+        net = build_net(hcfg, spec, embed_dim, init_from, cfg.device, cfg.seed)
         std = {**{("A", m): t.std() for m, t in ta.items()}, **{("B", m): t.std() for m, t in tb.items()}}
 
         def loss_fn(step):
@@ -221,7 +222,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
 
         model, tok, spec, injector = load_frozen(cfg, hcfg.target_modules)
         batcher = Batcher(tok, cfg.max_prompt_tokens, cfg.max_answer_tokens)
-        net = build_net(hcfg, spec, embed_dim, init_from, cfg.device)
+        net = build_net(hcfg, spec, embed_dim, init_from, cfg.device, cfg.seed)
         fwd = wrap(net) if wrap is not None else net  # gradients sync through the wrapper's forward
         tasks, val = split_val(tasks, hcfg.val_tasks)
         copies = relabel_tasks(tasks, hcfg.relabel_copies) if hcfg.relabel_copies else []  # never a held-out task's
@@ -265,6 +266,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
              **({"mismatch_rate": hcfg.mismatch_rate, "mismatch_neighbours": hcfg.mismatch_neighbours}
                 if hcfg.mismatch_rate else {}),
              **({"example_rate": hcfg.example_rate} if hcfg.example_rate != EXAMPLE_RATE else {}),
+             **({"seed": cfg.seed} if cfg.seed else {}),
              **({"relabel_copies": hcfg.relabel_copies, "relabelled_tasks": [t.name for t in copies]}
                 if hcfg.relabel_copies else {})}
     if validator is not None:

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(base_model=args.base_model, data=args.data, device=args.device, dtype=args.dtype,
-                      limit_tasks=args.limit_tasks, max_prompt_tokens=args.max_prompt_tokens)
+                      limit_tasks=args.limit_tasks, max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     emb = args.embeddings
     timings = {}
     for stage in args.stages.split(","):
@@ -148,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--relabel-copies", type=int, default=0, help="SFT: also train on up to this many relabelled copies "
                    "of each qualifying classification task, whose answer words only the instruction gives "
                    "(training.relabel; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training jobs' sampling and initialisation (0: "
+                   "the shipped runs'); another seed of the same recipe shows how much of a result is the draw")
     p.add_argument("--tasks-per-step", type=int, default=32)
     p.add_argument("--sft-per-task", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
