@@ -157,6 +157,9 @@ def split_val(tasks: list[Task], n_val: int) -> tuple[list[Task], list[Task]]:
     return [t for t in tasks if t.name not in held], [t for t in tasks if t.name in held]
 
 
+RELABELLED_STRENGTHS = (0.0, 0.75, 1.0)  # where the loss on relabelled copies of held-out tasks is recorded
+
+
 class Validator:
     """Answer loss of held-out tasks' adapters, generated from each task's first description and its
     definition, on a fixed sample of their instances: what early stopping watches."""
@@ -184,6 +187,11 @@ class Validator:
                 total += answer_loss(model, self.batcher.batch(pairs, device)).item()
         net.train(was_training)
         return total / len(self.items)
+
+    def by_strength(self, net: Hypernet, model, injector, scaling: float, device,
+                    strengths: tuple[float, ...]) -> dict[str, float]:
+        """`loss` at each adapter strength (a multiple of `scaling`; 0 is the base model), as the record keeps it."""
+        return {str(k): round(self.loss(net, model, injector, k * scaling, device), 4) for k in strengths}
 
 
 def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | Path, embeddings: str | None = None,
@@ -304,13 +312,12 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         best = load_checkpoint(out_dir, spec, cfg.device)
         # the held-out loss at other adapter strengths (0: the base model with the same prompts), for the record
         # and for choosing a strength by held-out train tasks
-        extra["val_loss_by_strength"] = {str(k): round(validator.loss(best, model, injector, k * scaling,
-                                                                     cfg.device), 4) for k in (0.0, 0.5, 0.75, 1.0)}
+        extra["val_loss_by_strength"] = validator.by_strength(best, model, injector, scaling, cfg.device,
+                                                              (0.0, 0.5, 0.75, 1.0))
         logger.info("held-out loss by adapter strength: %s", extra["val_loss_by_strength"])
         if held_copies:
-            extra["val_relabelled_by_strength"] = {
-                str(k): round(relabelled.loss(best, model, injector, k * scaling, cfg.device), 4)
-                for k in (0.0, 0.75, 1.0)}
+            extra["val_relabelled_by_strength"] = relabelled.by_strength(best, model, injector, scaling, cfg.device,
+                                                                         RELABELLED_STRENGTHS)
             logger.info("relabelled held-out loss by adapter strength: %s", extra["val_relabelled_by_strength"])
         best = best.to("cpu")
         best.cfg.extra = extra

@@ -128,7 +128,7 @@ def relabelled_loss(args: argparse.Namespace) -> dict:
     """The answer loss on relabelled copies of the checkpoint's held-out tasks (training.relabel: answer words that
     only the instruction gives), at strengths 0, 0.75 and 1, measured as SFT with `--relabel-copies` records it
     (`val_relabelled_by_strength`): does an adapter for an unseen task follow the instruction's answer words?"""
-    from training.hypernet_train import Validator, copy_pool
+    from training.hypernet_train import RELABELLED_STRENGTHS, Validator, copy_pool
     from training.relabel import relabel_tasks
     from training.runtime import load_frozen
 
@@ -142,8 +142,7 @@ def relabelled_loss(args: argparse.Namespace) -> dict:
     emb = copy_pool(copies, task_embeddings([], args.embeddings) if args.embeddings else {}, cfg.device, True)
     model, tok, _spec, injector = load_frozen(cfg, net.cfg.target_modules)
     validator = Validator(copies, emb, Batcher(tok, cfg.max_prompt_tokens, cfg.max_answer_tokens))
-    scaling = net.cfg.alpha / net.cfg.rank
-    loss = {str(k): round(validator.loss(net, model, injector, k * scaling, cfg.device), 4) for k in (0.0, 0.75, 1.0)}
+    loss = validator.by_strength(net, model, injector, net.cfg.alpha / net.cfg.rank, cfg.device, RELABELLED_STRENGTHS)
     logger.info("relabelled held-out loss by adapter strength (%d copies): %s", len(copies), loss)
     result = {"relabelled_tasks": [t.name for t in copies], "relabelled_loss_by_strength": loss}
     if args.out:

@@ -15,20 +15,8 @@
 # -> $OUT: variants.json, logs, the three checkpoints (split tar)
 set -u
 . training/jobs/common.sh
-[ -d $W/multitask-holdout ] || tar -C $W -xzf /tmp/stage/round5-bases.tgz
-S="--stages sft --val-tasks 24 --eval-every 25 --tasks-per-step 32 --sft-per-task 2 --sft-steps 600 --hypernet-lr 2e-4
-   --base-adapter $W/multitask-holdout"
-for v in "t2l-r6-mm25 --mismatch-rate 0.25" "t2l-r6-mm50 --mismatch-rate 0.5" \
-         "t2l-r6-mm25-ex50 --mismatch-rate 0.25 --example-rate 0.5"; do set -- $v; N=$1; shift
-  ( timeout ${SFT_S:-520} $P $C $S --sft-out $N "$@" > $W/logs/$N.log 2>&1; echo "$N rc=$? $(date +%T)" ) &
-done
-sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
-wait
+sft_variants "t2l-r6-mm25 --mismatch-rate 0.25" "t2l-r6-mm50 --mismatch-rate 0.5" \
+  "t2l-r6-mm25-ex50 --mismatch-rate 0.25 --example-rate 0.5"
 cd $W
-python3 -m training.variants $W > $W/variants.json
 tar -cf - t2l-r6-* | split -b 15M -d - $OUT/ckpt.tar.
-cp variants.json $OUT/; tar -czf $OUT/logs-round6.tgz logs variants.json
-for f in logs/t2l-r6-*.log; do echo "== $f"; tr '\r' '\n' < $f | grep -E "validation loss|strength|Error|error" | tail -3 | cut -c1-200; done
-python3 -c "
-import json; v=json.load(open('variants.json'))
-for k, r in v.items(): print(k, 'best', r.get('best_val_loss'), 'at', r.get('best_step'), r.get('val_loss_by_strength'))"
+tar -czf $OUT/logs-round6.tgz logs variants.json
