@@ -344,3 +344,83 @@ def test_mismatch_draws_adapter_descriptions_from_nearest_other_tasks():
     for k, n in enumerate(names):
         neighbour = near[n][0]
         assert any(torch.equal(out[k], r) for r in pools[neighbour])
+
+
+# --- averaging runs (generator.hypernet.soup) ------------------------------------------------------------------
+
+def _residual_nets(spec, seeds, variant="M"):
+    """Residual networks with one base adapter, each initialised with its seed."""
+    g = torch.Generator().manual_seed(7)
+    targets = ("q_proj", "v_proj")
+    base_a = {m: torch.randn(spec.n_layers, 2, spec.shapes[m][0], generator=g) for m in targets}
+    base_b = {m: torch.randn(spec.n_layers, spec.shapes[m][1], 2, generator=g) for m in targets}
+    nets = []
+    for s in seeds:
+        torch.manual_seed(s)
+        net = build_hypernet(HypernetConfig(spec=spec, variant=variant, rank=6, alpha=12.0, base_rank=2, **SMALL))
+        net.set_base(base_a, base_b, scaling=4.0)
+        nets.append(net.eval())
+    return nets
+
+
+def _delta(a, b, scaling):
+    return {m: (b[m] @ a[m]) * scaling for m in a}
+
+
+def test_mean_of_hypernets_is_the_base_plus_the_mean_residual(tiny_spec):
+    from generator.hypernet.soup import MeanOfHypernets
+
+    nets = _residual_nets(tiny_spec, (1, 2, 3))
+    mean = MeanOfHypernets(nets, weights=[1, 1, 2])
+    assert mean.cfg.rank == 2 + 3 * 4 and mean.cfg.alpha / mean.cfg.rank == nets[0].cfg.alpha / nets[0].cfg.rank
+    emb = task_embeddings(2, 16)
+    s = nets[0].cfg.alpha / nets[0].cfg.rank
+    with torch.no_grad():
+        got = _delta(*mean(emb), s)
+        parts = [_delta(*net(emb), s) for net in nets]
+        a0, b0 = nets[0](emb)
+        base = {m: (b0[m][..., :2] @ a0[m][:, :, :2]) * s for m in a0}
+    for m in got:
+        want = base[m] + sum(w * (p[m] - base[m]) for w, p in zip((0.25, 0.25, 0.5), parts, strict=True))
+        assert torch.allclose(got[m], want, atol=1e-5)
+
+
+def test_soup_averages_weights_and_refuses_what_cannot_be_averaged(tiny_spec):
+    from generator.hypernet.soup import soup
+
+    nets = _residual_nets(tiny_spec, (1, 1))
+    with torch.no_grad():  # two runs from one initialisation, after different training
+        for p in nets[1].parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    avg = soup(nets)
+    for k, v in avg.state_dict().items():
+        assert torch.allclose(v, (nets[0].state_dict()[k] + nets[1].state_dict()[k]) / 2), k
+    assert avg.cfg.extra["soup_of"] == 2 and avg.cfg.rank == nets[0].cfg.rank
+    other = _residual_nets(tiny_spec, (1,), variant="L")[0]
+    with pytest.raises(ValueError, match="another config"):
+        soup([nets[0], other])
+    moved = _residual_nets(tiny_spec, (1,))[0]
+    moved.get_buffer("base_a_q_proj").add_(1.0)
+    with pytest.raises(ValueError, match="base adapter"):
+        soup([nets[0], moved])
+    nets[1].cfg.extra = {"seed": 2}  # trained with --seed 2 and no --init-seed: another initialisation
+    with pytest.raises(ValueError, match="different initialisations"):
+        soup(nets)
+    with pytest.raises(ValueError, match="weights must be"):
+        soup(nets[:1], weights=[-1])
+
+
+def test_base_adapter_of_a_residual_network_is_its_leading_ranks(tiny_spec):
+    from generator.hypernet.soup import base_adapter
+
+    net = _residual_nets(tiny_spec, (1,))[0]
+    lora = base_adapter(net)
+    assert lora.rank == 2 and lora.alpha / lora.rank == net.cfg.alpha / net.cfg.rank
+    with torch.no_grad():
+        a, b = net(task_embeddings(1, 16))
+    for m in lora.a:
+        assert torch.allclose(lora.b[m] @ lora.a[m], b[m][0, :, :, :2] @ a[m][0, :, :2], atol=1e-6)
+    torch.manual_seed(0)
+    plain = build_hypernet(HypernetConfig(spec=tiny_spec, variant="M", rank=4, **SMALL))
+    with pytest.raises(ValueError, match="no base adapter"):
+        base_adapter(plain)

@@ -236,3 +236,47 @@ def test_sft_trains_on_relabelled_copies_of_trained_tasks_only(work):
     bad = runner.invoke(app, ["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(work / "x"),
                               "--relabel-copies", "-1"])
     assert bad.exit_code == 2 and "relabel_copies must be >= 0" in bad.output
+
+
+def test_runs_of_one_initialisation_average_into_a_soup(work):
+    """Two residual SFT runs with `--init-seed 0` and different sampling seeds differ, and `training.average` scores
+    the base adapter alone, each run, their weight average (saved as a loadable checkpoint) and the mean of their
+    adapters on the held-out task's train and test portions; runs from two initialisations get no soup."""
+    from generator.hypernet.checkpoint import load_checkpoint
+    from generator.models import hyperlora_home
+    from training import average
+
+    base, emb = work / "res" / "multitask-holdout", str(work / "emb.safetensors")
+    if not base.is_dir():
+        _invoke(["train", "multitask-lora", "--tiny", "--out", str(base), "--holdout", "1"])
+    runs = []
+    for seed, init in ((1, "0"), (2, "0"), (3, None)):
+        out = work / "soup" / f"t2l-s{seed}"
+        _invoke(["train", "hypernet", "--tiny", "--mode", "sft", "--out", str(out), "--steps", "2", "--val-tasks", "1",
+                 "--eval-every", "1", "--base-adapter", str(base), "--embeddings", emb, "--seed", str(seed),
+                 *(["--init-seed", init] if init else [])])
+        runs.append(out)
+    nets = [load_checkpoint(r) for r in runs]
+    assert nets[0].cfg.extra["seed"] == 1 and nets[0].cfg.extra["init_seed"] == 0 and "init_seed" not in \
+        nets[2].cfg.extra
+    assert any(not torch.equal(v, nets[1].state_dict()[k]) for k, v in nets[0].state_dict().items())
+    args = average.parser().parse_args(["--members", *map(str, runs[:2]), "--base-model",
+                                        str(hyperlora_home() / "tiny-llama"), "--embeddings", emb, "--strengths",
+                                        "0.75,1.0", "--out", str(work / "soup" / "avg"),
+                                        "--save-soup", str(work / "soup" / "t2l-soup")])
+    result = average.run(args)
+    rows = result["candidates"]
+    assert set(rows) == {"base adapter alone", "t2l-s1", "t2l-s2", "soup", "mean of adapters"}
+    n = result["items_per_set"]["fresh"]
+    for row in rows.values():
+        assert set(row["sft"]) == set(row["fresh"]) == {"0.75", "1.0"} and row["strength"] in row["sft"]
+        assert len(row["fresh_items"][row["strength"]]) == n and 0 <= row["fresh_items_above_base"] <= n
+    soup = load_checkpoint(work / "soup" / "t2l-soup")
+    for k, v in soup.state_dict().items():  # the members' weight average (fp16 on disk)
+        assert torch.allclose(v, (nets[0].state_dict()[k] + nets[1].state_dict()[k]) / 2, atol=1e-3), k
+    assert soup.cfg.extra["soup_of"] == 2 and soup.cfg.extra["strength"] == float(rows["soup"]["strength"])
+    assert json.loads((work / "soup" / "avg" / "average.json").read_text())["members"] == [str(r) for r in runs[:2]]
+    mixed = average.parser().parse_args(["--members", str(runs[0]), str(runs[2]), "--base-model",
+                                         str(hyperlora_home() / "tiny-llama"), "--embeddings", emb,
+                                         "--strengths", "1.0"])
+    assert "soup" not in average.run(mixed)["candidates"]  # different initialisations: the mean of adapters only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -137,6 +138,11 @@ def hypernet(
                                        "copies of each qualifying classification task (other answer words, which "
                                        "only the instruction gives), so adapters take answer words from the "
                                        "prompt (0: off)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling and (unless --init-seed) the initialisation; "
+                                               "another seed of one recipe shows how much of a result is the draw."),
+    init_seed: int = typer.Option(None, "--init-seed", help="Seed of the network's initialisation alone; runs with "
+                                  "one --init-seed and several --seed values can be averaged "
+                                  "(`python -m training.average`)."),
     snapshot_steps: str = typer.Option("", "--snapshot-steps", help="Also save the network after these steps "
                                        "(comma-separated, e.g. 300,350) into OUT/../snapshots/NAME-stepN."),
     ray_workers: int = typer.Option(0, "--ray-workers", help="SFT data-parallel on this many Ray Train workers "
@@ -149,14 +155,14 @@ def hypernet(
     """Train a Text-to-LoRA hypernetwork (recon or SFT) on the train tasks."""
     from training.hypernet_train import train_hypernet
 
-    cfg = _train_cfg(base_model, data, device, dtype, limit_tasks, tiny)
+    cfg = replace(_train_cfg(base_model, data, device, dtype, limit_tasks, tiny), seed=seed)
     recon = mode == "recon"
     fields = {"mode": mode, "variant": variant, "steps": steps or (3000 if recon else 1000),
               "lr": lr or (1e-3 if recon else 2e-4), "tasks_per_step": tasks_per_step, "val_tasks": val_tasks,
               "eval_every": eval_every, "dropout": dropout, "embed_noise": embed_noise, "weight_decay": weight_decay,
               "base_adapter": base_adapter if not recon else None, "ema": ema,
               "mismatch_rate": mismatch_rate, "example_rate": example_rate, "relabel_copies": relabel_copies,
-              "snapshot_steps": _steps(snapshot_steps)}
+              "init_seed": init_seed, "snapshot_steps": _steps(snapshot_steps)}
     if tiny:
         fields |= {"steps": steps or 4, "tasks_per_step": 2, "per_task": 2, "hidden_dim": 32, "warmup": 1,
                    "eval_every": min(eval_every, 2)}

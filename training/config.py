@@ -92,6 +92,8 @@ class HypernetTrainConfig:
     # chat turns (training.data.EXAMPLE_RATE)
     relabel_copies: int = 0  # sft: train on up to this many relabelled copies of each qualifying classification
     # task too, whose answer words only the instruction gives (training.relabel; held-out tasks' copies never)
+    init_seed: int | None = None  # seed of the network's initialisation (None: the run's seed, TrainConfig.seed);
+    # runs that share it and differ in their sampling seed start from the same weights, so they can be averaged
     snapshot_steps: tuple[int, ...] = ()  # also save the network (its average with `ema`) after these steps, into
     # OUT/step-N: a run on all train tasks keeps the step a held-out run chose
 

@@ -175,18 +175,23 @@ class Validator:
         self.batcher = batcher
 
     @torch.no_grad()
-    def loss(self, net: Hypernet, model, injector, scaling: float, device) -> float:
-        """Mean answer loss over the held-out (task, description) items; `scaling` 0 is the base model."""
+    def losses(self, net: Hypernet, model, injector, scaling: float, device) -> list[float]:
+        """Answer loss of each held-out (task, description) item, task-major; `scaling` 0 is the base model."""
         was_training = net.training
         net.eval()
-        total = 0.0
+        out = []
         for e, pairs in self.items:
             a, b = net(e)
             bank = AdapterBank.from_factors(a, b, scaling)
             with injector.use(bank.gather(torch.zeros(len(pairs), dtype=torch.long, device=device))):
-                total += answer_loss(model, self.batcher.batch(pairs, device)).item()
+                out.append(answer_loss(model, self.batcher.batch(pairs, device)).item())
         net.train(was_training)
-        return total / len(self.items)
+        return out
+
+    def loss(self, net: Hypernet, model, injector, scaling: float, device) -> float:
+        """Mean answer loss over the held-out (task, description) items; `scaling` 0 is the base model."""
+        items = self.losses(net, model, injector, scaling, device)
+        return sum(items) / len(items)
 
     def by_strength(self, net: Hypernet, model, injector, scaling: float, device,
                     strengths: tuple[float, ...]) -> dict[str, float]:
@@ -209,6 +214,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
     emb = description_pool(raw, [t.name for t in tasks], cfg.device, with_definition)
     embed_dim = next(iter(emb.values())).shape[1]
     rng = random.Random(cfg.seed + rank)
+    init_seed = cfg.seed if hcfg.init_seed is None else hcfg.init_seed
     validator, copies, held_copies = None, [], []
     if hcfg.mode == "recon":
         from generator.config import load_spec
@@ -216,7 +222,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
         spec = load_spec(cfg.base_model)
         names, ta, tb = _library_targets(Path(library or "runs/lora-library"), [t.name for t in tasks], spec,
                                          cfg.device)
-        net = build_net(hcfg, spec, embed_dim, init_from, cfg.device, cfg.seed)
+        net = build_net(hcfg, spec, embed_dim, init_from, cfg.device, init_seed)
         std = {**{("A", m): t.std() for m, t in ta.items()}, **{("B", m): t.std() for m, t in tb.items()}}
 
         def loss_fn(step):
@@ -230,7 +236,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
 
         model, tok, spec, injector = load_frozen(cfg, hcfg.target_modules)
         batcher = Batcher(tok, cfg.max_prompt_tokens, cfg.max_answer_tokens)
-        net = build_net(hcfg, spec, embed_dim, init_from, cfg.device, cfg.seed)
+        net = build_net(hcfg, spec, embed_dim, init_from, cfg.device, init_seed)
         fwd = wrap(net) if wrap is not None else net  # gradients sync through the wrapper's forward
         tasks, val = split_val(tasks, hcfg.val_tasks)
         copies = relabel_tasks(tasks, hcfg.relabel_copies) if hcfg.relabel_copies else []  # never a held-out task's
@@ -275,6 +281,7 @@ def train_hypernet(cfg: TrainConfig, hcfg: HypernetTrainConfig, out_dir: str | P
                 if hcfg.mismatch_rate else {}),
              **({"example_rate": hcfg.example_rate} if hcfg.example_rate != EXAMPLE_RATE else {}),
              **({"seed": cfg.seed} if cfg.seed else {}),
+             **({"init_seed": hcfg.init_seed} if hcfg.init_seed is not None else {}),
              **({"relabel_copies": hcfg.relabel_copies, "relabelled_tasks": [t.name for t in copies]}
                 if hcfg.relabel_copies else {})}
     if validator is not None:

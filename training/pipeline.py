@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
                                        base_adapter=args.base_adapter if stage == "sft" else None, ema=args.ema,
                                        mismatch_rate=args.mismatch_rate,
                                        mismatch_neighbours=args.mismatch_neighbours, example_rate=args.example_rate,
-                                       relabel_copies=args.relabel_copies,
+                                       relabel_copies=args.relabel_copies, init_seed=args.init_seed,
                                        snapshot_steps=tuple(int(x) for x in args.snapshot_steps.split(",") if x))
             init = str(work / "t2l-recon") if stage == "sft" and args.sft_init_from_recon else None
             train_hypernet(cfg, hcfg, work / _hypernet_dir(stage, args), embeddings=emb,
@@ -150,6 +150,9 @@ def parser() -> argparse.ArgumentParser:
                    "(training.relabel; 0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training jobs' sampling and initialisation (0: "
                    "the shipped runs'); another seed of the same recipe shows how much of a result is the draw")
+    p.add_argument("--init-seed", type=int, default=None, help="seed of the network's initialisation alone (default: "
+                   "--seed); runs with one --init-seed and several --seed values can be averaged (generator.hypernet"
+                   ".soup)")
     p.add_argument("--tasks-per-step", type=int, default=32)
     p.add_argument("--sft-per-task", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)

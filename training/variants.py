@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 FIELDS = ("mode", "steps", "best_step", "best_val_loss", "final_loss", "val_curve", "val_loss_by_strength",
-          "train_tasks", "base_adapter", "seed", "relabel_copies", "val_relabelled_curve",
+          "train_tasks", "base_adapter", "seed", "init_seed", "relabel_copies", "val_relabelled_curve",
           "val_relabelled_by_strength")
 
 
