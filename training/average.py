@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from generator.hypernet.checkpoint import load_checkpoint, save_checkpoint
-from generator.hypernet.soup import MeanOfHypernets, soup
+from generator.hypernet.soup import MeanOfHypernets, base_adapter, soup
 from training.config import TrainConfig
 from training.data import DEFAULT_DATA, Batcher, load_split
 from training.embeddings import task_embeddings
@@ -33,20 +33,22 @@ from training.embeddings import task_embeddings
 logger = logging.getLogger(__name__)
 
 
+def _frozen(tensors: dict[str, torch.Tensor]) -> nn.ParameterDict:
+    return nn.ParameterDict({m: nn.Parameter(x, requires_grad=False) for m, x in tensors.items()})
+
+
 class BaseOnly(nn.Module):
-    """A residual network with its generated ranks left out: the adapter is the fixed base adapter alone."""
+    """The base adapter of a residual network (`base_adapter`) as a network: every task gets that adapter alone."""
 
     def __init__(self, net) -> None:
         super().__init__()
-        self.net = net
-        c = net.cfg
-        self.cfg = replace(c, rank=c.base_rank, base_rank=0, alpha=c.alpha / c.rank * c.base_rank)
+        lora = base_adapter(net)  # at the network's scaling, so it is scored at the members' strengths
+        self.a, self.b = _frozen(lora.a), _frozen(lora.b)
 
     def forward(self, task_emb):
         n = task_emb.shape[0]
-        a = {m: self.net.get_buffer(f"base_a_{m}").expand(n, -1, -1, -1) for m in self.net.shapes}
-        b = {m: self.net.get_buffer(f"base_b_{m}").expand(n, -1, -1, -1) for m in self.net.shapes}
-        return a, b
+        return ({m: x.expand(n, -1, -1, -1) for m, x in self.a.items()},
+                {m: x.expand(n, -1, -1, -1) for m, x in self.b.items()})
 
 
 def candidates(members: list, names: list[str]) -> dict[str, nn.Module]:
@@ -99,11 +101,9 @@ def run(args: argparse.Namespace) -> dict:
         mine, ref = row["fresh_items"][row["strength"]], base["fresh_items"][base["strength"]]
         row["fresh_items_above_base"] = sum(x > r for x, r in zip(mine, ref, strict=True))
     if args.save_soup and "soup" in cands:
-        net = cands["soup"]
-        net.cfg.extra |= {"val_tasks": held[0], "members": list(args.members),
-                          "strength": float(result["candidates"]["soup"]["strength"]),
-                          "val_loss_by_strength": result["candidates"]["soup"]["sft"],
-                          "fresh_loss_by_strength": result["candidates"]["soup"]["fresh"]}
+        net, row = cands["soup"], result["candidates"]["soup"]
+        net.cfg.extra |= {"val_tasks": held[0], "members": list(args.members), "strength": float(row["strength"]),
+                          "val_loss_by_strength": row["sft"], "fresh_loss_by_strength": row["fresh"]}
         save_checkpoint(net.to("cpu"), args.save_soup)
         logger.info("soup written to %s", args.save_soup)
     if args.out:

@@ -26,7 +26,10 @@ def _weights(n: int, weights: Sequence[float] | None) -> list[float]:
     w = [1.0 / n] * n if weights is None else [float(x) for x in weights]
     if len(w) != n or any(x < 0 for x in w) or not sum(w) > 0:
         raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got {weights!r}")
-    return [x / sum(w) for x in w] if weights is not None else w
+    if weights is None:
+        return w
+    total = sum(w)
+    return [x / total for x in w]
 
 
 def check_same_shapes(nets: Sequence[Hypernet]) -> None:
